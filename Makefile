@@ -1,0 +1,33 @@
+# Every set-up step lives here: `make demo` and `make test` work on a fresh clone.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint proto clean
+
+demo: $(STAMP)  ## the main job: NIXL vs shared storage vs memcpy between two processes
+	$(BIN)/ec-nixl bench transfer
+
+test: $(STAMP)  ## the whole test suite
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check ec_nixl tests proto
+	$(BIN)/ruff format --check ec_nixl tests proto
+
+proto: $(STAMP)  ## regenerate ec_nixl/v1 from proto/
+	$(BIN)/python proto/generate.py
+
+# torch first, pinned: pip takes the CPU wheel from this machine's disk, and
+# nothing installed later may pull a CUDA build. The `nixl` meta package goes in
+# without its dependencies (it would require both CUDA variants).
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q --no-deps nixl==1.5.1
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+clean:
+	rm -rf $(VENV) *.egg-info

@@ -1,0 +1,123 @@
+"""Client of one exporter's export service: one channel, a deadline on every call.
+
+gRPC failures come back as this package's typed errors, so callers never see
+grpc.RpcError.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator, Sequence
+
+import grpc
+
+from ec_nixl.control.messages import PROTOCOL_VERSION, PeerInfo, RemoteItem, region_from_pb
+from ec_nixl.control.security import Security
+from ec_nixl.errors import (
+    AuthError,
+    DeadlineExceededError,
+    ECNixlError,
+    HandshakeError,
+    NotFoundError,
+    PeerDeadError,
+    PoolFullError,
+    RefusedError,
+)
+from ec_nixl.pool import EventKind, PoolEvent
+from ec_nixl.v1 import export_pb2 as pb
+from ec_nixl.v1 import export_pb2_grpc as pb_grpc
+
+DEFAULT_RPC_TIMEOUT_S = 5.0
+
+_ERRORS: dict[grpc.StatusCode, type[ECNixlError]] = {
+    grpc.StatusCode.NOT_FOUND: NotFoundError,
+    grpc.StatusCode.UNAUTHENTICATED: AuthError,
+    grpc.StatusCode.PERMISSION_DENIED: AuthError,
+    grpc.StatusCode.FAILED_PRECONDITION: HandshakeError,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
+    grpc.StatusCode.UNAVAILABLE: PeerDeadError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: PoolFullError,
+    grpc.StatusCode.INVALID_ARGUMENT: RefusedError,
+}
+
+
+def translate(exc: grpc.RpcError, address: str) -> ECNixlError:
+    """The typed error for a failed call; the message names the exporter."""
+    code = exc.code()
+    error = _ERRORS.get(code, PeerDeadError)
+    return error(f"exporter {address}: {code.name}: {exc.details()}")
+
+
+class ExportClient:
+    def __init__(
+        self,
+        address: str,
+        security: Security = Security(),
+        timeout_s: float = DEFAULT_RPC_TIMEOUT_S,
+    ) -> None:
+        self.address = address
+        self.timeout_s = timeout_s
+        self._metadata = security.call_metadata()
+        credentials = security.channel_credentials()
+        if credentials is None:
+            self._channel = grpc.insecure_channel(address)
+        else:
+            self._channel = grpc.secure_channel(address, credentials)
+        self._stub = pb_grpc.ExportServiceStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def handshake(self, compatibility_hash: str, consumer_id: str) -> PeerInfo:
+        request = pb.HandshakeRequest(
+            protocol_version=PROTOCOL_VERSION,
+            compatibility_hash=compatibility_hash,
+            consumer_id=consumer_id,
+        )
+        reply: pb.HandshakeResponse = self._call(self._stub.Handshake, request)
+        if hashlib.sha256(reply.agent_metadata).digest() != reply.agent_metadata_sha256:
+            raise HandshakeError(f"exporter {self.address}: agent metadata damaged in transit")
+        return PeerInfo(
+            agent_name=reply.agent_name,
+            agent_metadata=reply.agent_metadata,
+            epoch=reply.epoch,
+            regions=tuple(region_from_pb(r) for r in reply.regions),
+        )
+
+    def resolve(
+        self, mm_hashes: Sequence[str], consumer_id: str, timeout_s: float | None = None
+    ) -> list[RemoteItem]:
+        request = pb.ResolveRequest(mm_hashes=mm_hashes, consumer_id=consumer_id)
+        reply: pb.ResolveResponse = self._call(self._stub.Resolve, request, timeout_s)
+        return [RemoteItem.from_pb(item) for item in reply.items]
+
+    def release(self, lease_ids: Sequence[int], timeout_s: float | None = None) -> int:
+        reply = self._call(self._stub.Release, pb.ReleaseRequest(lease_ids=lease_ids), timeout_s)
+        return reply.released
+
+    def renew(self, lease_ids: Sequence[int], lease_s: float) -> list[int]:
+        """Extend leases; returns the ids that had already ended."""
+        request = pb.RenewLeasesRequest(lease_ids=lease_ids, lease_ms=int(lease_s * 1000))
+        return list(self._call(self._stub.RenewLeases, request).expired_lease_ids)
+
+    def watch(self) -> Iterator[PoolEvent]:
+        """Events from now on, until the stream ends or the caller stops iterating."""
+        kinds = {
+            pb.ExportEvent.EXPORTED: EventKind.EXPORTED,
+            pb.ExportEvent.EVICTED: EventKind.EVICTED,
+        }
+        stream = self._stub.WatchEvents(pb.WatchEventsRequest(), metadata=self._metadata)
+        try:
+            for event in stream:
+                yield PoolEvent(kinds[event.kind], event.mm_hash, event.length)
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.CANCELLED:
+                raise translate(exc, self.address) from exc
+        finally:
+            stream.cancel()
+
+    def _call(self, method, request, timeout_s: float | None = None):
+        try:
+            return method(request, timeout=timeout_s or self.timeout_s, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise translate(exc, self.address) from exc

@@ -1,0 +1,93 @@
+"""What crosses the control plane, as dataclasses, and their protobuf forms.
+
+The rest of the package works with these dataclasses; only this module and the
+servicer touch generated protobuf classes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from math import prod
+
+import torch
+
+from ec_nixl.errors import RefusedError
+from ec_nixl.transfer import Region
+from ec_nixl.v1 import export_pb2 as pb
+
+PROTOCOL_VERSION = 1
+
+# Embeddings are floating point; anything else in a descriptor is refused.
+DTYPES: dict[str, torch.dtype] = {
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float32": torch.float32,
+}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    name = str(dtype).removeprefix("torch.")
+    if name not in DTYPES:
+        raise RefusedError(f"dtype {dtype} cannot be exported; supported: {', '.join(DTYPES)}")
+    return name
+
+
+@dataclass(frozen=True)
+class PeerInfo:
+    """What a handshake taught us about an exporter."""
+
+    agent_name: str
+    agent_metadata: bytes
+    epoch: int
+    regions: tuple[Region, ...]
+
+
+@dataclass(frozen=True)
+class RemoteItem:
+    """One leased item of an exporter: where its bytes are and what they mean."""
+
+    mm_hash: str
+    agent_name: str
+    epoch: int
+    region: Region
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    lease_id: int
+    lease_remaining_s: float
+
+    @classmethod
+    def from_pb(cls, item: pb.ItemDescriptor) -> RemoteItem:
+        """Parse a descriptor, refusing one whose dtype, shape and length disagree."""
+        dtype = DTYPES.get(item.dtype)
+        if dtype is None:
+            raise RefusedError(f"{item.mm_hash}: unsupported dtype {item.dtype!r}")
+        shape = tuple(item.shape)
+        if not shape or any(d <= 0 for d in shape):
+            raise RefusedError(f"{item.mm_hash}: bad shape {list(shape)}")
+        if prod(shape) * dtype.itemsize != item.length:
+            raise RefusedError(
+                f"{item.mm_hash}: {item.length} bytes do not hold {item.dtype}{list(shape)}"
+            )
+        return cls(
+            mm_hash=item.mm_hash,
+            agent_name=item.agent_name,
+            epoch=item.epoch,
+            region=Region(item.address, item.length, item.device, item.device_id),
+            dtype=dtype,
+            shape=shape,
+            lease_id=item.lease_id,
+            lease_remaining_s=item.lease_remaining_ms / 1000,
+        )
+
+
+def region_to_pb(region: Region) -> pb.MemoryRegion:
+    return pb.MemoryRegion(
+        address=region.address,
+        length=region.length,
+        device=region.device,
+        device_id=region.device_id,
+    )
+
+
+def region_from_pb(region: pb.MemoryRegion) -> Region:
+    return Region(region.address, region.length, region.device, region.device_id)

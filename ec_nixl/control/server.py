@@ -1,0 +1,217 @@
+"""The export service: answers consumers about what this process exported.
+
+It runs in the process that owns the exported memory. Each RPC is a short
+critical section on the pool; descriptors it hands out stay valid for the
+life of their lease.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from ec_nixl.control.messages import PROTOCOL_VERSION, dtype_name, region_to_pb
+from ec_nixl.control.security import Security, TokenInterceptor
+from ec_nixl.errors import NotFoundError
+from ec_nixl.pool import EventKind, ExportPool, Lease, PoolEvent
+from ec_nixl.transfer import TransferAgent
+from ec_nixl.v1 import export_pb2 as pb
+from ec_nixl.v1 import export_pb2_grpc as pb_grpc
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = "ec_nixl.v1.ExportService"
+MAX_ITEMS_PER_CALL = 1024
+MAX_LEASE_MS = 10 * 60 * 1000
+MAX_MESSAGE_BYTES = 4 << 20
+MAX_WATCHERS = 8
+WATCH_QUEUE_DEPTH = 4096
+
+
+class EventHub:
+    """Fans pool events out to WatchEvents streams; a slow watcher is cut off, never waited on."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._queues: list[queue.Queue[PoolEvent | None]] = []
+
+    def publish(self, event: PoolEvent) -> None:
+        with self._lock:
+            for q in self._queues:
+                try:
+                    q.put_nowait(event)
+                except queue.Full:
+                    q.queue.clear()
+                    q.put_nowait(None)  # tells the stream to end; the watcher reconnects
+
+    def subscribe(self) -> queue.Queue[PoolEvent | None] | None:
+        with self._lock:
+            if len(self._queues) >= MAX_WATCHERS:
+                return None
+            q: queue.Queue[PoolEvent | None] = queue.Queue(WATCH_QUEUE_DEPTH)
+            self._queues.append(q)
+            return q
+
+    def unsubscribe(self, q: queue.Queue) -> None:
+        with self._lock:
+            self._queues.remove(q)
+
+
+class ExportServicer(pb_grpc.ExportServiceServicer):
+    def __init__(
+        self,
+        pool: ExportPool,
+        agent: TransferAgent,
+        *,
+        epoch: int,
+        compatibility_hash: str,
+        events: EventHub,
+        on_leased: Callable[[], None],
+    ) -> None:
+        self._pool = pool
+        self._agent = agent
+        self._epoch = epoch
+        self._compatibility_hash = compatibility_hash
+        self._events = events
+        self._on_leased = on_leased
+        metadata = agent.metadata
+        self._handshake = pb.HandshakeResponse(
+            protocol_version=PROTOCOL_VERSION,
+            compatibility_hash=compatibility_hash,
+            agent_name=agent.name,
+            agent_metadata=metadata,
+            agent_metadata_sha256=hashlib.sha256(metadata).digest(),
+            epoch=epoch,
+            regions=[region_to_pb(r) for r in agent.regions],
+        )
+
+    def Handshake(self, request: pb.HandshakeRequest, context: grpc.ServicerContext):
+        if request.protocol_version != PROTOCOL_VERSION:
+            context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"protocol version {request.protocol_version} is not supported: "
+                f"this exporter speaks version {PROTOCOL_VERSION}",
+            )
+        if request.compatibility_hash != self._compatibility_hash:
+            context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"compatibility hash mismatch: consumer {request.consumer_id!r} serves "
+                f"{request.compatibility_hash!r}, this exporter {self._compatibility_hash!r} "
+                "(start both sides with the same model and settings)",
+            )
+        logger.info("handshake from %s (%s)", request.consumer_id or "?", context.peer())
+        return self._handshake
+
+    def Resolve(self, request: pb.ResolveRequest, context: grpc.ServicerContext):
+        hashes = list(request.mm_hashes)
+        if not hashes or len(hashes) > MAX_ITEMS_PER_CALL:
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"resolve takes 1 to {MAX_ITEMS_PER_CALL} mm_hashes, got {len(hashes)}",
+            )
+        _check_lease_ms(request.lease_ms, context)
+        try:
+            leases = self._pool.lease(hashes, request.lease_ms / 1000 or None)
+        except NotFoundError as exc:
+            context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        self._on_leased()
+        return pb.ResolveResponse(items=[self._describe(lease) for lease in leases])
+
+    def Release(self, request: pb.ReleaseRequest, context: grpc.ServicerContext):
+        return pb.ReleaseResponse(released=self._pool.release(request.lease_ids))
+
+    def RenewLeases(self, request: pb.RenewLeasesRequest, context: grpc.ServicerContext):
+        _check_lease_ms(request.lease_ms, context)
+        lease_s = request.lease_ms / 1000 or self._pool.lease_s
+        gone = self._pool.renew(request.lease_ids, lease_s)
+        return pb.RenewLeasesResponse(
+            expired_lease_ids=gone, lease_remaining_ms=int(lease_s * 1000)
+        )
+
+    def WatchEvents(self, request: pb.WatchEventsRequest, context: grpc.ServicerContext):
+        q = self._events.subscribe()
+        if q is None:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"at most {MAX_WATCHERS} watchers")
+        try:
+            yield from self._stream(q, context)
+        finally:
+            self._events.unsubscribe(q)
+
+    def _stream(self, q: queue.Queue, context: grpc.ServicerContext) -> Iterator[pb.ExportEvent]:
+        kinds = {
+            EventKind.EXPORTED: pb.ExportEvent.EXPORTED,
+            EventKind.EVICTED: pb.ExportEvent.EVICTED,
+        }
+        while context.is_active():
+            try:
+                event = q.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            if event is None:
+                return
+            yield pb.ExportEvent(
+                kind=kinds[event.kind],
+                mm_hash=event.mm_hash,
+                length=event.length,
+                epoch=self._epoch,
+            )
+
+    def _describe(self, lease: Lease) -> pb.ItemDescriptor:
+        item = lease.item
+        region = self._agent.regions[0]
+        return pb.ItemDescriptor(
+            mm_hash=item.mm_hash,
+            agent_name=self._agent.name,
+            epoch=self._epoch,
+            address=self._pool.arena.address(item.slot),
+            length=item.nbytes,
+            device=region.device,
+            device_id=region.device_id,
+            dtype=dtype_name(item.dtype),
+            shape=item.shape,
+            lease_id=lease.lease_id,
+            lease_remaining_ms=int(self._pool.remaining_s(lease) * 1000),
+        )
+
+
+def _check_lease_ms(lease_ms: int, context: grpc.ServicerContext) -> None:
+    if lease_ms > MAX_LEASE_MS:
+        context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT, f"lease_ms {lease_ms} exceeds {MAX_LEASE_MS}"
+        )
+
+
+def start_server(
+    servicer: ExportServicer, address: str, security: Security
+) -> tuple[grpc.Server, int]:
+    """Serve the export service and grpc.health.v1 on `address`; returns the bound port."""
+    interceptors = [TokenInterceptor(security.token)] if security.token else []
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=MAX_WATCHERS + 8, thread_name_prefix="ec-nixl-rpc"),
+        interceptors=interceptors,
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    pb_grpc.add_ExportServiceServicer_to_server(servicer, server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    credentials = security.server_credentials()
+    if credentials is None:
+        port = server.add_insecure_port(address)
+    else:
+        port = server.add_secure_port(address, credentials)
+    if port == 0:
+        raise OSError(f"cannot bind the export service to {address}")
+    server.start()
+    for name in (SERVICE_NAME, ""):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return server, port

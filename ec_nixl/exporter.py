@@ -1,0 +1,118 @@
+"""The producer side in one object: arena, NIXL agent, export pool and export service.
+
+Consumers READ exported slots directly. A READ over UCX only completes while
+this side also drives NIXL, so a progress loop polls NIXL while any lease is
+live and sleeps otherwise; it also takes the release notifications that
+consumers attach to their READs (a release without an extra round trip).
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ec_nixl.arena import Arena
+from ec_nixl.control.security import Security
+from ec_nixl.control.server import EventHub, ExportServicer, start_server
+from ec_nixl.pool import DEFAULT_LEASE_S, ExportedItem, ExportPool
+from ec_nixl.transfer import POLL_INTERVAL_S, TransferAgent
+
+logger = logging.getLogger(__name__)
+
+RELEASE_PREFIX = b"ec-nixl-release:"
+EXPIRY_SWEEP_S = 0.5
+
+
+def release_notification(lease_ids: list[int]) -> bytes:
+    """The NIXL notification a consumer attaches to its READ to release these leases."""
+    return RELEASE_PREFIX + ",".join(map(str, lease_ids)).encode()
+
+
+def parse_release_notification(message: bytes) -> list[int]:
+    if not message.startswith(RELEASE_PREFIX):
+        return []
+    try:
+        return [int(x) for x in message[len(RELEASE_PREFIX) :].split(b",")]
+    except ValueError:
+        return []
+
+
+@dataclass(frozen=True)
+class ExporterConfig:
+    address: str = "127.0.0.1:0"
+    capacity_bytes: int = 1 << 30
+    device: str = "cpu"
+    lease_s: float = DEFAULT_LEASE_S
+    unclaimed_ttl_s: float = DEFAULT_LEASE_S
+    compatibility_hash: str = ""
+    security: Security = field(default_factory=Security)
+
+
+class Exporter:
+    def __init__(self, config: ExporterConfig) -> None:
+        self.config = config
+        self.epoch = secrets.randbits(63)
+        self.arena = Arena(config.capacity_bytes, config.device)
+        self.agent = TransferAgent("exporter")
+        self.agent.register(self.arena.buffer)
+        self.events = EventHub()
+        self.pool = ExportPool(
+            self.arena,
+            lease_s=config.lease_s,
+            unclaimed_ttl_s=config.unclaimed_ttl_s,
+            on_event=self.events.publish,
+        )
+        self._leased = threading.Event()
+        self._stopping = threading.Event()
+        servicer = ExportServicer(
+            self.pool,
+            self.agent,
+            epoch=self.epoch,
+            compatibility_hash=config.compatibility_hash,
+            events=self.events,
+            on_leased=self._leased.set,
+        )
+        self._server, self.port = start_server(servicer, config.address, config.security)
+        self._progress = threading.Thread(
+            target=self._progress_loop, name="ec-nixl-progress", daemon=True
+        )
+        self._progress.start()
+        host = config.address.rsplit(":", 1)[0]
+        self.address = f"{host}:{self.port}"
+        logger.info(
+            "exporter %s serving on %s, arena %d MiB on %s",
+            self.agent.name,
+            self.address,
+            config.capacity_bytes >> 20,
+            self.arena.device,
+        )
+
+    def export(self, mm_hash: str, tensor: torch.Tensor) -> ExportedItem:
+        return self.pool.export(mm_hash, tensor)
+
+    def close(self) -> None:
+        self._stopping.set()
+        self._leased.set()
+        self._server.stop(grace=0.5).wait()
+        self._progress.join()
+
+    def _progress_loop(self) -> None:
+        next_sweep = 0.0
+        while not self._stopping.is_set():
+            if self.pool.live_leases == 0:
+                self._leased.wait(EXPIRY_SWEEP_S)
+                self._leased.clear()
+            else:
+                self._stopping.wait(POLL_INTERVAL_S)
+            for message in self.agent.progress():
+                lease_ids = parse_release_notification(message)
+                if lease_ids:
+                    self.pool.release(lease_ids)
+            if time.monotonic() >= next_sweep:
+                self.pool.expire()
+                next_sweep = time.monotonic() + EXPIRY_SWEEP_S

@@ -1,0 +1,204 @@
+"""The export pool: encoder outputs held in a registered arena for consumers to pull.
+
+An exported item lives in an arena slot until one of these happens:
+- every consumer that leased it has released its lease (the normal end);
+- nobody claimed it within `unclaimed_ttl_s` (the request never reached PD);
+- it is unleased and the arena needs its room for a newer export (LRU order).
+A leased item is never evicted: a lease is a promise that its bytes stay put
+until the consumer releases it or the lease expires. Expiry protects the
+exporter from consumers that died; the consumer detects an expired lease on its
+side and throws the bytes away (see `Puller`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from enum import Enum
+
+import torch
+
+from ec_nixl.arena import Arena, Slot
+from ec_nixl.errors import NotFoundError, PoolFullError
+
+DEFAULT_LEASE_S = 30.0
+
+
+class EventKind(Enum):
+    EXPORTED = "exported"
+    EVICTED = "evicted"
+
+
+@dataclass(frozen=True)
+class PoolEvent:
+    kind: EventKind
+    mm_hash: str
+    length: int
+    reason: str = ""
+
+
+@dataclass
+class ExportedItem:
+    mm_hash: str
+    slot: Slot
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    nbytes: int
+    unclaimed_until: float
+    leases: set[int] = field(default_factory=set)
+    claimed: bool = False
+
+
+@dataclass(frozen=True)
+class Lease:
+    lease_id: int
+    item: ExportedItem
+    expires_at: float
+
+
+class ExportPool:
+    """Items by mm_hash over an arena, with leases, expiry and LRU eviction."""
+
+    def __init__(
+        self,
+        arena: Arena,
+        *,
+        lease_s: float = DEFAULT_LEASE_S,
+        unclaimed_ttl_s: float = DEFAULT_LEASE_S,
+        on_event: Callable[[PoolEvent], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.arena = arena
+        self.lease_s = lease_s
+        self.unclaimed_ttl_s = unclaimed_ttl_s
+        self._on_event = on_event or (lambda event: None)
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._items: OrderedDict[str, ExportedItem] = OrderedDict()  # LRU first
+        self._leases: dict[int, Lease] = {}
+        # Lease ids start at a random point so ids of a restarted exporter do not collide.
+        self._lease_ids = itertools.count(secrets.randbits(48) + 1)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __contains__(self, mm_hash: str) -> bool:
+        return mm_hash in self._items
+
+    @property
+    def live_leases(self) -> int:
+        return len(self._leases)
+
+    def export(self, mm_hash: str, tensor: torch.Tensor) -> ExportedItem:
+        """Copy `tensor` into a slot and publish it under `mm_hash`.
+
+        Exporting a hash already held keeps the held bytes: a consumer may be
+        reading them, and equal hashes mean equal content.
+        """
+        nbytes = tensor.numel() * tensor.element_size()
+        with self._lock:
+            self._expire_locked(self._clock())
+            if (held := self._items.get(mm_hash)) is not None:
+                self._items.move_to_end(mm_hash)
+                return held
+            slot = self._allocate_locked(mm_hash, nbytes)
+            item = ExportedItem(
+                mm_hash=mm_hash,
+                slot=slot,
+                dtype=tensor.dtype,
+                shape=tuple(tensor.shape),
+                nbytes=nbytes,
+                unclaimed_until=self._clock() + self.unclaimed_ttl_s,
+            )
+            self.arena.view(slot, tensor.dtype, item.shape).copy_(tensor)
+            self._items[mm_hash] = item
+            self._on_event(PoolEvent(EventKind.EXPORTED, mm_hash, nbytes))
+            return item
+
+    def lease(self, mm_hashes: Iterable[str], lease_s: float | None = None) -> list[Lease]:
+        """Lease every item, or none: raises NotFoundError naming the missing hashes."""
+        mm_hashes = list(mm_hashes)
+        with self._lock:
+            now = self._clock()
+            self._expire_locked(now)
+            missing = tuple(h for h in mm_hashes if h not in self._items)
+            if missing:
+                raise NotFoundError(f"not exported here: {', '.join(missing)}", missing)
+            expires_at = now + (lease_s or self.lease_s)
+            leases = []
+            for mm_hash in mm_hashes:
+                item = self._items[mm_hash]
+                self._items.move_to_end(mm_hash)
+                lease = Lease(next(self._lease_ids), item, expires_at)
+                item.leases.add(lease.lease_id)
+                item.claimed = True
+                self._leases[lease.lease_id] = lease
+                leases.append(lease)
+            return leases
+
+    def release(self, lease_ids: Iterable[int]) -> int:
+        """End leases; returns how many were live. Unknown ids are ignored."""
+        with self._lock:
+            released = sum(self._end_lease_locked(i, "released") for i in lease_ids)
+            self._expire_locked(self._clock())
+            return released
+
+    def renew(self, lease_ids: Iterable[int], lease_s: float | None = None) -> list[int]:
+        """Extend live leases; returns the ids that no longer exist."""
+        with self._lock:
+            now = self._clock()
+            self._expire_locked(now)
+            expires_at = now + (lease_s or self.lease_s)
+            gone = []
+            for lease_id in lease_ids:
+                lease = self._leases.get(lease_id)
+                if lease is None:
+                    gone.append(lease_id)
+                else:
+                    self._leases[lease_id] = Lease(lease_id, lease.item, expires_at)
+            return gone
+
+    def expire(self) -> None:
+        """End expired leases and unclaimed items; the exporter calls this periodically."""
+        with self._lock:
+            self._expire_locked(self._clock())
+
+    def remaining_s(self, lease: Lease) -> float:
+        return max(0.0, lease.expires_at - self._clock())
+
+    def _allocate_locked(self, mm_hash: str, nbytes: int) -> Slot:
+        while (slot := self.arena.allocate(nbytes)) is None:
+            victim = next((i for i in self._items.values() if not i.leases), None)
+            if victim is None:
+                raise PoolFullError(
+                    f"cannot export {mm_hash} ({nbytes} bytes): the arena holds "
+                    f"{self.arena.bytes_used} of {self.arena.capacity} bytes, all leased"
+                )
+            self._drop_locked(victim, "evicted for space")
+        return slot
+
+    def _end_lease_locked(self, lease_id: int, reason: str) -> bool:
+        lease = self._leases.pop(lease_id, None)
+        if lease is None:
+            return False
+        item = lease.item
+        item.leases.discard(lease_id)
+        if not item.leases and self._items.get(item.mm_hash) is item:
+            self._drop_locked(item, reason)
+        return True
+
+    def _expire_locked(self, now: float) -> None:
+        for lease in [lease for lease in self._leases.values() if lease.expires_at <= now]:
+            self._end_lease_locked(lease.lease_id, "lease expired")
+        for item in [i for i in self._items.values() if not i.claimed and i.unclaimed_until <= now]:
+            self._drop_locked(item, "never claimed")
+
+    def _drop_locked(self, item: ExportedItem, reason: str) -> None:
+        del self._items[item.mm_hash]
+        self.arena.free(item.slot)
+        self._on_event(PoolEvent(EventKind.EVICTED, item.mm_hash, item.nbytes, reason))

@@ -1,0 +1,170 @@
+"""The NIXL agent: register memory, meet peers, READ remote slots into local ones.
+
+A thin layer over `nixl._api` with a few verbs and typed errors. It starts no
+threads: NIXL runs without its progress thread (which busy-polls a core) and
+the caller drives progress, the reader by waiting on its transfer, the owner
+of exported memory by calling `progress()` while reads may be in flight
+(without it a READ over UCX never completes).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from nixl._api import nixl_agent, nixl_agent_config, nixl_thread_sync_t
+from nixl._bindings import (
+    nixlInvalidParamError,
+    nixlMismatchError,
+    nixlNotAllowedError,
+    nixlNotFoundError,
+    nixlRemoteDisconnectError,
+)
+
+from ec_nixl.errors import DeadlineExceededError, PeerDeadError, RefusedError
+
+logger = logging.getLogger(__name__)
+
+# How long a waiting reader sleeps between polls: short enough to add little
+# latency, long enough to leave the CPU to the other side on a small host.
+POLL_INTERVAL_S = 50e-6
+
+
+@dataclass(frozen=True)
+class Region:
+    """A contiguous byte range in some process's registered memory."""
+
+    address: int
+    length: int
+    device: str  # "cpu" or "cuda"
+    device_id: int
+
+    def contains(self, other: Region) -> bool:
+        return (
+            self.device == other.device
+            and self.device_id == other.device_id
+            and self.address <= other.address
+            and other.address + other.length <= self.address + self.length
+        )
+
+
+def tensor_region(tensor: torch.Tensor) -> Region:
+    device = tensor.device
+    return Region(
+        address=tensor.data_ptr(),
+        length=tensor.numel() * tensor.element_size(),
+        device=device.type,
+        device_id=device.index or 0,
+    )
+
+
+def _mem_type(device: str) -> str:
+    return "VRAM" if device == "cuda" else "DRAM"
+
+
+class TransferAgent:
+    """One NIXL agent per process, named uniquely per process generation.
+
+    NIXL refuses new metadata under a known agent name, and damaged metadata can
+    poison a name for good, so names are never reused.
+    """
+
+    def __init__(self, role: str) -> None:
+        self.name = f"ec-nixl-{role}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        config = nixl_agent_config(
+            enable_prog_thread=False,
+            backends=["UCX"],
+            sync_mode=nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT,
+        )
+        self._agent = nixl_agent(self.name, config)
+        self._peers: set[str] = set()
+        self.regions: list[Region] = []
+
+    def register(self, tensor: torch.Tensor) -> Region:
+        """Register a tensor's memory once; reads can then target any part of it."""
+        self._agent.register_memory(tensor)
+        region = tensor_region(tensor)
+        self.regions.append(region)
+        return region
+
+    @property
+    def metadata(self) -> bytes:
+        return self._agent.get_agent_metadata()
+
+    def add_peer(self, metadata: bytes) -> str:
+        """Load a peer's metadata (once per peer name) and return the name."""
+        try:
+            name = self._agent.add_remote_agent(metadata)
+        except (nixlMismatchError, nixlNotAllowedError, nixlInvalidParamError) as exc:
+            raise RefusedError(f"peer metadata rejected by NIXL: {exc}") from exc
+        name = name.decode() if isinstance(name, bytes) else name
+        self._peers.add(name)
+        return name
+
+    def has_peer(self, name: str) -> bool:
+        return name in self._peers
+
+    def remove_peer(self, name: str) -> None:
+        if name in self._peers:
+            self._peers.discard(name)
+            self._agent.remove_remote_agent(name)
+
+    def read(
+        self,
+        peer: str,
+        remote: Sequence[Region],
+        local: Sequence[Region],
+        *,
+        deadline: float,
+        notification: bytes = b"",
+    ) -> None:
+        """READ each remote region into the local region at the same index.
+
+        Returns when every byte arrived; raises RefusedError (NIXL rejected the
+        descriptors), PeerDeadError or DeadlineExceededError. After an error the
+        local regions hold garbage: a cut READ leaves partial data.
+        """
+        if not remote or len(remote) != len(local):
+            raise RefusedError(
+                f"{len(remote)} remote and {len(local)} local regions do not pair up"
+            )
+        remote_descs = self._descs(remote)
+        local_descs = self._descs(local)
+        try:
+            handle = self._agent.initialize_xfer(
+                "READ", local_descs, remote_descs, peer, notification
+            )
+        except (nixlNotFoundError, nixlInvalidParamError) as exc:
+            raise RefusedError(f"NIXL refused a READ from {peer}: {exc}") from exc
+        except nixlRemoteDisconnectError as exc:
+            raise PeerDeadError(f"peer {peer} disconnected: {exc}") from exc
+        try:
+            state = self._agent.transfer(handle)
+            while state == "PROC":
+                if time.monotonic() > deadline:
+                    raise DeadlineExceededError(f"READ from {peer} still in flight at its deadline")
+                time.sleep(POLL_INTERVAL_S)
+                state = self._agent.check_xfer_state(handle)
+            if state != "DONE":
+                raise PeerDeadError(f"READ from {peer} failed (state {state})")
+        except nixlRemoteDisconnectError as exc:
+            raise PeerDeadError(f"peer {peer} disconnected during a READ: {exc}") from exc
+        finally:
+            self._agent.release_xfer_handle(handle)
+
+    def progress(self) -> list[bytes]:
+        """Drive NIXL on this side and return notifications that arrived."""
+        notifs = self._agent.get_new_notifs()
+        return [msg for messages in notifs.values() for msg in messages]
+
+    def _descs(self, regions: Sequence[Region]):
+        mem_type = _mem_type(regions[0].device)
+        return self._agent.get_xfer_descs(
+            [(r.address, r.length, r.device_id) for r in regions], mem_type
+        )

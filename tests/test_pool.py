@@ -1,0 +1,128 @@
+"""Export pool lifecycle: leases pin items, release and expiry free them, eviction is LRU."""
+
+import pytest
+import torch
+
+from ec_nixl.arena import Arena
+from ec_nixl.errors import NotFoundError, PoolFullError
+from ec_nixl.pool import EventKind, ExportPool
+
+KiB = 1024
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_pool(capacity=16 * KiB, **kwargs):
+    clock, events = Clock(), []
+    pool = ExportPool(Arena(capacity), clock=clock, on_event=events.append, **kwargs)
+    return pool, clock, events
+
+
+def item(kib: int = 4, value: float = 1.0) -> torch.Tensor:
+    return torch.full((kib * KiB // 4,), value, dtype=torch.float32)
+
+
+def test_export_copies_into_the_arena():
+    pool, _, events = make_pool()
+    source = item(value=3.0)
+    exported = pool.export("h", source)
+    source.fill_(0)
+    assert torch.equal(
+        pool.arena.view(exported.slot, torch.float32, exported.shape), item(value=3.0)
+    )
+    assert [e.kind for e in events] == [EventKind.EXPORTED]
+
+
+def test_reexport_of_a_held_hash_keeps_the_held_bytes():
+    pool, _, _ = make_pool()
+    first = pool.export("h", item(value=1.0))
+    second = pool.export("h", item(value=2.0))
+    assert second is first
+    assert pool.arena.view(first.slot, torch.float32, first.shape)[0] == 1.0
+
+
+def test_release_frees_the_slot_and_a_second_release_is_harmless():
+    pool, _, events = make_pool()
+    pool.export("h", item())
+    [lease] = pool.lease(["h"])
+    assert pool.release([lease.lease_id]) == 1
+    assert "h" not in pool and pool.arena.bytes_used == 0
+    assert pool.release([lease.lease_id]) == 0
+    assert events[-1].kind is EventKind.EVICTED and events[-1].reason == "released"
+
+
+def test_item_stays_until_every_lease_is_released():
+    pool, _, _ = make_pool()
+    pool.export("h", item())
+    [a], [b] = pool.lease(["h"]), pool.lease(["h"])
+    pool.release([a.lease_id])
+    assert "h" in pool
+    pool.release([b.lease_id])
+    assert "h" not in pool
+
+
+def test_lease_expiry_frees_without_a_release():
+    pool, clock, events = make_pool(lease_s=5.0)
+    pool.export("h", item())
+    pool.lease(["h"])
+    clock.now = 5.0
+    pool.expire()
+    assert "h" not in pool and pool.live_leases == 0
+    assert events[-1].reason == "lease expired"
+
+
+def test_unclaimed_items_expire():
+    pool, clock, _ = make_pool(unclaimed_ttl_s=2.0)
+    pool.export("h", item())
+    clock.now = 1.9
+    pool.expire()
+    assert "h" in pool
+    clock.now = 2.0
+    pool.expire()
+    assert "h" not in pool
+
+
+def test_renew_extends_live_leases_and_reports_ended_ones():
+    pool, clock, _ = make_pool(lease_s=5.0)
+    pool.export("h", item())
+    [lease] = pool.lease(["h"])
+    clock.now = 4.0
+    assert pool.renew([lease.lease_id, 12345]) == [12345]
+    clock.now = 8.0
+    pool.expire()
+    assert "h" in pool
+
+
+def test_lease_is_all_or_nothing_and_names_what_is_missing():
+    pool, _, _ = make_pool()
+    pool.export("h", item())
+    with pytest.raises(NotFoundError, match="nope") as caught:
+        pool.lease(["h", "nope"])
+    assert caught.value.missing == ("nope",)
+    assert pool.live_leases == 0
+
+
+def test_eviction_takes_the_least_recently_used_unleased_item():
+    pool, _, events = make_pool(capacity=12 * KiB)
+    for name in ("a", "b", "c"):
+        pool.export(name, item())
+    pool.lease(["a"])  # leased: never evicted, and now most recently used
+    pool.export("d", item())
+    assert "b" not in pool and {"a", "c", "d"} <= {n for n in "abcd" if n in pool}
+    assert events[-2].reason == "evicted for space"
+
+
+def test_a_full_pool_of_leased_items_refuses_with_a_clear_error():
+    pool, _, _ = make_pool(capacity=8 * KiB)
+    for name in ("a", "b"):
+        pool.export(name, item())
+    pool.lease(["a", "b"])
+    with pytest.raises(PoolFullError, match="all leased"):
+        pool.export("c", item())
+    assert {"a", "b"} == {n for n in "abc" if n in pool}
