@@ -39,7 +39,8 @@ class Arena:
             raise ValueError(
                 f"arena capacity {capacity} must be a positive multiple of {alignment}"
             )
-        self.buffer = torch.empty(capacity, dtype=torch.uint8, device=device)
+        # zeros, not empty: touch every page now, not on the first transfer into it.
+        self.buffer = torch.zeros(capacity, dtype=torch.uint8, device=device)
         self.capacity = capacity
         self.alignment = alignment
         self._lock = threading.Lock()

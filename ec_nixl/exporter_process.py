@@ -42,7 +42,13 @@ class TensorSpec:
 def _serve(conn, config: ExporterConfig) -> None:
     exporter = Exporter(config)
     conn.send(("ready", exporter.address))
-    tensors: dict[str, torch.Tensor] = {}
+    made: dict[TensorSpec, torch.Tensor] = {}  # so that a timed command never pays for randn
+
+    def tensor(spec: TensorSpec) -> torch.Tensor:
+        if spec not in made:
+            made[spec] = spec.make()
+        return made[spec]
+
     while True:
         command, *args = conn.recv()
         try:
@@ -52,14 +58,14 @@ def _serve(conn, config: ExporterConfig) -> None:
                 return
             if command == "export":
                 mm_hash, spec = args
-                tensors[mm_hash] = spec.make()
-                exporter.export(mm_hash, tensors.pop(mm_hash))
+                exporter.export(mm_hash, tensor(spec))
                 reply = None
             elif command == "save":
                 from safetensors.torch import save_file
 
                 path, spec = args
-                save_file({"ec_cache": spec.make()}, str(path))
+                path.parent.mkdir(parents=True, exist_ok=True)  # one folder per mm_hash
+                save_file({"ec_cache": tensor(spec)}, str(path))
                 reply = None
             elif command == "stats":
                 reply = {

@@ -168,6 +168,13 @@ class ExportPool:
         with self._lock:
             self._expire_locked(self._clock())
 
+    def snapshot(self) -> list[PoolEvent]:
+        """An EXPORTED event for every item held now."""
+        with self._lock:
+            return [
+                PoolEvent(EventKind.EXPORTED, i.mm_hash, i.nbytes) for i in self._items.values()
+            ]
+
     def remaining_s(self, lease: Lease) -> float:
         return max(0.0, lease.expires_at - self._clock())
 

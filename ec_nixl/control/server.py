@@ -140,15 +140,12 @@ class ExportServicer(pb_grpc.ExportServiceServicer):
         if q is None:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"at most {MAX_WATCHERS} watchers")
         try:
+            yield from map(self._event_pb, self._pool.snapshot())
             yield from self._stream(q, context)
         finally:
             self._events.unsubscribe(q)
 
     def _stream(self, q: queue.Queue, context: grpc.ServicerContext) -> Iterator[pb.ExportEvent]:
-        kinds = {
-            EventKind.EXPORTED: pb.ExportEvent.EXPORTED,
-            EventKind.EVICTED: pb.ExportEvent.EVICTED,
-        }
         while context.is_active():
             try:
                 event = q.get(timeout=0.5)
@@ -156,12 +153,16 @@ class ExportServicer(pb_grpc.ExportServiceServicer):
                 continue
             if event is None:
                 return
-            yield pb.ExportEvent(
-                kind=kinds[event.kind],
-                mm_hash=event.mm_hash,
-                length=event.length,
-                epoch=self._epoch,
-            )
+            yield self._event_pb(event)
+
+    def _event_pb(self, event: PoolEvent) -> pb.ExportEvent:
+        kinds = {
+            EventKind.EXPORTED: pb.ExportEvent.EXPORTED,
+            EventKind.EVICTED: pb.ExportEvent.EVICTED,
+        }
+        return pb.ExportEvent(
+            kind=kinds[event.kind], mm_hash=event.mm_hash, length=event.length, epoch=self._epoch
+        )
 
     def _describe(self, lease: Lease) -> pb.ItemDescriptor:
         item = lease.item

@@ -98,8 +98,9 @@ class ExportServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def WatchEvents(self, request, context):
-        """Items exported and evicted from now on, so a consumer can keep a local
-        directory and answer "is it there?" without a round trip.
+        """What is held now (as EXPORTED events), then items exported and evicted
+        from then on, so a consumer can keep a local directory and answer "is it
+        there?" without a round trip. An item may be announced twice.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

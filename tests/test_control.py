@@ -1,0 +1,156 @@
+"""The export service over real gRPC on loopback, with a real NIXL agent behind it."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import grpc
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from ec_nixl.control.client import ExportClient
+from ec_nixl.control.messages import PROTOCOL_VERSION
+from ec_nixl.control.security import Security
+from ec_nixl.errors import AuthError, HandshakeError, NotFoundError, RefusedError
+from ec_nixl.exporter import Exporter, ExporterConfig
+from ec_nixl.pool import EventKind
+from ec_nixl.v1 import export_pb2 as pb
+from ec_nixl.v1 import export_pb2_grpc as pb_grpc
+
+TOKEN = "s3cret"
+COMPAT = "model-a"
+
+
+@pytest.fixture(scope="module")
+def exporter():
+    exporter = Exporter(
+        ExporterConfig(capacity_bytes=1 << 20, compatibility_hash=COMPAT, security=Security(TOKEN))
+    )
+    yield exporter
+    exporter.close()
+
+
+@pytest.fixture
+def client(exporter):
+    client = ExportClient(exporter.address, Security(TOKEN))
+    yield client
+    client.close()
+
+
+def embedding(value: float = 1.0) -> torch.Tensor:
+    return torch.full((16, 32), value, dtype=torch.float16)
+
+
+def test_handshake_returns_agent_metadata_epoch_and_regions(exporter, client):
+    peer = client.handshake(COMPAT, "pd-0")
+    assert peer.agent_name == exporter.agent.name
+    assert peer.epoch == exporter.epoch
+    assert peer.regions[0].address == exporter.arena.base_address
+    assert peer.regions[0].length == exporter.arena.capacity
+
+
+def test_protocol_version_mismatch_fails_the_handshake_clearly(exporter):
+    with grpc.insecure_channel(exporter.address) as channel:
+        stub = pb_grpc.ExportServiceStub(channel)
+        request = pb.HandshakeRequest(
+            protocol_version=PROTOCOL_VERSION + 1, compatibility_hash=COMPAT
+        )
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.Handshake(request, metadata=Security(TOKEN).call_metadata(), timeout=5)
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "protocol version" in caught.value.details()
+
+
+def test_compatibility_mismatch_fails_the_handshake_and_names_both_sides(client):
+    with pytest.raises(HandshakeError, match="'model-b'.*'model-a'"):
+        client.handshake("model-b", "pd-0")
+
+
+def test_unknown_mm_hash_is_not_found_and_leases_nothing(exporter, client):
+    exporter.export("known", embedding())
+    with pytest.raises(NotFoundError, match="unknown-hash"):
+        client.resolve(["known", "unknown-hash"], "pd-0")
+    assert exporter.pool.live_leases == 0
+
+
+def test_resolve_describes_the_item_and_release_is_idempotent(exporter, client):
+    exporter.export("described", embedding(2.0))
+    [item] = client.resolve(["described"], "pd-0")
+    assert (item.dtype, item.shape, item.region.length) == (torch.float16, (16, 32), 16 * 32 * 2)
+    assert item.agent_name == exporter.agent.name and item.epoch == exporter.epoch
+    assert 0 < item.lease_remaining_s <= exporter.pool.lease_s
+    assert client.release([item.lease_id]) == 1
+    assert client.release([item.lease_id]) == 0
+    assert "described" not in exporter.pool
+
+
+def test_renew_reports_leases_that_already_ended(exporter, client):
+    exporter.export("renewed", embedding())
+    [item] = client.resolve(["renewed"], "pd-0")
+    assert client.renew([item.lease_id, 424242], lease_s=60) == [424242]
+    client.release([item.lease_id])
+
+
+@pytest.mark.parametrize("hashes", [[], ["x"] * 1025])
+def test_resolve_refuses_empty_and_oversized_requests(client, hashes):
+    with pytest.raises(RefusedError, match="INVALID_ARGUMENT"):
+        client.resolve(hashes, "pd-0")
+
+
+@pytest.mark.parametrize("token", [None, "wrong"])
+def test_callers_without_the_token_are_unauthenticated(exporter, token):
+    client = ExportClient(exporter.address, Security(token))
+    with pytest.raises(AuthError, match="UNAUTHENTICATED"):
+        client.handshake(COMPAT, "intruder")
+    with pytest.raises(AuthError):
+        list(client.watch())
+    client.close()
+
+
+def test_health_check_is_serving_without_a_token(exporter):
+    with grpc.insecure_channel(exporter.address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        request = health_pb2.HealthCheckRequest(service="ec_nixl.v1.ExportService")
+        reply = stub.Check(request, timeout=5)
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_event_stream_starts_with_what_is_held_then_follows_changes(exporter, client):
+    exporter.export("held-before-watch", embedding())
+    stream = client.watch()
+    first = next(e for e in stream if e.mm_hash == "held-before-watch")
+    assert first.kind is EventKind.EXPORTED
+    [item] = client.resolve(["held-before-watch"], "pd-0")
+    client.release([item.lease_id])
+    exporter.export("exported-while-watching", embedding())
+    later = [next(stream), next(stream)]
+    stream.close()
+    assert [(e.kind, e.mm_hash) for e in later] == [
+        (EventKind.EVICTED, "held-before-watch"),
+        (EventKind.EXPORTED, "exported-while-watching"),
+    ]
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+def test_tls_with_a_generated_certificate(tmp_path):
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-keyout", key, "-out", cert, "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    server_security = Security(TOKEN, tls_cert_file=cert, tls_key_file=key)
+    exporter = Exporter(ExporterConfig(capacity_bytes=1 << 20, security=server_security))
+    try:
+        good = ExportClient(exporter.address, Security(TOKEN, tls_ca_file=cert))
+        assert good.handshake("", "pd-tls").agent_name == exporter.agent.name
+        plaintext = ExportClient(exporter.address, Security(TOKEN), timeout_s=2)
+        with pytest.raises(Exception, match="UNAVAILABLE"):
+            plaintext.handshake("", "pd-plaintext")
+        good.close()
+        plaintext.close()
+    finally:
+        exporter.close()

@@ -1,0 +1,252 @@
+"""Pulls between real processes: NIXL over UCX for the bytes, gRPC on loopback for the rest."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import signal
+import threading
+import time
+from dataclasses import replace
+
+import pytest
+import torch
+from conftest import MiB, spec
+
+from ec_nixl.arena import Arena
+from ec_nixl.errors import (
+    DeadlineExceededError,
+    NotFoundError,
+    PeerDeadError,
+    RefusedError,
+)
+from ec_nixl.exporter import ExporterConfig
+from ec_nixl.exporter_process import ExporterProcess, TensorSpec
+from ec_nixl.puller import Puller
+from ec_nixl.transfer import Region
+
+# Failures must surface well within this, whatever the peer does.
+DEADLINE_S = 2.0
+
+
+def wait_until(condition, timeout_s: float = 5.0) -> bool:
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return condition()
+
+
+@pytest.mark.parametrize(
+    "dtype, shape",
+    [
+        (torch.bfloat16, (577, 1024)),
+        (torch.float16, (3, 64, 128)),
+        (torch.float32, (1,)),
+        (torch.float32, (1024, 1153)),
+    ],
+)
+def test_pulled_bytes_equal_the_exported_bytes(producer, puller, dtype, shape):
+    source = spec(shape, dtype, seed=len(shape))
+    mm_hash = f"bytes-{dtype}-{shape}"
+    producer.export(mm_hash, source)
+    [item] = puller.pull(producer.address, [mm_hash])
+    assert item.tensor.dtype == dtype and tuple(item.tensor.shape) == shape
+    assert torch.equal(item.tensor, source.make())
+    puller.free(item)
+
+
+def test_several_items_arrive_in_one_pull_in_the_order_asked(producer, puller):
+    specs = {f"multi-{i}": spec((100 + i, 64), seed=100 + i) for i in range(3)}
+    for mm_hash, s in specs.items():
+        producer.export(mm_hash, s)
+    order = ["multi-2", "multi-0", "multi-1"]
+    items = puller.pull(producer.address, order)
+    assert [item.mm_hash for item in items] == order
+    for item in items:
+        assert torch.equal(item.tensor, specs[item.mm_hash].make())
+        puller.free(item)
+
+
+def test_a_pull_releases_its_lease_and_frees_the_exporter_slot(producer, puller):
+    producer.export("released", spec(seed=7))
+    [item] = puller.pull(producer.address, ["released"])
+    puller.free(item)
+    assert wait_until(lambda: producer.stats()["live_leases"] == 0)
+    with pytest.raises(NotFoundError):
+        puller.pull(producer.address, ["released"])
+
+
+def test_unknown_mm_hash_fails_with_not_found_and_keeps_the_local_arena_empty(producer, puller):
+    used = puller.arena.bytes_used
+    with pytest.raises(NotFoundError, match="never-exported"):
+        puller.pull(producer.address, ["never-exported"])
+    assert puller.arena.bytes_used == used
+
+
+def _pull_in_child(address, mm_hash, source: TensorSpec, resolved, go, results) -> None:
+    puller = Puller(Arena(8 * MiB), consumer_id="second-consumer")
+    resolution = puller.resolve(address, [mm_hash], time.monotonic() + 30)
+    resolved.set()
+    go.wait(30)
+    [item] = puller.read(resolution, time.monotonic() + 30)
+    results.put(torch.equal(item.tensor, source.make()))
+
+
+def test_two_consumer_processes_read_the_same_item_at_once(producer, puller):
+    source = spec((1024, 1024), seed=11)
+    producer.export("shared-item", source)
+    context = mp.get_context("spawn")
+    resolved, go, results = context.Event(), context.Event(), context.Queue()
+    child = context.Process(
+        target=_pull_in_child,
+        args=(producer.address, "shared-item", source, resolved, go, results),
+    )
+    child.start()
+    try:
+        assert resolved.wait(60), "the second consumer did not resolve"
+        resolution = puller.resolve(producer.address, ["shared-item"], time.monotonic() + 30)
+        go.set()  # both hold a lease now; both READs run together
+        [item] = puller.read(resolution, time.monotonic() + 30)
+        assert torch.equal(item.tensor, source.make())
+        puller.free(item)
+        assert results.get(timeout=30) is True
+    finally:
+        child.join(10)
+        child.kill()
+    assert wait_until(lambda: producer.stats()["live_leases"] == 0)
+
+
+def test_two_consumers_with_leases_keep_the_item_until_both_release(producer, puller):
+    producer.export("twice-leased", spec(seed=12))
+    deadline = time.monotonic() + DEADLINE_S
+    first = puller.resolve(producer.address, ["twice-leased"], deadline)
+    second = puller.resolve(producer.address, ["twice-leased"], deadline)
+    [a] = puller.read(first, deadline)
+    [b] = puller.read(second, deadline)
+    assert torch.equal(a.tensor, b.tensor)
+    puller.free(a)
+    puller.free(b)
+    assert wait_until(lambda: producer.stats()["live_leases"] == 0)
+
+
+def test_two_producers_exporting_the_same_mm_hash_never_mix(puller):
+    config = ExporterConfig(capacity_bytes=16 * MiB)
+    with ExporterProcess(config) as one, ExporterProcess(config) as two:
+        sources = {one.address: spec(seed=21), two.address: spec(seed=22)}
+        for process in (one, two):
+            process.export("same-hash", sources[process.address])
+        pulls = {}
+        threads = [
+            threading.Thread(target=lambda a=a: pulls.update({a: puller.pull(a, ["same-hash"])}))
+            for a in sources
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        for address, source in sources.items():
+            [item] = pulls[address]
+            assert torch.equal(item.tensor, source.make())
+            puller.free(item)
+
+
+def test_lease_expiry_frees_the_item_without_a_release(puller):
+    with ExporterProcess(ExporterConfig(capacity_bytes=4 * MiB, lease_s=0.3)) as producer:
+        producer.export("abandoned", spec(seed=31))
+        puller.resolve(producer.address, ["abandoned"], time.monotonic() + DEADLINE_S)
+        assert producer.stats()["live_leases"] == 1
+        assert wait_until(
+            lambda: producer.stats() == {"items": 0, "bytes_used": 0, "live_leases": 0}
+        )
+
+
+def test_descriptor_outside_the_exporters_memory_is_refused_before_any_read(producer, puller):
+    producer.export("forged", spec(seed=41))
+    client = puller._client(producer.address)
+    genuine = client.resolve
+
+    def forge(*args, **kwargs):
+        [item] = genuine(*args, **kwargs)
+        moved = replace(item.region, address=item.region.address + (1 << 40))
+        return [replace(item, region=moved)]
+
+    client.resolve = forge
+    try:
+        with pytest.raises(RefusedError, match="outside the exporter's memory"):
+            puller.pull(producer.address, ["forged"])
+    finally:
+        del client.resolve
+    assert wait_until(lambda: producer.stats()["live_leases"] == 0)
+
+
+def test_nixl_refuses_a_read_outside_registered_memory(producer, puller):
+    peer = puller._peer(producer.address, puller._client(producer.address))
+    exporter_memory = peer.regions[0]
+    outside = Region(exporter_memory.address + exporter_memory.length, 4096, "cpu", 0)
+    slot = puller.arena.allocate(4096)
+    local = Region(puller.arena.address(slot), 4096, "cpu", 0)
+    try:
+        with pytest.raises(RefusedError, match="NIXL refused"):
+            puller.agent.read(peer.agent_name, [outside], [local], deadline=time.monotonic() + 2)
+    finally:
+        puller.arena.free(slot)
+
+
+def test_producer_killed_before_the_pull_fails_fast_and_the_consumer_survives(puller):
+    with ExporterProcess(ExporterConfig(capacity_bytes=4 * MiB)) as producer:
+        producer.export("orphan", spec(seed=51))
+        producer.kill()
+        start = time.monotonic()
+        with pytest.raises(PeerDeadError):
+            puller.pull(producer.address, ["orphan"], timeout_s=DEADLINE_S)
+        assert time.monotonic() - start < DEADLINE_S
+
+
+def test_producer_killed_during_a_read_fails_fast_and_the_consumer_survives(producer, puller):
+    with ExporterProcess(ExporterConfig(capacity_bytes=80 * MiB)) as victim:
+        victim.export("mid-read", spec((32 * MiB,), torch.bfloat16, seed=61))
+        resolution = puller.resolve(victim.address, ["mid-read"], time.monotonic() + DEADLINE_S)
+        victim.signal(signal.SIGSTOP)  # the READ cannot finish while the exporter is frozen
+        killer = threading.Timer(0.3, victim.kill)
+        killer.start()
+        start = time.monotonic()
+        with pytest.raises(PeerDeadError):
+            puller.read(resolution, time.monotonic() + 10)
+        assert time.monotonic() - start < DEADLINE_S
+        killer.join()
+    producer.export("after-the-crash", spec(seed=62))
+    [item] = puller.pull(producer.address, ["after-the-crash"])
+    assert torch.equal(item.tensor, spec(seed=62).make())
+    puller.free(item)
+
+
+def test_stalled_producer_fails_the_read_at_its_deadline(puller):
+    with ExporterProcess(ExporterConfig(capacity_bytes=8 * MiB)) as producer:
+        producer.export("stalled", spec(seed=71))
+        resolution = puller.resolve(producer.address, ["stalled"], time.monotonic() + DEADLINE_S)
+        producer.signal(signal.SIGSTOP)
+        start = time.monotonic()
+        try:
+            with pytest.raises(DeadlineExceededError):
+                puller.read(resolution, start + 0.5)
+            assert time.monotonic() - start < 0.5 + 0.5
+        finally:
+            producer.signal(signal.SIGCONT)
+        assert puller.arena.bytes_used == 0
+
+
+def test_stalled_producer_fails_the_resolve_at_its_deadline(puller):
+    with ExporterProcess(ExporterConfig(capacity_bytes=8 * MiB)) as producer:
+        producer.export("stalled-rpc", spec(seed=72))
+        [item] = puller.pull(producer.address, ["stalled-rpc"])  # the peer is now known
+        puller.free(item)
+        producer.export("stalled-rpc-2", spec(seed=72))
+        producer.signal(signal.SIGSTOP)
+        start = time.monotonic()
+        try:
+            with pytest.raises(DeadlineExceededError):
+                puller.pull(producer.address, ["stalled-rpc-2"], timeout_s=0.5)
+            assert time.monotonic() - start < 1.0
+        finally:
+            producer.signal(signal.SIGCONT)
