@@ -20,13 +20,14 @@ proto: $(STAMP)  ## regenerate ec_nixl/v1 from proto/
 	$(BIN)/python proto/generate.py
 
 # torch first, pinned: pip takes the CPU wheel from this machine's disk, and
-# nothing installed later may pull a CUDA build. The `nixl` meta package goes in
-# without its dependencies (it would require both CUDA variants).
+# nothing installed later may pull a CUDA build. The `nixl` meta package (the
+# import name) goes in last and without its dependencies: it would require both
+# CUDA variants, and pyproject.toml already brings nixl-cu12.
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q --no-deps nixl==1.5.1
 	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --no-deps nixl==1.5.1
 	touch $@
 
 clean:
