@@ -9,6 +9,7 @@ from ec_nixl.arena import Arena
 from ec_nixl.exporter import ExporterConfig
 from ec_nixl.exporter_process import ExporterProcess, TensorSpec
 from ec_nixl.puller import Puller
+from ec_nixl.resolver import Resolver
 
 MiB = 1 << 20
 
@@ -21,10 +22,15 @@ def producer():
 
 
 @pytest.fixture(scope="module")
+def resolver():
+    resolver = Resolver(consumer_id="test-consumer")
+    yield resolver
+    resolver.close()
+
+
+@pytest.fixture(scope="module")
 def puller():
-    puller = Puller(Arena(64 * MiB), consumer_id="test-consumer")
-    yield puller
-    puller.close()
+    return Puller(Arena(64 * MiB))
 
 
 def spec(shape=(256, 1024), dtype=torch.bfloat16, seed=0) -> TensorSpec:

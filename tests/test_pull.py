@@ -21,7 +21,8 @@ from ec_nixl.errors import (
 )
 from ec_nixl.exporter import ExporterConfig
 from ec_nixl.exporter_process import ExporterProcess, TensorSpec
-from ec_nixl.puller import Puller
+from ec_nixl.puller import Puller, pull
+from ec_nixl.resolver import Resolver
 from ec_nixl.transfer import Region
 
 # Failures must surface well within this, whatever the peer does.
@@ -46,54 +47,56 @@ def wait_until(condition, timeout_s: float = 5.0) -> bool:
         (torch.float32, (1024, 1153)),
     ],
 )
-def test_pulled_bytes_equal_the_exported_bytes(producer, puller, dtype, shape):
+def test_pulled_bytes_equal_the_exported_bytes(producer, resolver, puller, dtype, shape):
     source = spec(shape, dtype, seed=len(shape))
     mm_hash = f"bytes-{dtype}-{shape}"
     producer.export(mm_hash, source)
-    [item] = puller.pull(producer.address, [mm_hash])
+    [item] = pull(resolver, puller, producer.address, [mm_hash])
     assert item.tensor.dtype == dtype and tuple(item.tensor.shape) == shape
     assert torch.equal(item.tensor, source.make())
     puller.free(item)
 
 
-def test_several_items_arrive_in_one_pull_in_the_order_asked(producer, puller):
+def test_several_items_arrive_in_one_pull_in_the_order_asked(producer, resolver, puller):
     specs = {f"multi-{i}": spec((100 + i, 64), seed=100 + i) for i in range(3)}
     for mm_hash, s in specs.items():
         producer.export(mm_hash, s)
     order = ["multi-2", "multi-0", "multi-1"]
-    items = puller.pull(producer.address, order)
+    items = pull(resolver, puller, producer.address, order)
     assert [item.mm_hash for item in items] == order
     for item in items:
         assert torch.equal(item.tensor, specs[item.mm_hash].make())
         puller.free(item)
 
 
-def test_a_pull_releases_its_lease_and_frees_the_exporter_slot(producer, puller):
+def test_a_pull_releases_its_lease_and_frees_the_exporter_slot(producer, resolver, puller):
     producer.export("released", spec(seed=7))
-    [item] = puller.pull(producer.address, ["released"])
+    [item] = pull(resolver, puller, producer.address, ["released"])
     puller.free(item)
     assert wait_until(lambda: producer.stats()["live_leases"] == 0)
     with pytest.raises(NotFoundError):
-        puller.pull(producer.address, ["released"])
+        pull(resolver, puller, producer.address, ["released"])
 
 
-def test_unknown_mm_hash_fails_with_not_found_and_keeps_the_local_arena_empty(producer, puller):
+def test_unknown_mm_hash_fails_with_not_found_and_keeps_the_local_arena_empty(
+    producer, resolver, puller
+):
     used = puller.arena.bytes_used
     with pytest.raises(NotFoundError, match="never-exported"):
-        puller.pull(producer.address, ["never-exported"])
+        pull(resolver, puller, producer.address, ["never-exported"])
     assert puller.arena.bytes_used == used
 
 
 def _pull_in_child(address, mm_hash, source: TensorSpec, resolved, go, results) -> None:
-    puller = Puller(Arena(8 * MiB), consumer_id="second-consumer")
-    resolution = puller.resolve(address, [mm_hash], time.monotonic() + 30)
+    resolver, puller = Resolver(consumer_id="second-consumer"), Puller(Arena(8 * MiB))
+    resolution = resolver.resolve(address, [mm_hash], time.monotonic() + 30)
     resolved.set()
     go.wait(30)
     [item] = puller.read(resolution, time.monotonic() + 30)
     results.put(torch.equal(item.tensor, source.make()))
 
 
-def test_two_consumer_processes_read_the_same_item_at_once(producer, puller):
+def test_two_consumer_processes_read_the_same_item_at_once(producer, resolver, puller):
     source = spec((1024, 1024), seed=11)
     producer.export("shared-item", source)
     context = mp.get_context("spawn")
@@ -105,7 +108,7 @@ def test_two_consumer_processes_read_the_same_item_at_once(producer, puller):
     child.start()
     try:
         assert resolved.wait(60), "the second consumer did not resolve"
-        resolution = puller.resolve(producer.address, ["shared-item"], time.monotonic() + 30)
+        resolution = resolver.resolve(producer.address, ["shared-item"], time.monotonic() + 30)
         go.set()  # both hold a lease now; both READs run together
         [item] = puller.read(resolution, time.monotonic() + 30)
         assert torch.equal(item.tensor, source.make())
@@ -117,11 +120,11 @@ def test_two_consumer_processes_read_the_same_item_at_once(producer, puller):
     assert wait_until(lambda: producer.stats()["live_leases"] == 0)
 
 
-def test_two_consumers_with_leases_keep_the_item_until_both_release(producer, puller):
+def test_two_consumers_with_leases_keep_the_item_until_both_release(producer, resolver, puller):
     producer.export("twice-leased", spec(seed=12))
     deadline = time.monotonic() + DEADLINE_S
-    first = puller.resolve(producer.address, ["twice-leased"], deadline)
-    second = puller.resolve(producer.address, ["twice-leased"], deadline)
+    first = resolver.resolve(producer.address, ["twice-leased"], deadline)
+    second = resolver.resolve(producer.address, ["twice-leased"], deadline)
     [a] = puller.read(first, deadline)
     [b] = puller.read(second, deadline)
     assert torch.equal(a.tensor, b.tensor)
@@ -130,7 +133,7 @@ def test_two_consumers_with_leases_keep_the_item_until_both_release(producer, pu
     assert wait_until(lambda: producer.stats()["live_leases"] == 0)
 
 
-def test_two_producers_exporting_the_same_mm_hash_never_mix(puller):
+def test_two_producers_exporting_the_same_mm_hash_never_mix(resolver, puller):
     config = ExporterConfig(capacity_bytes=16 * MiB)
     with ExporterProcess(config) as one, ExporterProcess(config) as two:
         sources = {one.address: spec(seed=21), two.address: spec(seed=22)}
@@ -138,7 +141,9 @@ def test_two_producers_exporting_the_same_mm_hash_never_mix(puller):
             process.export("same-hash", sources[process.address])
         pulls = {}
         threads = [
-            threading.Thread(target=lambda a=a: pulls.update({a: puller.pull(a, ["same-hash"])}))
+            threading.Thread(
+                target=lambda a=a: pulls.update({a: pull(resolver, puller, a, ["same-hash"])})
+            )
             for a in sources
         ]
         for thread in threads:
@@ -151,19 +156,21 @@ def test_two_producers_exporting_the_same_mm_hash_never_mix(puller):
             puller.free(item)
 
 
-def test_lease_expiry_frees_the_item_without_a_release(puller):
+def test_lease_expiry_frees_the_item_without_a_release(resolver):
     with ExporterProcess(ExporterConfig(capacity_bytes=4 * MiB, lease_s=0.3)) as producer:
         producer.export("abandoned", spec(seed=31))
-        puller.resolve(producer.address, ["abandoned"], time.monotonic() + DEADLINE_S)
+        resolver.resolve(producer.address, ["abandoned"], time.monotonic() + DEADLINE_S)
         assert producer.stats()["live_leases"] == 1
         assert wait_until(
             lambda: producer.stats() == {"items": 0, "bytes_used": 0, "live_leases": 0}
         )
 
 
-def test_descriptor_outside_the_exporters_memory_is_refused_before_any_read(producer, puller):
+def test_descriptor_outside_the_exporters_memory_is_refused_before_any_read(
+    producer, resolver, puller
+):
     producer.export("forged", spec(seed=41))
-    client = puller._client(producer.address)
+    client = resolver.client(producer.address)
     genuine = client.resolve
 
     def forge(*args, **kwargs):
@@ -174,14 +181,14 @@ def test_descriptor_outside_the_exporters_memory_is_refused_before_any_read(prod
     client.resolve = forge
     try:
         with pytest.raises(RefusedError, match="outside the exporter's memory"):
-            puller.pull(producer.address, ["forged"])
+            pull(resolver, puller, producer.address, ["forged"])
     finally:
         del client.resolve
     assert wait_until(lambda: producer.stats()["live_leases"] == 0)
 
 
-def test_nixl_refuses_a_read_outside_registered_memory(producer, puller):
-    peer = puller._peer(producer.address, puller._client(producer.address))
+def test_nixl_refuses_a_read_outside_registered_memory(producer, resolver, puller):
+    peer = resolver.peer(producer.address)
     exporter_memory = peer.regions[0]
     outside = Region(exporter_memory.address + exporter_memory.length, 4096, "cpu", 0)
     slot = puller.arena.allocate(4096)
@@ -193,20 +200,22 @@ def test_nixl_refuses_a_read_outside_registered_memory(producer, puller):
         puller.arena.free(slot)
 
 
-def test_producer_killed_before_the_pull_fails_fast_and_the_consumer_survives(puller):
+def test_producer_killed_before_the_pull_fails_fast_and_the_consumer_survives(resolver, puller):
     with ExporterProcess(ExporterConfig(capacity_bytes=4 * MiB)) as producer:
         producer.export("orphan", spec(seed=51))
         producer.kill()
         start = time.monotonic()
         with pytest.raises(PeerDeadError):
-            puller.pull(producer.address, ["orphan"], timeout_s=DEADLINE_S)
+            pull(resolver, puller, producer.address, ["orphan"], timeout_s=DEADLINE_S)
         assert time.monotonic() - start < DEADLINE_S
 
 
-def test_producer_killed_during_a_read_fails_fast_and_the_consumer_survives(producer, puller):
+def test_producer_killed_during_a_read_fails_fast_and_the_consumer_survives(
+    producer, resolver, puller
+):
     with ExporterProcess(ExporterConfig(capacity_bytes=80 * MiB)) as victim:
         victim.export("mid-read", spec((32 * MiB,), torch.bfloat16, seed=61))
-        resolution = puller.resolve(victim.address, ["mid-read"], time.monotonic() + DEADLINE_S)
+        resolution = resolver.resolve(victim.address, ["mid-read"], time.monotonic() + DEADLINE_S)
         victim.signal(signal.SIGSTOP)  # the READ cannot finish while the exporter is frozen
         killer = threading.Timer(0.3, victim.kill)
         killer.start()
@@ -216,15 +225,15 @@ def test_producer_killed_during_a_read_fails_fast_and_the_consumer_survives(prod
         assert time.monotonic() - start < DEADLINE_S
         killer.join()
     producer.export("after-the-crash", spec(seed=62))
-    [item] = puller.pull(producer.address, ["after-the-crash"])
+    [item] = pull(resolver, puller, producer.address, ["after-the-crash"])
     assert torch.equal(item.tensor, spec(seed=62).make())
     puller.free(item)
 
 
-def test_stalled_producer_fails_the_read_at_its_deadline(puller):
+def test_stalled_producer_fails_the_read_at_its_deadline(resolver, puller):
     with ExporterProcess(ExporterConfig(capacity_bytes=8 * MiB)) as producer:
         producer.export("stalled", spec(seed=71))
-        resolution = puller.resolve(producer.address, ["stalled"], time.monotonic() + DEADLINE_S)
+        resolution = resolver.resolve(producer.address, ["stalled"], time.monotonic() + DEADLINE_S)
         producer.signal(signal.SIGSTOP)
         start = time.monotonic()
         try:
@@ -236,17 +245,17 @@ def test_stalled_producer_fails_the_read_at_its_deadline(puller):
         assert puller.arena.bytes_used == 0
 
 
-def test_stalled_producer_fails_the_resolve_at_its_deadline(puller):
+def test_stalled_producer_fails_the_resolve_at_its_deadline(resolver, puller):
     with ExporterProcess(ExporterConfig(capacity_bytes=8 * MiB)) as producer:
         producer.export("stalled-rpc", spec(seed=72))
-        [item] = puller.pull(producer.address, ["stalled-rpc"])  # the peer is now known
+        [item] = pull(resolver, puller, producer.address, ["stalled-rpc"])  # the peer is now known
         puller.free(item)
         producer.export("stalled-rpc-2", spec(seed=72))
         producer.signal(signal.SIGSTOP)
         start = time.monotonic()
         try:
             with pytest.raises(DeadlineExceededError):
-                puller.pull(producer.address, ["stalled-rpc-2"], timeout_s=0.5)
+                pull(resolver, puller, producer.address, ["stalled-rpc-2"], timeout_s=0.5)
             assert time.monotonic() - start < 1.0
         finally:
             producer.signal(signal.SIGCONT)

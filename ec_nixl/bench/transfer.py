@@ -30,7 +30,8 @@ from safetensors.torch import load_file
 from ec_nixl.arena import Arena
 from ec_nixl.exporter import ExporterConfig
 from ec_nixl.exporter_process import ExporterProcess, TensorSpec
-from ec_nixl.puller import Puller
+from ec_nixl.puller import Puller, pull
+from ec_nixl.resolver import Resolver
 
 KiB, MiB = 1 << 10, 1 << 20
 DEFAULT_SIZES = (64 * KiB, 1 * MiB, 9 * MiB, 64 * MiB)
@@ -84,7 +85,7 @@ def measure(sizes: tuple[int, ...], repeats: int, workdir: Path) -> list[Result]
     capacity = max(sizes) + 4 * MiB
     results = []
     with ExporterProcess(ExporterConfig(capacity_bytes=capacity)) as producer:
-        puller = Puller(Arena(capacity), consumer_id="bench")
+        resolver, puller = Resolver(consumer_id="bench"), Puller(Arena(capacity))
         try:
             for n, size in enumerate(sizes, 1):
                 spec = TensorSpec(torch.bfloat16, (size // 2,), seed=n)
@@ -94,7 +95,9 @@ def measure(sizes: tuple[int, ...], repeats: int, workdir: Path) -> list[Result]
                 def nixl(i: int, spec=spec) -> tuple[float, torch.Tensor]:
                     mm_hash = f"{spec.seed}-{i}"
                     producer.export(mm_hash, spec)  # the encoder's side, not timed
-                    elapsed, [item] = _timed(lambda: puller.pull(producer.address, [mm_hash]))
+                    elapsed, [item] = _timed(
+                        lambda: pull(resolver, puller, producer.address, [mm_hash])
+                    )
                     got = item.tensor.clone()  # for the check, outside the timer
                     puller.free(item)
                     return elapsed, got
@@ -123,7 +126,7 @@ def measure(sizes: tuple[int, ...], repeats: int, workdir: Path) -> list[Result]
                     flush=True,
                 )
         finally:
-            puller.close()
+            resolver.close()
     return results
 
 
