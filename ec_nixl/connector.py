@@ -1,0 +1,167 @@
+"""ECNixlConnector: the thin adapter between vLLM's EC connector API and ec_nixl.
+
+Load it with
+    --ec-transfer-config '{"ec_connector": "ECNixlConnector",
+                           "ec_connector_module_path": "ec_nixl.connector",
+                           "ec_role": "ec_producer" | "ec_consumer" | "ec_both",
+                           "ec_connector_extra_config": {...}}'
+The work happens in `scheduler` (decisions per request), `coordinator`
+(pulls in the background), `worker` (exporter and receiver next to the model).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from vllm.distributed.ec_transfer.ec_connector.base import (
+    ECConnectorBase,
+    ECConnectorMetadata,
+    ECConnectorRole,
+)
+
+from ec_nixl.connector_config import ConnectorConfig
+from ec_nixl.coordinator import PullCoordinator
+from ec_nixl.errors import ConfigError
+from ec_nixl.receiver import WorkerClient
+from ec_nixl.resolver import Resolver
+from ec_nixl.scheduler import ConsumerScheduler, producer_params
+from ec_nixl.worker import ConsumerWorker, ProducerWorker, worker_address
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.request import Request
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ECNixlConnectorMetadata(ECConnectorMetadata):
+    # consumer: pulled items to move from the receive arena into the encoder cache
+    loads: list[str] = field(default_factory=list)
+    # producer: items this step uses; export those served from the encoder cache
+    uses: list[str] = field(default_factory=list)
+
+
+def fingerprint(vllm_config: VllmConfig) -> str:
+    """What both sides must agree on: mm_hashes include the model string."""
+    model = vllm_config.model_config
+    return f"model={model.model} dtype={str(model.dtype).removeprefix('torch.')}"
+
+
+def _log_like_vllm() -> None:
+    """Our records go where vLLM's go, at its level, in its format."""
+    ours, vllms = logging.getLogger("ec_nixl"), logging.getLogger("vllm")
+    if not ours.handlers and vllms.handlers:
+        for handler in vllms.handlers:
+            ours.addHandler(handler)
+        ours.setLevel(vllms.level)
+        ours.propagate = False
+
+
+class ECNixlConnector(ECConnectorBase):
+    def __init__(self, vllm_config: VllmConfig, role: ECConnectorRole) -> None:
+        super().__init__(vllm_config, role)
+        _log_like_vllm()
+        transfer = vllm_config.ec_transfer_config
+        self.config = ConnectorConfig.parse(transfer.ec_role, transfer.ec_connector_extra_config)
+        self._vllm_config = vllm_config
+        self._engine_id = transfer.engine_id
+        self._fingerprint = fingerprint(vllm_config)
+        parallel = vllm_config.parallel_config
+        if parallel.pipeline_parallel_size > 1:
+            raise ConfigError("ECNixlConnector does not support pipeline parallelism yet")
+        self._consumer: ConsumerScheduler | None = None
+        self._producer_worker: ProducerWorker | None = None
+        self._consumer_worker: ConsumerWorker | None = None
+        if role == ECConnectorRole.SCHEDULER and self.config.is_consumer:
+            self._consumer = self._make_consumer(parallel.tensor_parallel_size)
+
+    def _make_consumer(self, world_size: int) -> ConsumerScheduler:
+        resolver = Resolver(
+            consumer_id=f"pd-{self._engine_id}",
+            compatibility_hash=self._fingerprint,
+            security=self.config.security,
+        )
+        workers = [WorkerClient(worker_address(self._engine_id, r)) for r in range(world_size)]
+        coordinator = PullCoordinator(
+            resolver, self.config.encoders, workers, self.config.pull_timeout_s
+        )
+        return ConsumerScheduler(coordinator, self.config.encoders)
+
+    # ---- worker side -------------------------------------------------------------
+
+    def start_worker_services(self) -> None:
+        from vllm.distributed import get_tensor_model_parallel_rank
+        from vllm.platforms import current_platform
+
+        rank = get_tensor_model_parallel_rank()
+        device = torch.device(current_platform.device_type)
+        if current_platform.is_cuda_alike():
+            device = torch.device(device.type, torch.cuda.current_device())
+        if self.config.is_producer and rank == 0:
+            self._producer_worker = ProducerWorker(self.config, self._fingerprint, device)
+        if self.config.is_consumer:
+            self._consumer_worker = ConsumerWorker(self.config, self._engine_id, rank, device)
+
+    def save_caches(self, encoder_cache: dict[str, torch.Tensor], mm_hash: str, **kwargs) -> None:
+        if self._producer_worker is not None:
+            self._producer_worker.save(encoder_cache, mm_hash)
+
+    def start_save_caches(self, **kwargs: Any) -> None:
+        if self._producer_worker is not None and (cache := kwargs.get("encoder_cache")):
+            self._producer_worker.republish(cache, self._metadata().uses)
+
+    def start_load_caches(self, encoder_cache: dict[str, torch.Tensor], **kwargs) -> None:
+        if self._consumer_worker is not None:
+            self._consumer_worker.load(encoder_cache, self._metadata().loads)
+
+    def _metadata(self) -> ECNixlConnectorMetadata:
+        metadata = self._get_connector_metadata()
+        assert isinstance(metadata, ECNixlConnectorMetadata)
+        return metadata
+
+    # ---- scheduler side ----------------------------------------------------------
+
+    def has_cache_item(self, identifier: str) -> bool:
+        return self._consumer is not None and self._consumer.has_item(identifier)
+
+    def ensure_cache_available(self, request: Request, num_computed_tokens: int) -> bool:
+        return self._consumer is None or self._consumer.ensure_available(request)
+
+    def update_state_after_alloc(self, request: Request, index: int) -> None:
+        if self._consumer is not None:
+            self._consumer.on_alloc(request.mm_features[index].identifier)
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> ECConnectorMetadata:
+        metadata = ECNixlConnectorMetadata()
+        if self._consumer is not None:
+            self._consumer.on_freed(scheduler_output.free_encoder_mm_hashes)
+            metadata.loads = self._consumer.take_loads()
+        if self.config.is_producer:
+            metadata.uses = [
+                feature.identifier
+                for request in scheduler_output.scheduled_new_reqs
+                for feature in request.mm_features
+            ]
+        return metadata
+
+    def take_unavailable_requests(self) -> set[str]:
+        return self._consumer.take_unavailable() if self._consumer is not None else set()
+
+    def request_finished(self, request: Request) -> tuple[bool, dict[str, Any] | None]:
+        if self._consumer is not None:
+            self._consumer.request_finished(request)
+        if self.config.is_producer:
+            return False, producer_params(self.config.encoder_id, request)
+        return False, None
+
+    def shutdown(self) -> None:
+        for part in (self._producer_worker, self._consumer_worker):
+            if part is not None:
+                part.close()
+        if self._consumer is not None:
+            self._consumer.close()

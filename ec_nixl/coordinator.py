@@ -1,0 +1,123 @@
+"""The PD scheduler's side of a pull: resolve at the encoder, order every worker to READ.
+
+vLLM's scheduler must never block, so each pull runs as a job on a small thread
+pool and the scheduler only looks at its state. Every worker (tensor-parallel
+rank) needs the whole embedding, so each gets a lease of its own and releases
+it with its READ. A job fails as a whole: workers that did read drop the item.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from enum import Enum
+
+from ec_nixl.errors import ECNixlError, HandshakeError
+from ec_nixl.receiver import WorkerClient
+from ec_nixl.resolver import Resolution, Resolver
+
+logger = logging.getLogger(__name__)
+
+MAX_CONCURRENT_PULLS = 4
+
+
+class PullState(Enum):
+    RUNNING = "running"
+    READY = "ready"  # held by every worker, waiting to be loaded
+    FAILED = "failed"
+
+
+@dataclass
+class PullJob:
+    mm_hash: str
+    encoder_id: str
+    started_at: float = field(default_factory=time.monotonic)
+    future: Future | None = None
+    error: ECNixlError | None = None
+
+    @property
+    def state(self) -> PullState:
+        if self.error is not None:
+            return PullState.FAILED
+        if self.future is None or not self.future.done():
+            return PullState.RUNNING
+        return PullState.READY
+
+
+class PullCoordinator:
+    def __init__(
+        self,
+        resolver: Resolver,
+        encoders: dict[str, str],
+        workers: list[WorkerClient],
+        timeout_s: float,
+    ) -> None:
+        self._resolver = resolver
+        self._encoders = encoders
+        self._workers = workers
+        self._timeout_s = timeout_s
+        self._jobs: dict[str, PullJob] = {}
+        self._pool = ThreadPoolExecutor(MAX_CONCURRENT_PULLS, thread_name_prefix="ec-nixl-pull")
+        self._incompatible: set[str] = set()
+
+    def start(self, mm_hash: str, encoder_id: str) -> PullJob:
+        """Start pulling `mm_hash` from `encoder_id` unless a job for it exists."""
+        job = self._jobs.get(mm_hash)
+        if job is None:
+            job = self._jobs[mm_hash] = PullJob(mm_hash, encoder_id)
+            job.future = self._pool.submit(self._run, job)
+        return job
+
+    def job(self, mm_hash: str) -> PullJob | None:
+        return self._jobs.get(mm_hash)
+
+    def forget(self, mm_hash: str, *, drop: bool) -> None:
+        """Stop tracking an item; with `drop`, workers free it if they hold it."""
+        job = self._jobs.pop(mm_hash, None)
+        if job is not None and drop and job.future is not None:
+            job.future.add_done_callback(lambda _: self._drop(mm_hash))
+
+    def _drop(self, mm_hash: str) -> None:
+        for worker in self._workers:
+            worker.drop([mm_hash])
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        for worker in self._workers:
+            worker.close()
+
+    def _run(self, job: PullJob) -> None:
+        address = self._encoders[job.encoder_id]
+        deadline = job.started_at + self._timeout_s
+        resolutions: list[Resolution] = []
+        try:
+            for _ in self._workers:
+                resolutions.append(self._resolver.resolve(address, [job.mm_hash], deadline))
+            for worker, resolution in zip(self._workers, resolutions, strict=True):
+                worker.pull(resolution, deadline)
+        except ECNixlError as exc:
+            self._fail(job, resolutions, exc)
+            return
+        logger.info(
+            "pulled %s from %s in %.1f ms",
+            job.mm_hash, job.encoder_id, (time.monotonic() - job.started_at) * 1000,
+        )  # fmt: skip
+
+    def _fail(self, job: PullJob, resolutions: list[Resolution], exc: ECNixlError) -> None:
+        for resolution in resolutions:
+            self._resolver.abandon(resolution, exc)
+        self._drop(job.mm_hash)
+        if isinstance(exc, HandshakeError):
+            if job.encoder_id not in self._incompatible:
+                self._incompatible.add(job.encoder_id)
+                logger.error(
+                    "encoder %s cannot serve this instance: %s. Start the encoder and this "
+                    "instance with the same --model string (it is part of every mm_hash): "
+                    "until then every item is encoded locally.",
+                    job.encoder_id, exc,
+                )  # fmt: skip
+        else:
+            logger.warning("pull of %s from %s failed: %s", job.mm_hash, job.encoder_id, exc)
+        job.error = exc

@@ -1,0 +1,99 @@
+"""Scheduler-side decisions of ECNixlConnector, per request and item.
+
+Works on vLLM's `Request` objects by their attributes (`request_id`,
+`mm_features[i].identifier` and `.data`, `ec_transfer_params`) without
+importing vLLM, so it is tested with real requests but runs anywhere.
+
+Consumer, per item a request names in its `ec_transfer_params`:
+- start a pull in the background and defer the request until it ends;
+- pulled: report the item as available; vLLM then schedules its load;
+- failed: encode locally if the request still carries the media, else fail
+  the request with the reason in the log.
+Params that are malformed or name an unconfigured encoder fail the request
+before anything is contacted.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from ec_nixl.coordinator import PullCoordinator, PullState
+from ec_nixl.errors import RefusedError
+from ec_nixl.transfer_params import make_params, parse_params
+
+logger = logging.getLogger(__name__)
+
+
+class ConsumerScheduler:
+    def __init__(self, coordinator: PullCoordinator, encoders: dict[str, str]) -> None:
+        self._coordinator = coordinator
+        self._encoders = encoders
+        self._to_load: list[str] = []
+        self._unavailable: set[str] = set()
+        # What vLLM's encoder cache holds (allocated and not yet freed): never pulled again.
+        self._resident: set[str] = set()
+
+    def ensure_available(self, request: Any) -> bool:
+        """False while any item of the request is still being pulled."""
+        try:
+            where = parse_params(request.ec_transfer_params, self._encoders)
+        except RefusedError as exc:
+            self._fail(request, str(exc))
+            return True  # let the scheduler reach the failure
+        pending = False
+        for feature in request.mm_features:
+            mm_hash = feature.identifier
+            encoder_id = where.get(mm_hash)
+            if encoder_id is None or mm_hash in self._resident:
+                continue
+            job = self._coordinator.start(mm_hash, encoder_id)
+            if job.state is PullState.RUNNING:
+                pending = True
+            elif job.state is PullState.FAILED and feature.data is None:
+                self._fail(request, f"{mm_hash}: {job.error}; no media to encode locally")
+        return not pending
+
+    def has_item(self, mm_hash: str) -> bool:
+        job = self._coordinator.job(mm_hash)
+        return job is not None and job.state is PullState.READY
+
+    def on_alloc(self, mm_hash: str) -> None:
+        """vLLM reserved encoder-cache room for an item; a pulled one is loaded this step."""
+        self._resident.add(mm_hash)
+        if self.has_item(mm_hash):
+            self._to_load.append(mm_hash)
+            self._coordinator.forget(mm_hash, drop=False)
+
+    def on_freed(self, mm_hashes: list[str]) -> None:
+        """vLLM evicted these from its encoder cache: pull them again if asked."""
+        self._resident.difference_update(mm_hashes)
+
+    def take_loads(self) -> list[str]:
+        loads, self._to_load = self._to_load, []
+        return loads
+
+    def take_unavailable(self) -> set[str]:
+        failed, self._unavailable = self._unavailable, set()
+        return failed
+
+    def request_finished(self, request: Any) -> None:
+        """Items pulled for a request that ended without loading them are dropped."""
+        for feature in request.mm_features:
+            self._coordinator.forget(feature.identifier, drop=True)
+
+    def close(self) -> None:
+        self._coordinator.close()
+
+    def _fail(self, request: Any, reason: str) -> None:
+        if request.request_id not in self._unavailable:
+            logger.error(
+                "request %s cannot get its encoder outputs: %s", request.request_id, reason
+            )
+            self._unavailable.add(request.request_id)
+
+
+def producer_params(encoder_id: str, request: Any) -> dict[str, dict[str, str]] | None:
+    """What the encoder's response tells the proxy: where each item of the request is."""
+    hashes = [feature.identifier for feature in request.mm_features]
+    return make_params(encoder_id, hashes) if hashes else None

@@ -1,0 +1,87 @@
+"""Worker-side parts of ECNixlConnector: what runs next to the model.
+
+Producer (encoder instance): owns the Exporter, whose arena lives on the
+worker's device; `save` copies each fresh encoder output into it, `republish`
+exports outputs that this step reuses from the encoder cache (vLLM does not
+re-encode those, so `save` never sees them). Only rank 0 exports: every
+tensor-parallel rank holds the same encoder output.
+
+Consumer (PD instance): owns a Receiver and serves the worker service on a
+local socket that its scheduler finds from the engine id and rank.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+import grpc
+import torch
+
+from ec_nixl.arena import Arena
+from ec_nixl.connector_config import ConnectorConfig
+from ec_nixl.control.messages import dtype_name
+from ec_nixl.errors import ECNixlError
+from ec_nixl.exporter import Exporter, ExporterConfig
+from ec_nixl.receiver import Receiver, serve_receiver
+
+logger = logging.getLogger(__name__)
+
+
+def worker_address(engine_id: str, rank: int) -> str:
+    """The local socket of a PD worker's service; both sides derive it the same way."""
+    return f"unix:{Path(tempfile.gettempdir()) / f'ec-nixl-{engine_id}-{rank}.sock'}"
+
+
+class ProducerWorker:
+    def __init__(self, config: ConnectorConfig, fingerprint: str, device: torch.device) -> None:
+        self.exporter = Exporter(
+            ExporterConfig(
+                address=config.control_address,
+                capacity_bytes=config.pool_bytes,
+                device=str(device),
+                lease_s=config.lease_s,
+                unclaimed_ttl_s=config.lease_s,
+                compatibility_hash=fingerprint,
+                security=config.security,
+            )
+        )
+        logger.info("encoder %s exports on %s", config.encoder_id, self.exporter.address)
+
+    def save(self, encoder_cache: dict[str, torch.Tensor], mm_hash: str) -> None:
+        try:
+            dtype_name(encoder_cache[mm_hash].dtype)
+            self.exporter.export(mm_hash, encoder_cache[mm_hash])
+        except ECNixlError as exc:
+            # The PD side gets NOT_FOUND and encodes locally.
+            logger.warning("not exporting %s: %s", mm_hash, exc)
+
+    def republish(self, encoder_cache: dict[str, torch.Tensor], mm_hashes: Iterable[str]) -> None:
+        for mm_hash in mm_hashes:
+            if mm_hash in encoder_cache and mm_hash not in self.exporter.pool:
+                self.save(encoder_cache, mm_hash)
+
+    def close(self) -> None:
+        self.exporter.close()
+
+
+class ConsumerWorker:
+    def __init__(self, config: ConnectorConfig, engine_id: str, rank: int, device: torch.device):
+        self.receiver = Receiver(Arena(config.receive_bytes, device), device)
+        self.address = worker_address(engine_id, rank)
+        self._server: grpc.Server = serve_receiver(self.receiver, self.address)
+        logger.info("PD worker %d receives pulls on %s", rank, self.address)
+
+    def load(self, encoder_cache: dict[str, torch.Tensor], mm_hashes: Iterable[str]) -> None:
+        for mm_hash in mm_hashes:
+            tensor = self.receiver.take(mm_hash)
+            if tensor is None:
+                logger.error("scheduler asked to load %s, which this worker does not hold", mm_hash)
+            else:
+                encoder_cache[mm_hash] = tensor
+
+    def close(self) -> None:
+        self._server.stop(grace=0)
+        Path(self.address.removeprefix("unix:")).unlink(missing_ok=True)

@@ -1,0 +1,1 @@
+"""End-to-end harness with real vLLM on the CPU: tiny model, launcher, EPD proxy."""

@@ -1,0 +1,75 @@
+"""OpenAI chat requests with images, as a user's client sends them (stdlib only)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import time
+import urllib.request
+from typing import Any
+
+from PIL import Image
+
+from integration.servers import MODEL_NAME
+
+
+def image(seed: int, size: int = 64) -> str:
+    """A distinct PNG for each seed, as a data: URL."""
+    picture = Image.new("RGB", (size, size))
+    picture.putdata(
+        [((seed * 37 + x * 5) % 256, (seed * 91 + y * 3) % 256, (seed * 13 + x * y) % 256)
+         for y in range(size) for x in range(size)]
+    )  # fmt: skip
+    buffer = io.BytesIO()
+    picture.save(buffer, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def chat_body(image_url: str, max_tokens: int = 8, **extra: Any) -> dict[str, Any]:
+    content = [
+        {"type": "image_url", "image_url": {"url": image_url}},
+        {"type": "text", "text": "Describe it."},
+    ]
+    return {
+        "model": MODEL_NAME,
+        "messages": [{"role": "user", "content": content}],
+        "temperature": 0,
+        "max_tokens": max_tokens,
+        **extra,
+    }
+
+
+def post(url: str, body: dict[str, Any], timeout_s: float = 120) -> dict[str, Any]:
+    request = urllib.request.Request(
+        url + "/v1/chat/completions",
+        json.dumps(body).encode(),
+        {"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=timeout_s) as reply:
+        return json.loads(reply.read())
+
+
+def answer(url: str, image_url: str, **extra: Any) -> str:
+    return post(url, chat_body(image_url, **extra))["choices"][0]["message"]["content"]
+
+
+def stream_ttft(url: str, body: dict[str, Any], timeout_s: float = 120) -> tuple[float, str]:
+    """(seconds to the first generated token, the whole answer) of a streamed request."""
+    body = {**body, "stream": True}
+    request = urllib.request.Request(
+        url + "/v1/chat/completions",
+        json.dumps(body).encode(),
+        {"Content-Type": "application/json"},
+    )
+    start, first, text = time.perf_counter(), None, []
+    with urllib.request.urlopen(request, timeout=timeout_s) as reply:
+        for line in reply:
+            line = line.strip()
+            if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                continue
+            delta = json.loads(line[6:])["choices"][0]["delta"].get("content")
+            if delta:
+                first = first or time.perf_counter()
+                text.append(delta)
+    return (first or time.perf_counter()) - start, "".join(text)

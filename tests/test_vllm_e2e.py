@@ -1,0 +1,183 @@
+"""ECNixlConnector in real vLLM on the CPU: encoder -> proxy -> PD, checked to the bit.
+
+E and PD run the tiny LLaVA model under the same --model string ("tiny-llava")
+from two directories: PD's copy has different vision-tower weights. So PD can
+only answer like the reference instance (E's weights) if it used E's
+embeddings, which proves the transfer; images sent straight to PD answer
+differently.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import threading
+import time
+import urllib.error
+
+import pytest
+
+from ec_nixl.control.client import ExportClient
+from ec_nixl.pool import EventKind
+from integration.client import answer, chat_body, image, post
+from integration.servers import free_port, start_proxy, start_vllm, wait_healthy
+from integration.tiny_vlm import build
+
+PROXIED = [image(seed) for seed in range(4)]
+DIRECT = [image(seed) for seed in (10, 11)]
+PULL_TIMEOUT_S = 5
+
+
+@pytest.fixture(scope="module")
+def workdirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    build(root / "encoder" / "tiny-llava")
+    build(root / "pd" / "tiny-llava", vision_seed=99)
+    return root / "encoder", root / "pd", root / "logs"
+
+
+@pytest.fixture(scope="module")
+def reference(workdirs):
+    """Greedy answers of one ordinary instance with the encoder's weights."""
+    encoder_dir, _, logs = workdirs
+    server = start_vllm("reference", workdir=encoder_dir, cpu=0, log_dir=logs)
+    try:
+        wait_healthy([server])
+        return {url: answer(server.url, url) for url in PROXIED + DIRECT}
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster(workdirs, reference):
+    encoder_dir, pd_dir, logs = workdirs
+    control = f"127.0.0.1:{free_port()}"
+    encoder = start_vllm(
+        "encoder", workdir=encoder_dir, cpu=0, log_dir=logs, encoder_only=True,
+        ec_transfer_config={
+            "ec_connector": "ECNixlConnector",
+            "ec_connector_module_path": "ec_nixl.connector",
+            "ec_role": "ec_producer",
+            "ec_connector_extra_config": {
+                "encoder_id": "enc0", "control_address": control, "pool_bytes": 64 << 20,
+            },
+        },
+    )  # fmt: skip
+    pd = start_vllm(
+        "pd", workdir=pd_dir, cpu=1, log_dir=logs,
+        ec_transfer_config={
+            "ec_connector": "ECNixlConnector",  # by its short name: the vLLM plugin registers it
+            "ec_role": "ec_consumer",
+            "ec_connector_extra_config": {
+                "encoders": {"enc0": control}, "receive_bytes": 64 << 20,
+                "pull_timeout_s": PULL_TIMEOUT_S,
+            },
+        },
+    )  # fmt: skip
+    servers = [encoder, pd]
+    try:
+        wait_healthy([encoder, pd])
+        proxy = start_proxy(encoders=[encoder.url], pd=pd.url, log_dir=logs)
+        servers.append(proxy)
+        wait_healthy([proxy])
+        yield {"encoder": encoder, "pd": pd, "proxy": proxy, "control": control}
+    finally:
+        for server in servers:
+            server.stop()
+
+
+def pulls_in_log(server) -> int:
+    return len(re.findall(r"pulled \w+ from enc0", server.log_path.read_text(errors="replace")))
+
+
+def test_a_lone_request_on_an_idle_pd_gets_its_pull(cluster, reference):
+    # The first request after start-up: nothing else steps the PD engine.
+    assert answer(cluster["proxy"].url, PROXIED[0]) == reference[PROXIED[0]]
+    assert pulls_in_log(cluster["pd"]) == 1
+
+
+def test_answers_through_encoder_and_pd_equal_the_single_instance(cluster, reference):
+    for url in PROXIED:
+        assert answer(cluster["proxy"].url, url) == reference[url]
+
+
+def test_pd_alone_encodes_differently_so_the_answers_above_came_from_the_encoder(
+    cluster, reference
+):
+    assert [answer(cluster["pd"].url, url) for url in DIRECT] != [reference[u] for u in DIRECT]
+
+
+def test_the_same_image_twice_is_pulled_once(cluster, reference):
+    url = image(20)
+    before = pulls_in_log(cluster["pd"])
+    first = answer(cluster["proxy"].url, url)
+    second = answer(cluster["proxy"].url, url)
+    assert first == second
+    assert pulls_in_log(cluster["pd"]) == before + 1
+
+
+def test_the_encoder_frees_an_item_as_soon_as_pd_has_pulled_it(cluster):
+    client = ExportClient(cluster["control"])
+    events = []
+    watching = threading.Event()
+
+    def watch():
+        for event in client.watch():
+            watching.set()
+            events.append(event)
+            if event.kind is EventKind.EVICTED:
+                return
+
+    # The stream opens with what is held; export something so it has a first event.
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    answer(cluster["proxy"].url, image(30))
+    watcher.join(10)
+    client.close()
+    kinds = [e.kind for e in events]
+    assert EventKind.EXPORTED in kinds and kinds[-1] is EventKind.EVICTED
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"anything": {"encoder_id": "not-configured"}},
+        {"anything": "127.0.0.1:PORT"},
+        {"anything": {"encoder_id": "127.0.0.1:PORT"}},
+        {"deeply": {"nested": [{"junk": 1}]}},
+    ],
+)
+def test_forged_transfer_params_fail_clearly_without_contacting_anyone(cluster, params):
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.5)
+    port = listener.getsockname()[1]
+    forged = eval(repr(params).replace("PORT", str(port)))  # noqa: S307 - our own literal
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        post(cluster["pd"].url, chat_body(image(40), ec_transfer_params=forged))
+    assert caught.value.code >= 400
+    with pytest.raises(TimeoutError):
+        listener.accept()
+    listener.close()
+    # PD keeps serving.
+    assert answer(cluster["proxy"].url, PROXIED[1])
+
+
+def test_the_proxy_drops_transfer_params_a_client_made_up(cluster, reference):
+    forged = {"anything": {"encoder_id": "not-configured"}}
+    body = chat_body(PROXIED[2], ec_transfer_params=forged)
+    assert (
+        post(cluster["proxy"].url, body)["choices"][0]["message"]["content"]
+        == reference[PROXIED[2]]
+    )
+
+
+def test_with_the_encoder_gone_pd_encodes_locally_within_the_deadline(cluster, reference):
+    url = image(50)
+    params = post(cluster["encoder"].url, chat_body(url, max_tokens=1))["ec_transfer_params"]
+    cluster["encoder"].kill()
+    start = time.monotonic()
+    local = post(cluster["pd"].url, chat_body(url, ec_transfer_params=params))
+    assert time.monotonic() - start < PULL_TIMEOUT_S + 5
+    assert local["choices"][0]["message"]["content"]
+    # PD keeps serving.
+    assert answer(cluster["pd"].url, DIRECT[0])
