@@ -4,13 +4,16 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint proto clean
+.PHONY: demo test bench lint proto clean
 
-demo: $(STAMP)  ## the main job: NIXL vs shared storage vs memcpy between two processes
-	$(BIN)/ec-nixl bench transfer
+demo: $(STAMP)  ## the main job: E + PD + proxy on this machine, ECNixlConnector vs ECExampleConnector TTFT
+	$(BIN)/python -m integration.demo
 
 test: $(STAMP)  ## the whole test suite
 	$(BIN)/python -m pytest
+
+bench: $(STAMP)  ## transfer benchmark: NIXL vs shared storage vs memcpy between two processes
+	$(BIN)/ec-nixl bench transfer
 
 lint: $(STAMP)
 	$(BIN)/ruff check ec_nixl tests proto

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ec_nixl.arena import Arena
+from ec_nixl.control.messages import dtype_name
 from ec_nixl.control.security import Security
 from ec_nixl.control.server import EventHub, ExportServicer, start_server
 from ec_nixl.pool import DEFAULT_LEASE_S, ExportedItem, ExportPool
@@ -93,6 +94,8 @@ class Exporter:
         )
 
     def export(self, mm_hash: str, tensor: torch.Tensor) -> ExportedItem:
+        """Copy `tensor` into the arena under `mm_hash`; RefusedError for a non-float dtype."""
+        dtype_name(tensor.dtype)
         return self.pool.export(mm_hash, tensor)
 
     def close(self) -> None:

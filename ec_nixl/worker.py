@@ -22,7 +22,6 @@ import torch
 
 from ec_nixl.arena import Arena
 from ec_nixl.connector_config import ConnectorConfig
-from ec_nixl.control.messages import dtype_name
 from ec_nixl.errors import ECNixlError
 from ec_nixl.exporter import Exporter, ExporterConfig
 from ec_nixl.receiver import Receiver, serve_receiver
@@ -52,7 +51,6 @@ class ProducerWorker:
 
     def save(self, encoder_cache: dict[str, torch.Tensor], mm_hash: str) -> None:
         try:
-            dtype_name(encoder_cache[mm_hash].dtype)
             self.exporter.export(mm_hash, encoder_cache[mm_hash])
         except ECNixlError as exc:
             # The PD side gets NOT_FOUND and encodes locally.

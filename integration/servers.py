@@ -46,6 +46,18 @@ class Server:
         text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
         return "\n".join(text.splitlines()[-lines:])
 
+    def rss_bytes(self) -> int:
+        """Resident memory of the server and every process it started (its process group)."""
+        total = 0
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == self.process.pid:  # the process group
+                total += int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
+        return total
+
     def stop(self, timeout_s: float = 20.0) -> None:
         if self.process.poll() is not None:
             return

@@ -68,6 +68,12 @@ def test_compatibility_mismatch_fails_the_handshake_and_names_both_sides(client)
         client.handshake("model-b", "pd-0")
 
 
+def test_only_floating_point_embeddings_can_be_exported(exporter):
+    with pytest.raises(RefusedError, match="int64"):
+        exporter.export("integers", torch.arange(16))
+    assert "integers" not in exporter.pool
+
+
 def test_unknown_mm_hash_is_not_found_and_leases_nothing(exporter, client):
     exporter.export("known", embedding())
     with pytest.raises(NotFoundError, match="unknown-hash"):

@@ -1,0 +1,144 @@
+"""The main job: an encoder and a PD instance on this machine, ECNixlConnector vs shared storage.
+
+For each connector, in one run: build the tiny model, start E (encoder only),
+PD and the EPD proxy, send the same image requests one at a time (streamed, so
+TTFT is the time to the first generated token), print each answer and TTFT,
+then shut everything down. The table compares the two connectors; the answers
+must be the same.
+
+    python -m integration.demo [--requests N] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from integration.client import chat_body, image, stream_ttft
+from integration.servers import Server, free_port, start_proxy, start_vllm, wait_healthy
+from integration.tiny_vlm import build, embedding_bytes
+
+
+@dataclass
+class Run:
+    connector: str
+    startup_s: float = 0.0
+    ttft_ms: list[float] = field(default_factory=list)
+    answers: list[str] = field(default_factory=list)
+    peak_rss_mib: dict[str, float] = field(default_factory=dict)
+
+
+def connector_configs(name: str, workdir: Path) -> tuple[dict, dict]:
+    """(encoder's, PD's) --ec-transfer-config for a connector."""
+    if name == "ECNixlConnector":
+        control = f"127.0.0.1:{free_port()}"
+        base = {"ec_connector": name, "ec_connector_module_path": "ec_nixl.connector"}
+        return (
+            {**base, "ec_role": "ec_producer",
+             "ec_connector_extra_config": {"encoder_id": "enc0", "control_address": control,
+                                           "pool_bytes": 256 << 20}},
+            {**base, "ec_role": "ec_consumer",
+             "ec_connector_extra_config": {"encoders": {"enc0": control},
+                                           "receive_bytes": 256 << 20}},
+        )  # fmt: skip
+    extra = {"shared_storage_path": str(workdir / "shared-storage")}
+    return (
+        {"ec_connector": name, "ec_role": "ec_producer", "ec_connector_extra_config": extra},
+        {"ec_connector": name, "ec_role": "ec_consumer", "ec_connector_extra_config": extra},
+    )
+
+
+def watch_peak_rss(servers: list[Server], run: Run, stop: threading.Event) -> None:
+    while not stop.wait(0.2):
+        for server in servers:
+            mib = server.rss_bytes() / (1 << 20)
+            run.peak_rss_mib[server.name] = max(run.peak_rss_mib.get(server.name, 0.0), mib)
+
+
+def run_connector(name: str, workdir: Path, requests: int) -> Run:
+    run = Run(name)
+    encoder_config, pd_config = connector_configs(name, workdir)
+    logs = workdir / "logs" / name
+    print(f"[{name}] starting encoder and PD ...", file=sys.stderr, flush=True)
+    encoder = start_vllm("encoder", workdir=workdir, cpu=0, log_dir=logs, encoder_only=True,
+                         ec_transfer_config=encoder_config)  # fmt: skip
+    pd = start_vllm("pd", workdir=workdir, cpu=1, log_dir=logs, ec_transfer_config=pd_config)
+    servers = [encoder, pd]
+    stop = threading.Event()
+    try:
+        run.startup_s = wait_healthy(servers)
+        proxy = start_proxy(encoders=[encoder.url], pd=pd.url, log_dir=logs)
+        servers.append(proxy)
+        wait_healthy([proxy])
+        print(f"[{name}] healthy in {run.startup_s:.1f} s; logs in {logs}", file=sys.stderr)
+        threading.Thread(target=watch_peak_rss, args=(servers[:2], run, stop), daemon=True).start()
+        for i in range(requests):
+            ttft, text = stream_ttft(proxy.url, chat_body(image(100 + i)))
+            run.ttft_ms.append(ttft * 1000)
+            run.answers.append(text)
+            print(f"[{name}] request {i + 1}/{requests}: TTFT {ttft * 1000:.1f} ms, "
+                  f"answer {text!r}", file=sys.stderr, flush=True)  # fmt: skip
+    finally:
+        stop.set()
+        for server in servers:
+            server.stop()
+    return run
+
+
+def report(runs: list[Run]) -> str:
+    nixl, storage = runs
+    lines = [
+        f"One image = {embedding_bytes()} bytes of embedding (576 tokens x 1024, bf16).",
+        "",
+        "| request | answer | TTFT ECNixlConnector ms | TTFT ECExampleConnector ms |",
+        "|---|---|---|---|",
+    ]
+    for i, (a, b) in enumerate(zip(nixl.ttft_ms, storage.ttft_ms, strict=True)):
+        same = "" if nixl.answers[i] == storage.answers[i] else " (answers differ!)"
+        lines.append(f"| {i + 1} | `{nixl.answers[i]!r}`{same} | {a:.1f} | {b:.1f} |")
+    lines += [
+        "",
+        "| connector | median TTFT ms | start-up s | peak RSS MiB (E / PD) |",
+        "|---|---|---|---|",
+    ]
+    for run in runs:
+        rss = " / ".join(f"{run.peak_rss_mib.get(n, 0):.0f}" for n in ("encoder", "pd"))
+        median = statistics.median(run.ttft_ms)
+        lines.append(f"| {run.connector} | {median:.1f} | {run.startup_s:.1f} | {rss} |")
+    ratio = statistics.median(storage.ttft_ms) / statistics.median(nixl.ttft_ms)
+    lines += ["", f"Median TTFT, ECExampleConnector / ECNixlConnector: {ratio:.2f}x"]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--requests", type=int, default=8, help="image requests per connector")
+    parser.add_argument("--json", type=Path, metavar="FILE", help="also write the raw figures here")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="ec-nixl-demo-") as tmp:
+        workdir = Path(tmp)
+        print("building the tiny model ...", file=sys.stderr, flush=True)
+        build(workdir / "tiny-llava")
+        started = time.monotonic()
+        runs = [
+            run_connector(name, workdir, args.requests)
+            for name in ("ECNixlConnector", "ECExampleConnector")
+        ]
+    print(report(runs))
+    print(f"\n(total {time.monotonic() - started:.0f} s)", file=sys.stderr)
+    if args.json:
+        args.json.write_text(json.dumps({"runs": [asdict(r) for r in runs]}, indent=2))
+    return 0 if runs[0].answers == runs[1].answers else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""The PD scheduler's decisions, with real vLLM Requests, a real exporter process,
+a real worker service on a local socket and real NIXL pulls behind it."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from conftest import MiB, spec
+from vllm.multimodal.inputs import MultiModalFeatureSpec, MultiModalKwargsItem, PlaceholderRange
+from vllm.sampling_params import SamplingParams
+from vllm.v1.request import Request
+
+from ec_nixl.arena import Arena
+from ec_nixl.coordinator import PullCoordinator
+from ec_nixl.receiver import Receiver, WorkerClient, serve_receiver
+from ec_nixl.resolver import Resolver
+from ec_nixl.scheduler import ConsumerScheduler, producer_params
+from ec_nixl.transfer_params import make_params
+
+
+@pytest.fixture(scope="module")
+def receiver(tmp_path_factory):
+    receiver = Receiver(Arena(32 * MiB))
+    address = f"unix:{tmp_path_factory.mktemp('sock') / 'worker.sock'}"
+    server = serve_receiver(receiver, address)
+    yield receiver, address
+    server.stop(grace=0)
+
+
+@pytest.fixture
+def scheduler(producer, receiver):
+    _, address = receiver
+    encoders = {"enc0": producer.address}
+    coordinator = PullCoordinator(
+        Resolver(consumer_id="test-scheduler"), encoders, [WorkerClient(address)], timeout_s=5
+    )
+    scheduler = ConsumerScheduler(coordinator, encoders)
+    yield scheduler
+    scheduler.close()
+
+
+def request(request_id: str, hashes: list[str], params=None, media: bool = True) -> Request:
+    features = [
+        MultiModalFeatureSpec(
+            data=MultiModalKwargsItem.dummy() if media else None,
+            modality="image",
+            identifier=mm_hash,
+            mm_position=PlaceholderRange(offset=1 + 10 * i, length=4),
+        )
+        for i, mm_hash in enumerate(hashes)
+    ]
+    extra = {"ec_transfer_params": params} if params is not None else None
+    return Request(
+        request_id=request_id,
+        prompt_token_ids=list(range(50)),
+        sampling_params=SamplingParams(max_tokens=4, extra_args=extra),
+        pooling_params=None,
+        mm_features=features,
+    )
+
+
+def settle(scheduler: ConsumerScheduler, req: Request, timeout_s: float = 10) -> None:
+    end = time.monotonic() + timeout_s
+    while not scheduler.ensure_available(req):
+        assert time.monotonic() < end, "pull never finished"
+        time.sleep(0.01)
+
+
+def test_a_request_without_params_needs_no_pull(scheduler):
+    req = request("plain", ["h-plain"])
+    assert scheduler.ensure_available(req)
+    assert not scheduler.has_item("h-plain")
+
+
+def test_a_named_item_defers_the_request_until_every_worker_holds_it(scheduler, producer, receiver):
+    producer.export("h-pulled", spec(seed=1))
+    req = request("pulled", ["h-pulled"], make_params("enc0", ["h-pulled"]))
+    assert not scheduler.ensure_available(req)  # deferred while the pull runs
+    settle(scheduler, req)
+    assert scheduler.has_item("h-pulled")
+    scheduler.on_alloc("h-pulled")
+    assert scheduler.take_loads() == ["h-pulled"]
+    assert torch.equal(receiver[0].take("h-pulled"), spec(seed=1).make())
+
+
+def test_an_item_in_the_local_encoder_cache_is_not_pulled_again_until_evicted(scheduler, producer):
+    scheduler.on_alloc("h-resident")  # vLLM encoded or loaded it earlier
+    req = request("resident", ["h-resident"], make_params("enc0", ["h-resident"]))
+    assert scheduler.ensure_available(req)
+    assert not scheduler.has_item("h-resident")
+    scheduler.on_freed(["h-resident"])
+    producer.export("h-resident", spec(seed=2))
+    settle(scheduler, req)
+    assert scheduler.has_item("h-resident")
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"h-x": {"encoder_id": "elsewhere"}},
+        {"h-x": "10.0.0.1:7100"},
+        {"h-x": {"encoder_id": ["enc0"]}},
+        ["h-x"],
+    ],
+)
+def test_forged_params_fail_the_request_without_any_pull(scheduler, params):
+    req = request("forged", ["h-x"], params)
+    assert scheduler.ensure_available(req)  # let vLLM reach the failure
+    assert scheduler.take_unavailable() == {"forged"}
+    assert scheduler.take_unavailable() == set()
+    assert not scheduler.has_item("h-x")
+
+
+def test_a_failed_pull_falls_back_to_local_encoding_when_the_media_is_there(scheduler):
+    req = request("fallback", ["h-never-exported"], make_params("enc0", ["h-never-exported"]))
+    settle(scheduler, req)
+    assert not scheduler.has_item("h-never-exported")
+    assert scheduler.take_unavailable() == set()
+
+
+def test_a_failed_pull_fails_the_request_when_the_media_is_gone(scheduler):
+    params = make_params("enc0", ["h-no-media"])
+    req = request("no-media", ["h-no-media"], params, media=False)
+    settle(scheduler, req)
+    assert scheduler.take_unavailable() == {"no-media"}
+
+
+def test_a_request_that_ends_before_its_load_frees_the_pulled_item(scheduler, producer, receiver):
+    producer.export("h-abandoned", spec(seed=3))
+    req = request("abandoned", ["h-abandoned"], make_params("enc0", ["h-abandoned"]))
+    settle(scheduler, req)
+    assert "h-abandoned" in receiver[0].held
+    scheduler.request_finished(req)
+    end = time.monotonic() + 5
+    while "h-abandoned" in receiver[0].held and time.monotonic() < end:
+        time.sleep(0.01)
+    assert "h-abandoned" not in receiver[0].held
+
+
+def test_the_encoder_names_itself_for_every_item_of_a_request():
+    req = request("on-encoder", ["h1", "h2"])
+    assert producer_params("enc0", req) == {
+        "h1": {"encoder_id": "enc0"},
+        "h2": {"encoder_id": "enc0"},
+    }
+    assert producer_params("enc0", request("text-only", [])) is None
