@@ -130,7 +130,9 @@ class ECNixlConnector(ECConnectorBase):
         return self._consumer is not None and self._consumer.has_item(identifier)
 
     def ensure_cache_available(self, request: Request, num_computed_tokens: int) -> bool:
-        return self._consumer is None or self._consumer.ensure_available(request)
+        return self._consumer is None or self._consumer.ensure_available(
+            request, num_computed_tokens
+        )
 
     def update_state_after_alloc(self, request: Request, index: int) -> None:
         if self._consumer is not None:

@@ -16,8 +16,8 @@ from ec_nixl.pool import DEFAULT_LEASE_S
 from ec_nixl.puller import DEFAULT_PULL_TIMEOUT_S
 
 ROLES = ("ec_producer", "ec_consumer", "ec_both")
-DEFAULT_POOL_BYTES = 1 << 30
-DEFAULT_RECEIVE_BYTES = 1 << 30
+DEFAULT_POOL_BYTES = 256 << 20
+DEFAULT_RECEIVE_BYTES = 256 << 20
 
 
 @dataclass(frozen=True)

@@ -60,6 +60,7 @@ class PullCoordinator:
         self._timeout_s = timeout_s
         self._jobs: dict[str, PullJob] = {}
         self._pool = ThreadPoolExecutor(MAX_CONCURRENT_PULLS, thread_name_prefix="ec-nixl-pull")
+        self._met: set[str] = set()
         self._incompatible: set[str] = set()
 
     def start(self, mm_hash: str, encoder_id: str) -> PullJob:
@@ -69,6 +70,23 @@ class PullCoordinator:
             job = self._jobs[mm_hash] = PullJob(mm_hash, encoder_id)
             job.future = self._pool.submit(self._run, job)
         return job
+
+    def meet(self, encoder_id: str) -> None:
+        """Handshake with an encoder once, in the background, to catch a mismatch early:
+        an encoder serving another model string shares no mm_hash with us, so no
+        pull would ever reach it and tell."""
+        if encoder_id not in self._met:
+            self._met.add(encoder_id)
+            self._pool.submit(self._meet, encoder_id)
+
+    def _meet(self, encoder_id: str) -> None:
+        try:
+            self._resolver.peer(self._encoders[encoder_id])
+        except HandshakeError as exc:
+            self._report_incompatible(encoder_id, exc)
+        except ECNixlError as exc:
+            self._met.discard(encoder_id)  # unreachable for now: try again later
+            logger.warning("cannot reach encoder %s: %s", encoder_id, exc)
 
     def job(self, mm_hash: str) -> PullJob | None:
         return self._jobs.get(mm_hash)
@@ -105,19 +123,22 @@ class PullCoordinator:
             job.mm_hash, job.encoder_id, (time.monotonic() - job.started_at) * 1000,
         )  # fmt: skip
 
+    def _report_incompatible(self, encoder_id: str, exc: HandshakeError) -> None:
+        if encoder_id not in self._incompatible:
+            self._incompatible.add(encoder_id)
+            logger.error(
+                "encoder %s cannot serve this instance: %s. Start the encoder and this "
+                "instance with the same --model string (it is part of every mm_hash): "
+                "until then every item is encoded locally.",
+                encoder_id, exc,
+            )  # fmt: skip
+
     def _fail(self, job: PullJob, resolutions: list[Resolution], exc: ECNixlError) -> None:
         for resolution in resolutions:
             self._resolver.abandon(resolution, exc)
         self._drop(job.mm_hash)
         if isinstance(exc, HandshakeError):
-            if job.encoder_id not in self._incompatible:
-                self._incompatible.add(job.encoder_id)
-                logger.error(
-                    "encoder %s cannot serve this instance: %s. Start the encoder and this "
-                    "instance with the same --model string (it is part of every mm_hash): "
-                    "until then every item is encoded locally.",
-                    job.encoder_id, exc,
-                )  # fmt: skip
+            self._report_incompatible(job.encoder_id, exc)
         else:
             logger.warning("pull of %s from %s failed: %s", job.mm_hash, job.encoder_id, exc)
         job.error = exc

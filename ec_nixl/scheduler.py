@@ -33,19 +33,28 @@ class ConsumerScheduler:
         self._unavailable: set[str] = set()
         # What vLLM's encoder cache holds (allocated and not yet freed): never pulled again.
         self._resident: set[str] = set()
+        self._warned_unmatched = False
 
-    def ensure_available(self, request: Any) -> bool:
-        """False while any item of the request is still being pulled."""
+    def ensure_available(self, request: Any, num_computed_tokens: int) -> bool:
+        """False while any item the request still needs is being pulled."""
         try:
             where = parse_params(request.ec_transfer_params, self._encoders)
         except RefusedError as exc:
             self._fail(request, str(exc))
             return True  # let the scheduler reach the failure
+        for encoder_id in set(where.values()):
+            self._coordinator.meet(encoder_id)
+        self._warn_if_unmatched(request, where)
         pending = False
         for feature in request.mm_features:
             mm_hash = feature.identifier
             encoder_id = where.get(mm_hash)
-            if encoder_id is None or mm_hash in self._resident:
+            position = feature.mm_position
+            if (
+                encoder_id is None
+                or mm_hash in self._resident
+                or position.offset + position.length <= num_computed_tokens  # already used
+            ):
                 continue
             job = self._coordinator.start(mm_hash, encoder_id)
             if job.state is PullState.RUNNING:
@@ -81,6 +90,18 @@ class ConsumerScheduler:
         """Items pulled for a request that ended without loading them are dropped."""
         for feature in request.mm_features:
             self._coordinator.forget(feature.identifier, drop=True)
+
+    def _warn_if_unmatched(self, request: Any, where: dict[str, str]) -> None:
+        if not where or self._warned_unmatched:
+            return
+        if not any(feature.identifier in where for feature in request.mm_features):
+            self._warned_unmatched = True
+            logger.warning(
+                "request %s: its ec_transfer_params name none of its items. Were the encoder "
+                "and this instance started with the same --model string? It is part of every "
+                "mm_hash. (Said once.)",
+                request.request_id,
+            )
 
     def close(self) -> None:
         self._coordinator.close()

@@ -42,11 +42,9 @@ def connector_configs(name: str, workdir: Path) -> tuple[dict, dict]:
         base = {"ec_connector": name, "ec_connector_module_path": "ec_nixl.connector"}
         return (
             {**base, "ec_role": "ec_producer",
-             "ec_connector_extra_config": {"encoder_id": "enc0", "control_address": control,
-                                           "pool_bytes": 256 << 20}},
+             "ec_connector_extra_config": {"encoder_id": "enc0", "control_address": control}},
             {**base, "ec_role": "ec_consumer",
-             "ec_connector_extra_config": {"encoders": {"enc0": control},
-                                           "receive_bytes": 256 << 20}},
+             "ec_connector_extra_config": {"encoders": {"enc0": control}}},
         )  # fmt: skip
     extra = {"shared_storage_path": str(workdir / "shared-storage")}
     return (

@@ -63,21 +63,21 @@ def request(request_id: str, hashes: list[str], params=None, media: bool = True)
 
 def settle(scheduler: ConsumerScheduler, req: Request, timeout_s: float = 10) -> None:
     end = time.monotonic() + timeout_s
-    while not scheduler.ensure_available(req):
+    while not scheduler.ensure_available(req, 0):
         assert time.monotonic() < end, "pull never finished"
         time.sleep(0.01)
 
 
 def test_a_request_without_params_needs_no_pull(scheduler):
     req = request("plain", ["h-plain"])
-    assert scheduler.ensure_available(req)
+    assert scheduler.ensure_available(req, 0)
     assert not scheduler.has_item("h-plain")
 
 
 def test_a_named_item_defers_the_request_until_every_worker_holds_it(scheduler, producer, receiver):
     producer.export("h-pulled", spec(seed=1))
     req = request("pulled", ["h-pulled"], make_params("enc0", ["h-pulled"]))
-    assert not scheduler.ensure_available(req)  # deferred while the pull runs
+    assert not scheduler.ensure_available(req, 0)  # deferred while the pull runs
     settle(scheduler, req)
     assert scheduler.has_item("h-pulled")
     scheduler.on_alloc("h-pulled")
@@ -88,7 +88,7 @@ def test_a_named_item_defers_the_request_until_every_worker_holds_it(scheduler, 
 def test_an_item_in_the_local_encoder_cache_is_not_pulled_again_until_evicted(scheduler, producer):
     scheduler.on_alloc("h-resident")  # vLLM encoded or loaded it earlier
     req = request("resident", ["h-resident"], make_params("enc0", ["h-resident"]))
-    assert scheduler.ensure_available(req)
+    assert scheduler.ensure_available(req, 0)
     assert not scheduler.has_item("h-resident")
     scheduler.on_freed(["h-resident"])
     producer.export("h-resident", spec(seed=2))
@@ -107,7 +107,7 @@ def test_an_item_in_the_local_encoder_cache_is_not_pulled_again_until_evicted(sc
 )
 def test_forged_params_fail_the_request_without_any_pull(scheduler, params):
     req = request("forged", ["h-x"], params)
-    assert scheduler.ensure_available(req)  # let vLLM reach the failure
+    assert scheduler.ensure_available(req, 0)  # let vLLM reach the failure
     assert scheduler.take_unavailable() == {"forged"}
     assert scheduler.take_unavailable() == set()
     assert not scheduler.has_item("h-x")
@@ -137,6 +137,33 @@ def test_a_request_that_ends_before_its_load_frees_the_pulled_item(scheduler, pr
     while "h-abandoned" in receiver[0].held and time.monotonic() < end:
         time.sleep(0.01)
     assert "h-abandoned" not in receiver[0].held
+
+
+def test_an_item_the_request_has_already_consumed_is_not_pulled(scheduler, producer):
+    producer.export("h-consumed", spec(seed=4))
+    req = request("consumed", ["h-consumed"], make_params("enc0", ["h-consumed"]))
+    assert scheduler.ensure_available(req, num_computed_tokens=20)  # past its placeholder
+    assert scheduler._coordinator.job("h-consumed") is None
+
+
+def test_an_encoder_serving_another_model_is_reported_once(producer, receiver, caplog):
+    encoders = {"enc0": producer.address}
+    resolver = Resolver(consumer_id="other-model", compatibility_hash="model=another")
+    coordinator = PullCoordinator(resolver, encoders, [WorkerClient(receiver[1])], timeout_s=5)
+    scheduler = ConsumerScheduler(coordinator, encoders)
+    try:
+        for i in range(3):
+            # E hashed with its own model string: none of its hashes match ours.
+            req = request(f"mismatch-{i}", [f"ours-{i}"], make_params("enc0", [f"theirs-{i}"]))
+            assert scheduler.ensure_available(req, 0)
+        end = time.monotonic() + 5
+        while "cannot serve this instance" not in caplog.text and time.monotonic() < end:
+            time.sleep(0.02)
+    finally:
+        scheduler.close()
+    assert caplog.text.count("cannot serve this instance") == 1
+    assert "same --model string" in caplog.text
+    assert caplog.text.count("name none of its items") == 1
 
 
 def test_the_encoder_names_itself_for_every_item_of_a_request():
