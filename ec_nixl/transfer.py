@@ -145,12 +145,15 @@ class TransferAgent:
         except nixlRemoteDisconnectError as exc:
             raise PeerDeadError(f"peer {peer} disconnected: {exc}") from exc
         try:
+            # Over UCX's cma transport the copy mostly happens inside transfer(): look
+            # once before sleeping.
             state = self._agent.transfer(handle)
             while state == "PROC":
                 if time.monotonic() > deadline:
                     raise DeadlineExceededError(f"READ from {peer} still in flight at its deadline")
-                time.sleep(POLL_INTERVAL_S)
                 state = self._agent.check_xfer_state(handle)
+                if state == "PROC":
+                    time.sleep(POLL_INTERVAL_S)
             if state != "DONE":
                 raise PeerDeadError(f"READ from {peer} failed (state {state})")
         except nixlRemoteDisconnectError as exc:

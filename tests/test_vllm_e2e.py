@@ -19,7 +19,7 @@ import pytest
 
 from ec_nixl.control.client import ExportClient
 from ec_nixl.pool import EventKind
-from integration.client import answer, chat_body, image, post
+from integration.client import answer, chat_body, image, post, stream_ttft
 from integration.servers import free_port, start_proxy, start_vllm, wait_healthy
 from integration.tiny_vlm import build
 
@@ -99,6 +99,11 @@ def test_a_lone_request_on_an_idle_pd_gets_its_pull(cluster, reference):
 def test_answers_through_encoder_and_pd_equal_the_single_instance(cluster, reference):
     for url in PROXIED:
         assert answer(cluster["proxy"].url, url) == reference[url]
+
+
+def test_a_streamed_answer_passes_through_the_proxy_unchanged(cluster, reference):
+    ttft, text = stream_ttft(cluster["proxy"].url, chat_body(PROXIED[3]))
+    assert text == reference[PROXIED[3]]
 
 
 def test_pd_alone_encodes_differently_so_the_answers_above_came_from_the_encoder(
