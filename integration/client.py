@@ -26,11 +26,11 @@ def image(seed: int, size: int = 64) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def chat_body(image_url: str, max_tokens: int = 8, **extra: Any) -> dict[str, Any]:
-    content = [
-        {"type": "image_url", "image_url": {"url": image_url}},
-        {"type": "text", "text": "Describe it."},
-    ]
+def chat_body(images: str | list[str], max_tokens: int = 8, **extra: Any) -> dict[str, Any]:
+    """A greedy chat request about one image or several (data: URLs)."""
+    urls = [images] if isinstance(images, str) else images
+    content = [{"type": "image_url", "image_url": {"url": url}} for url in urls]
+    content.append({"type": "text", "text": "Describe it."})
     return {
         "model": MODEL_NAME,
         "messages": [{"role": "user", "content": content}],
@@ -50,8 +50,8 @@ def post(url: str, body: dict[str, Any], timeout_s: float = 120) -> dict[str, An
         return json.loads(reply.read())
 
 
-def answer(url: str, image_url: str, **extra: Any) -> str:
-    return post(url, chat_body(image_url, **extra))["choices"][0]["message"]["content"]
+def answer(url: str, images: str | list[str], **extra: Any) -> str:
+    return post(url, chat_body(images, **extra))["choices"][0]["message"]["content"]
 
 
 def stream_ttft(url: str, body: dict[str, Any], timeout_s: float = 120) -> tuple[float, str]:

@@ -7,8 +7,10 @@ For each chat or completion request:
 2. forward the original request to the PD instance with those
    `ec_transfer_params` at the top level of the body; a streamed answer
    passes through chunk by chunk.
-If the encoder fails, PD gets the request without params and encodes locally.
-Several encoders are used in turn.
+With several encoders, a request's images are spread over them (one
+encoder request per image) and their answers merged; encoders are used
+round-robin, and one that fails is skipped for a few seconds. If no encoder
+answers, PD gets the request without params and encodes locally.
 
     python -m integration.proxy --encoder URL [--encoder URL ...] --pd URL --port N
 """
@@ -16,8 +18,10 @@ Several encoders are used in turn.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import itertools
 import logging
+import time
 from typing import Any
 
 import aiohttp
@@ -30,11 +34,51 @@ ENCODER_TIMEOUT = aiohttp.ClientTimeout(total=60)
 PD_TIMEOUT = aiohttp.ClientTimeout(total=600)
 
 
+MEDIA_PARTS = ("image_url", "image")
+DOWN_FOR_S = 5.0
+
+
+def split_by_image(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """One chat request per image (the others removed), or [body] for one image or none.
+
+    An item's mm_hash depends on the item alone, so each encoder can encode its
+    share and PD finds every item by the hash it computes itself.
+    """
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        return [body]
+    images = [
+        (m, p)
+        for m, message in enumerate(messages)
+        if isinstance(message, dict) and isinstance(message.get("content"), list)
+        for p, part in enumerate(message["content"])
+        if isinstance(part, dict) and part.get("type") in MEDIA_PARTS
+    ]
+    if len(images) <= 1:
+        return [body]
+    return [
+        {**body, "messages": [_keep_only(message, m, keep) for m, message in enumerate(messages)]}
+        for keep in images
+    ]
+
+
+def _keep_only(message: Any, index: int, keep: tuple[int, int]) -> Any:
+    if not isinstance(message, dict) or not isinstance(message.get("content"), list):
+        return message
+    content = [
+        part
+        for p, part in enumerate(message["content"])
+        if (index, p) == keep or not (isinstance(part, dict) and part.get("type") in MEDIA_PARTS)
+    ]
+    return {**message, "content": content}
+
+
 class EPDProxy:
     def __init__(self, encoders: list[str], pd: str) -> None:
         self.encoders = encoders
         self.pd = pd
-        self._turn = itertools.cycle(range(len(encoders)))
+        self._turn = itertools.cycle(encoders)
+        self._down_until = dict.fromkeys(encoders, 0.0)
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self, app: web.Application) -> None:
@@ -44,24 +88,43 @@ class EPDProxy:
         await self._session.close()
 
     async def encode(self, path: str, body: dict[str, Any]) -> dict[str, Any] | None:
-        """Run the request's encoder work on an encoder; its `ec_transfer_params`, or None."""
+        """Spread the request's images over the encoders; merged `ec_transfer_params`, or None."""
+        shares = split_by_image(body) if len(self.encoders) > 1 else [body]
+        answers = await asyncio.gather(*(self._encode_share(path, share) for share in shares))
+        merged = {k: v for answer in answers if answer for k, v in answer.items()}
+        return merged or None
+
+    def _next_encoder(self) -> str:
+        """Round-robin over encoders, skipping one that failed in the last DOWN_FOR_S."""
+        now = time.monotonic()
+        for _ in self.encoders:
+            encoder = next(self._turn)
+            if self._down_until[encoder] <= now:
+                return encoder
+        return next(self._turn)
+
+    async def _encode_share(self, path: str, body: dict[str, Any]) -> dict[str, Any] | None:
         request = {**body, "max_tokens": 1, "stream": False}
         for key in ("max_completion_tokens", "stream_options"):
             request.pop(key, None)
-        encoder = self.encoders[next(self._turn)]
-        try:
-            async with self._session.post(
-                encoder + path, json=request, timeout=ENCODER_TIMEOUT
-            ) as reply:
-                if reply.status != 200:
-                    logger.warning(
-                        "encoder %s answered %d: %s", encoder, reply.status, await reply.text()
-                    )
+        for _ in self.encoders:
+            encoder = self._next_encoder()
+            try:
+                async with self._session.post(
+                    encoder + path, json=request, timeout=ENCODER_TIMEOUT
+                ) as reply:
+                    if reply.status == 200:
+                        return (await reply.json()).get("ec_transfer_params")
+                    # The request itself is bad: another encoder would say the same.
+                    logger.warning("encoder %s answered %d", encoder, reply.status)
                     return None
-                return (await reply.json()).get("ec_transfer_params")
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            logger.warning("encoder %s failed: %r; PD will encode locally", encoder, exc)
-            return None
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                logger.warning(
+                    "encoder %s failed (%r); skipping it for %.0f s", encoder, exc, DOWN_FOR_S
+                )
+                self._down_until[encoder] = time.monotonic() + DOWN_FOR_S
+        logger.warning("no encoder answered; PD will encode locally")
+        return None
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         try:

@@ -25,6 +25,8 @@ from integration.tiny_vlm import build
 
 PROXIED = [image(seed) for seed in range(4)]
 DIRECT = [image(seed) for seed in (10, 11)]
+PAIR = [image(60), image(61)]  # one request, two images: one per encoder
+AFTER_FAILURE = [image(70), image(71)]
 PULL_TIMEOUT_S = 5
 
 
@@ -43,51 +45,65 @@ def reference(workdirs):
     server = start_vllm("reference", workdir=encoder_dir, cpu=0, log_dir=logs)
     try:
         wait_healthy([server])
-        return {url: answer(server.url, url) for url in PROXIED + DIRECT}
+        answers = {url: answer(server.url, url) for url in PROXIED + DIRECT + AFTER_FAILURE}
+        answers["pair"] = answer(server.url, PAIR)
+        return answers
     finally:
         server.stop()
 
 
-@pytest.fixture(scope="module")
-def cluster(workdirs, reference):
-    encoder_dir, pd_dir, logs = workdirs
-    control = f"127.0.0.1:{free_port()}"
-    encoder = start_vllm(
-        "encoder", workdir=encoder_dir, cpu=0, log_dir=logs, encoder_only=True,
+def start_encoder(name: str, workdir, logs, control: str):
+    return start_vllm(
+        name, workdir=workdir, cpu=0, log_dir=logs, encoder_only=True,
         ec_transfer_config={
             "ec_connector": "ECNixlConnector",
             "ec_connector_module_path": "ec_nixl.connector",
             "ec_role": "ec_producer",
             "ec_connector_extra_config": {
-                "encoder_id": "enc0", "control_address": control, "pool_bytes": 64 << 20,
+                "encoder_id": name, "control_address": control, "pool_bytes": 64 << 20,
             },
         },
     )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def cluster(workdirs, reference):
+    """Two encoders (enc0, enc1), one PD, the proxy."""
+    encoder_dir, pd_dir, logs = workdirs
+    controls = {name: f"127.0.0.1:{free_port()}" for name in ("enc0", "enc1")}
+    encoders = [start_encoder(name, encoder_dir, logs, c) for name, c in controls.items()]
     pd = start_vllm(
         "pd", workdir=pd_dir, cpu=1, log_dir=logs,
         ec_transfer_config={
             "ec_connector": "ECNixlConnector",  # by its short name: the vLLM plugin registers it
             "ec_role": "ec_consumer",
             "ec_connector_extra_config": {
-                "encoders": {"enc0": control}, "receive_bytes": 64 << 20,
+                "encoders": controls, "receive_bytes": 64 << 20,
                 "pull_timeout_s": PULL_TIMEOUT_S,
             },
         },
     )  # fmt: skip
-    servers = [encoder, pd]
+    servers = [*encoders, pd]
     try:
-        wait_healthy([encoder, pd])
-        proxy = start_proxy(encoders=[encoder.url], pd=pd.url, log_dir=logs)
+        wait_healthy(servers)
+        proxy = start_proxy(encoders=[e.url for e in encoders], pd=pd.url, log_dir=logs)
         servers.append(proxy)
         wait_healthy([proxy])
-        yield {"encoder": encoder, "pd": pd, "proxy": proxy, "control": control}
+        yield {
+            "encoder": encoders[0],
+            "encoder1": encoders[1],
+            "pd": pd,
+            "proxy": proxy,
+            "control": controls["enc0"],
+        }
     finally:
         for server in servers:
             server.stop()
 
 
-def pulls_in_log(server) -> int:
-    return len(re.findall(r"pulled \w+ from enc0", server.log_path.read_text(errors="replace")))
+def pulls_in_log(server, encoder: str = r"enc\d") -> int:
+    log = server.log_path.read_text(errors="replace")
+    return len(re.findall(rf"pulled \w+ from {encoder} ", log))
 
 
 def test_a_lone_request_on_an_idle_pd_gets_its_pull(cluster, reference):
@@ -99,6 +115,12 @@ def test_a_lone_request_on_an_idle_pd_gets_its_pull(cluster, reference):
 def test_answers_through_encoder_and_pd_equal_the_single_instance(cluster, reference):
     for url in PROXIED:
         assert answer(cluster["proxy"].url, url) == reference[url]
+
+
+def test_a_request_with_two_images_is_served_by_both_encoders(cluster, reference):
+    before = {e: pulls_in_log(cluster["pd"], e) for e in ("enc0", "enc1")}
+    assert answer(cluster["proxy"].url, PAIR) == reference["pair"]
+    assert all(pulls_in_log(cluster["pd"], e) == before[e] + 1 for e in before)
 
 
 def test_a_streamed_answer_passes_through_the_proxy_unchanged(cluster, reference):
@@ -184,5 +206,7 @@ def test_with_the_encoder_gone_pd_encodes_locally_within_the_deadline(cluster, r
     local = post(cluster["pd"].url, chat_body(url, ec_transfer_params=params))
     assert time.monotonic() - start < PULL_TIMEOUT_S + 5
     assert local["choices"][0]["message"]["content"]
-    # PD keeps serving.
+    # PD keeps serving, and the proxy routes around the dead encoder.
     assert answer(cluster["pd"].url, DIRECT[0])
+    for url in AFTER_FAILURE:
+        assert answer(cluster["proxy"].url, url) == reference[url]
