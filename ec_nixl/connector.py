@@ -21,10 +21,15 @@ from vllm.distributed.ec_transfer.ec_connector.base import (
     ECConnectorMetadata,
     ECConnectorRole,
 )
+from vllm.distributed.ec_transfer.ec_connector.metrics import (
+    ECConnectorPromMetrics,
+    ECConnectorStats,
+)
 
 from ec_nixl.connector_config import ConnectorConfig
 from ec_nixl.coordinator import PullCoordinator
 from ec_nixl.errors import ConfigError
+from ec_nixl.metrics import PromMetrics, merge, summary
 from ec_nixl.receiver import WorkerClient
 from ec_nixl.resolver import Resolver
 from ec_nixl.scheduler import ConsumerScheduler, producer_params
@@ -44,6 +49,35 @@ class ECNixlConnectorMetadata(ECConnectorMetadata):
     loads: list[str] = field(default_factory=list)
     # producer: items this step uses; export those served from the encoder cache
     uses: list[str] = field(default_factory=list)
+
+
+class ECNixlConnectorStats(ECConnectorStats):
+    """The PD scheduler's counts (see ec_nixl.metrics) on their way to vLLM's metrics."""
+
+    def reset(self) -> None:
+        self.data = {}
+
+    def aggregate(self, other: ECConnectorStats) -> ECConnectorStats:
+        return ECNixlConnectorStats(merge(self.data, other.data))
+
+    def reduce(self) -> dict[str, int | float]:
+        return summary(self.data)
+
+    def is_empty(self) -> bool:
+        return not self.data
+
+
+class ECNixlPromMetrics(ECConnectorPromMetrics):
+    """ec_nixl's metrics on vLLM's own /metrics, one series per engine."""
+
+    def __init__(self, vllm_config, metric_types, labelnames, per_engine_labelvalues) -> None:
+        super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+        kinds = {"counter": self._counter_cls, "gauge": self._gauge_cls}
+        kinds["histogram"] = self._histogram_cls
+        self._metrics = PromMetrics(kinds, labelnames)
+
+    def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
+        self._metrics.observe(transfer_stats_data, self.per_engine_labelvalues[engine_idx])
 
 
 def fingerprint(vllm_config: VllmConfig) -> str:
@@ -160,6 +194,22 @@ class ECNixlConnector(ECConnectorBase):
         if self.config.is_producer:
             return False, producer_params(self.config.encoder_id, request)
         return False, None
+
+    def get_ec_connector_stats(self) -> ECConnectorStats | None:
+        if self._consumer is None:
+            return None
+        data = self._consumer.stats.take()
+        return ECNixlConnectorStats(data) if data else None
+
+    @classmethod
+    def build_ec_connector_stats(cls, data: dict[str, Any] | None = None) -> ECConnectorStats:
+        return ECNixlConnectorStats(data or {})
+
+    @classmethod
+    def build_prom_metrics(
+        cls, vllm_config, metric_types, labelnames, per_engine_labelvalues
+    ) -> ECConnectorPromMetrics:
+        return ECNixlPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     def shutdown(self) -> None:
         for part in (self._producer_worker, self._consumer_worker):

@@ -28,6 +28,7 @@ class ConnectorConfig:
     control_address: str | None = None
     pool_bytes: int = DEFAULT_POOL_BYTES
     lease_s: float = DEFAULT_LEASE_S
+    metrics_address: str | None = None
     # consumer: encoder id -> HOST:PORT, the only endpoints it will ever contact
     encoders: dict[str, str] = field(default_factory=dict)
     receive_bytes: int = DEFAULT_RECEIVE_BYTES
@@ -135,6 +136,7 @@ _PRODUCER = {
     "control_address": _address,
     "pool_bytes": _positive_int,
     "lease_s": _positive_float,
+    "metrics_address": _address,
 }
 _CONSUMER = {
     "encoders": _encoders,

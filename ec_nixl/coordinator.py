@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from ec_nixl.errors import ECNixlError, HandshakeError
+from ec_nixl.metrics import Stats
 from ec_nixl.receiver import WorkerClient
 from ec_nixl.resolver import Resolution, Resolver
 
@@ -53,7 +54,9 @@ class PullCoordinator:
         encoders: dict[str, str],
         workers: list[WorkerClient],
         timeout_s: float,
+        stats: Stats | None = None,
     ) -> None:
+        self.stats = stats or Stats()
         self._resolver = resolver
         self._encoders = encoders
         self._workers = workers
@@ -112,16 +115,20 @@ class PullCoordinator:
         resolutions: list[Resolution] = []
         try:
             for _ in self._workers:
+                asked = time.monotonic()
                 resolutions.append(self._resolver.resolve(address, [job.mm_hash], deadline))
+                self.stats.observe("resolve_seconds", time.monotonic() - asked)
             for worker, resolution in zip(self._workers, resolutions, strict=True):
                 worker.pull(resolution, deadline)
         except ECNixlError as exc:
+            self.stats.count("pull_failures", label=type(exc).__name__)
             self._fail(job, resolutions, exc)
             return
-        logger.info(
-            "pulled %s from %s in %.1f ms",
-            job.mm_hash, job.encoder_id, (time.monotonic() - job.started_at) * 1000,
-        )  # fmt: skip
+        elapsed = time.monotonic() - job.started_at
+        self.stats.count("items_pulled")
+        self.stats.count("bytes_pulled", resolutions[0].items[0].region.length)
+        self.stats.observe("pull_seconds", elapsed)
+        logger.info("pulled %s from %s in %.1f ms", job.mm_hash, job.encoder_id, elapsed * 1000)
 
     def _report_incompatible(self, encoder_id: str, exc: HandshakeError) -> None:
         if encoder_id not in self._incompatible:

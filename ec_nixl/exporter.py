@@ -20,7 +20,8 @@ from ec_nixl.arena import Arena
 from ec_nixl.control.messages import dtype_name
 from ec_nixl.control.security import Security
 from ec_nixl.control.server import EventHub, ExportServicer, start_server
-from ec_nixl.pool import DEFAULT_LEASE_S, ExportedItem, ExportPool
+from ec_nixl.metrics import MetricsServer, Stats
+from ec_nixl.pool import DEFAULT_LEASE_S, EventKind, ExportedItem, ExportPool, PoolEvent
 from ec_nixl.transfer import POLL_INTERVAL_S, TransferAgent
 
 logger = logging.getLogger(__name__)
@@ -52,6 +53,8 @@ class ExporterConfig:
     unclaimed_ttl_s: float = DEFAULT_LEASE_S
     compatibility_hash: str = ""
     security: Security = field(default_factory=Security)
+    # HOST:PORT for a Prometheus /metrics endpoint of our own; None: no endpoint.
+    metrics_address: str | None = None
 
 
 class Exporter:
@@ -62,11 +65,15 @@ class Exporter:
         self.agent = TransferAgent("exporter")
         self.agent.register(self.arena.buffer)
         self.events = EventHub()
+        self.stats = Stats()
         self.pool = ExportPool(
             self.arena,
             lease_s=config.lease_s,
             unclaimed_ttl_s=config.unclaimed_ttl_s,
-            on_event=self.events.publish,
+            on_event=self._on_event,
+        )
+        self.metrics = (
+            MetricsServer(self.stats, config.metrics_address) if config.metrics_address else None
         )
         self._leased = threading.Event()
         self._stopping = threading.Event()
@@ -98,7 +105,18 @@ class Exporter:
         dtype_name(tensor.dtype)
         return self.pool.export(mm_hash, tensor)
 
+    def _on_event(self, event: PoolEvent) -> None:
+        self.events.publish(event)
+        if event.kind is EventKind.EXPORTED:
+            self.stats.count("items_exported")
+            self.stats.count("bytes_exported", event.length)
+        else:
+            self.stats.count("evictions", label=event.reason)
+        self.stats.set("pool_bytes_in_use", self.arena.bytes_used)
+
     def close(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
         self._stopping.set()
         self._leased.set()
         self._server.stop(grace=0.5).wait()

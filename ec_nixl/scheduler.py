@@ -34,6 +34,8 @@ class ConsumerScheduler:
         # What vLLM's encoder cache holds (allocated and not yet freed): never pulled again.
         self._resident: set[str] = set()
         self._warned_unmatched = False
+        self._fell_back: set[tuple[str, str]] = set()  # (request id, mm_hash), for counting
+        self.stats = coordinator.stats
 
     def ensure_available(self, request: Any, num_computed_tokens: int) -> bool:
         """False while any item the request still needs is being pulled."""
@@ -59,8 +61,12 @@ class ConsumerScheduler:
             job = self._coordinator.start(mm_hash, encoder_id)
             if job.state is PullState.RUNNING:
                 pending = True
-            elif job.state is PullState.FAILED and feature.data is None:
-                self._fail(request, f"{mm_hash}: {job.error}; no media to encode locally")
+            elif job.state is PullState.FAILED:
+                if feature.data is None:
+                    self._fail(request, f"{mm_hash}: {job.error}; no media to encode locally")
+                elif (request.request_id, mm_hash) not in self._fell_back:
+                    self._fell_back.add((request.request_id, mm_hash))
+                    self.stats.count("fallbacks")
         return not pending
 
     def has_item(self, mm_hash: str) -> bool:
@@ -90,6 +96,7 @@ class ConsumerScheduler:
         """Items pulled for a request that ended without loading them are dropped."""
         for feature in request.mm_features:
             self._coordinator.forget(feature.identifier, drop=True)
+            self._fell_back.discard((request.request_id, feature.identifier))
 
     def _warn_if_unmatched(self, request: Any, where: dict[str, str]) -> None:
         if not where or self._warned_unmatched:
@@ -112,6 +119,7 @@ class ConsumerScheduler:
                 "request %s cannot get its encoder outputs: %s", request.request_id, reason
             )
             self._unavailable.add(request.request_id)
+            self.stats.count("failed_requests")
 
 
 def producer_params(encoder_id: str, request: Any) -> dict[str, dict[str, str]] | None:

@@ -45,6 +45,7 @@ class ProducerWorker:
                 unclaimed_ttl_s=config.lease_s,
                 compatibility_hash=fingerprint,
                 security=config.security,
+                metrics_address=config.metrics_address,
             )
         )
         logger.info("encoder %s exports on %s", config.encoder_id, self.exporter.address)

@@ -14,14 +14,16 @@ import socket
 import threading
 import time
 import urllib.error
+import urllib.request
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from ec_nixl.control.client import ExportClient
 from ec_nixl.pool import EventKind
 from integration.client import answer, chat_body, image, post, stream_ttft
 from integration.servers import free_port, start_proxy, start_vllm, wait_healthy
-from integration.tiny_vlm import build
+from integration.tiny_vlm import build, embedding_bytes
 
 PROXIED = [image(seed) for seed in range(4)]
 DIRECT = [image(seed) for seed in (10, 11)]
@@ -52,7 +54,7 @@ def reference(workdirs):
         server.stop()
 
 
-def start_encoder(name: str, workdir, logs, control: str):
+def start_encoder(name: str, workdir, logs, control: str, metrics: str):
     return start_vllm(
         name, workdir=workdir, cpu=0, log_dir=logs, encoder_only=True,
         ec_transfer_config={
@@ -61,6 +63,7 @@ def start_encoder(name: str, workdir, logs, control: str):
             "ec_role": "ec_producer",
             "ec_connector_extra_config": {
                 "encoder_id": name, "control_address": control, "pool_bytes": 64 << 20,
+                "metrics_address": metrics,
             },
         },
     )  # fmt: skip
@@ -71,7 +74,11 @@ def cluster(workdirs, reference):
     """Two encoders (enc0, enc1), one PD, the proxy."""
     encoder_dir, pd_dir, logs = workdirs
     controls = {name: f"127.0.0.1:{free_port()}" for name in ("enc0", "enc1")}
-    encoders = [start_encoder(name, encoder_dir, logs, c) for name, c in controls.items()]
+    metrics = {name: f"127.0.0.1:{free_port()}" for name in controls}
+    encoders = [
+        start_encoder(name, encoder_dir, logs, control, metrics[name])
+        for name, control in controls.items()
+    ]
     pd = start_vllm(
         "pd", workdir=pd_dir, cpu=1, log_dir=logs,
         ec_transfer_config={
@@ -95,10 +102,23 @@ def cluster(workdirs, reference):
             "pd": pd,
             "proxy": proxy,
             "control": controls["enc0"],
+            "encoder_metrics": f"http://{metrics['enc0']}",
         }
     finally:
         for server in servers:
             server.stop()
+
+
+def metric(url: str, name: str, **labels: str) -> float:
+    """Sum of the samples of a metric at a Prometheus endpoint whose labels include `labels`."""
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as reply:
+        families = text_string_to_metric_families(reply.read().decode())
+    return sum(
+        sample.value
+        for family in families
+        for sample in family.samples
+        if sample.name == name and labels.items() <= sample.labels.items()
+    )
 
 
 def pulls_in_log(server, encoder: str = r"enc\d") -> int:
@@ -141,6 +161,24 @@ def test_the_same_image_twice_is_pulled_once(cluster, reference):
     second = answer(cluster["proxy"].url, url)
     assert first == second
     assert pulls_in_log(cluster["pd"]) == before + 1
+
+
+def test_pd_counts_its_pulls_on_vllms_own_metrics_endpoint(cluster):
+    pd = cluster["pd"].url
+    pulled = metric(pd, "ec_nixl:items_pulled_total")
+    assert pulled == pulls_in_log(cluster["pd"]) > 0
+    assert metric(pd, "ec_nixl:bytes_pulled_total") == pulled * embedding_bytes()
+    assert metric(pd, "ec_nixl:pull_seconds_count") == pulled
+
+
+def test_the_encoder_reports_exports_and_evictions_on_its_metrics_endpoint(cluster):
+    for seed in (80, 81):  # one per encoder
+        answer(cluster["proxy"].url, image(seed))
+    time.sleep(1.5)  # the endpoint folds new counts in once a second
+    url = cluster["encoder_metrics"]
+    assert metric(url, "ec_nixl:items_exported_total") >= 1
+    assert metric(url, "ec_nixl:evictions_total", reason="released") >= 1
+    assert metric(url, "ec_nixl:pool_bytes_in_use") >= 0
 
 
 def test_the_encoder_frees_an_item_as_soon_as_pd_has_pulled_it(cluster):
@@ -206,6 +244,8 @@ def test_with_the_encoder_gone_pd_encodes_locally_within_the_deadline(cluster, r
     local = post(cluster["pd"].url, chat_body(url, ec_transfer_params=params))
     assert time.monotonic() - start < PULL_TIMEOUT_S + 5
     assert local["choices"][0]["message"]["content"]
+    assert metric(cluster["pd"].url, "ec_nixl:fallbacks_total") >= 1
+    assert metric(cluster["pd"].url, "ec_nixl:pull_failures_total", cause="PeerDeadError") >= 1
     # PD keeps serving, and the proxy routes around the dead encoder.
     assert answer(cluster["pd"].url, DIRECT[0])
     for url in AFTER_FAILURE:
