@@ -5,7 +5,9 @@ from __future__ import annotations
 import base64
 import io
 import json
+import sys
 import time
+import urllib.error
 import urllib.request
 from typing import Any
 
@@ -73,3 +75,24 @@ def stream_ttft(url: str, body: dict[str, Any], timeout_s: float = 120) -> tuple
                 first = first or time.perf_counter()
                 text.append(delta)
     return (first or time.perf_counter()) - start, "".join(text)
+
+
+def main() -> None:
+    """`python -m integration.client URL [JSON_BODY] [TIMEOUT_S]`: GET or POST once, print
+    the status and the body. For tests that must send from inside another network namespace."""
+    url, body = sys.argv[1], (sys.argv[2] if len(sys.argv) > 2 else "")
+    timeout_s = float(sys.argv[3]) if len(sys.argv) > 3 else 10.0
+    request = urllib.request.Request(
+        url, body.encode() or None, {"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as reply:
+            print(reply.status)
+            print(reply.read().decode())
+    except (OSError, urllib.error.HTTPError) as exc:
+        print(getattr(exc, "code", 0))
+        print(repr(exc))
+
+
+if __name__ == "__main__":
+    main()

@@ -17,41 +17,16 @@ import urllib.error
 import urllib.request
 
 import pytest
+from conftest import AFTER_FAILURE, DIRECT, PAIR, PROXIED
 from prometheus_client.parser import text_string_to_metric_families
 
 from ec_nixl.control.client import ExportClient
 from ec_nixl.pool import EventKind
 from integration.client import answer, chat_body, image, post, stream_ttft
 from integration.servers import free_port, start_proxy, start_vllm, wait_healthy
-from integration.tiny_vlm import build, embedding_bytes
+from integration.tiny_vlm import embedding_bytes
 
-PROXIED = [image(seed) for seed in range(4)]
-DIRECT = [image(seed) for seed in (10, 11)]
-PAIR = [image(60), image(61)]  # one request, two images: one per encoder
-AFTER_FAILURE = [image(70), image(71)]
 PULL_TIMEOUT_S = 5
-
-
-@pytest.fixture(scope="module")
-def workdirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    build(root / "encoder" / "tiny-llava")
-    build(root / "pd" / "tiny-llava", vision_seed=99)
-    return root / "encoder", root / "pd", root / "logs"
-
-
-@pytest.fixture(scope="module")
-def reference(workdirs):
-    """Greedy answers of one ordinary instance with the encoder's weights."""
-    encoder_dir, _, logs = workdirs
-    server = start_vllm("reference", workdir=encoder_dir, cpu=0, log_dir=logs)
-    try:
-        wait_healthy([server])
-        answers = {url: answer(server.url, url) for url in PROXIED + DIRECT + AFTER_FAILURE}
-        answers["pair"] = answer(server.url, PAIR)
-        return answers
-    finally:
-        server.stop()
 
 
 def start_encoder(name: str, workdir, logs, control: str, metrics: str):

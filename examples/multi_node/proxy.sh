@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Proxy role: the OpenAI endpoint clients use; it sends each request to an encoder, then to PD.
+set -euo pipefail
+usage() {
+  cat <<'USAGE'
+Usage: proxy.sh [--help]
+
+Starts the EPD proxy: each chat/completions request goes to an encoder
+(max_tokens 1, images spread over the encoders), then to PD with the
+encoders' ec_transfer_params. Configure with environment variables:
+
+  ENCODER_URLS  encoder HTTP URLs, comma-separated (required)
+  PD_URL        the PD instance's HTTP URL (required)
+  HOST, PORT    where clients connect        [0.0.0.0, 8000]
+  PYTHON        interpreter with ec_nixl     [repo .venv, else python3]
+USAGE
+}
+[[ "${1:-}" == "--help" || "${1:-}" == "-h" ]] && { usage; exit 0; }
+: "${ENCODER_URLS:?set ENCODER_URLS (see --help)}"
+: "${PD_URL:?set PD_URL (see --help)}"
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+source "$here/common.sh"
+
+args=()
+for url in ${ENCODER_URLS//,/ }; do args+=(--encoder "$url"); done
+cd "$REPO"
+exec "$PYTHON" -m integration.proxy "${args[@]}" --pd "$PD_URL" --host "${HOST:-0.0.0.0}" --port "${PORT:-8000}"
