@@ -26,7 +26,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     transfer.add_arguments(bench_transfer)
     bench_transfer.set_defaults(run=transfer.run)
+    bench_ttft = benches.add_parser(
+        "ttft",
+        help="TTFT with ECNixlConnector vs ECExampleConnector vs one instance (needs vLLM)",
+        description=_ttft_module().__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _ttft_module().add_arguments(bench_ttft)
+    bench_ttft.set_defaults(run=lambda args: _ttft_module().run(args))
     return parser
+
+
+def _ttft_module():
+    """The TTFT benchmark drives vLLM through the integration harness: import it on demand."""
+    from integration import bench_ttft
+
+    return bench_ttft
 
 
 def main(argv: list[str] | None = None) -> int:

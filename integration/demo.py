@@ -16,13 +16,12 @@ import json
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from integration.client import chat_body, image, stream_ttft
-from integration.servers import Server, free_port, start_proxy, start_vllm, wait_healthy
+from integration.deploy import CONNECTORS, deploy
 from integration.tiny_vlm import build, embedding_bytes
 
 
@@ -35,58 +34,17 @@ class Run:
     peak_rss_mib: dict[str, float] = field(default_factory=dict)
 
 
-def connector_configs(name: str, workdir: Path) -> tuple[dict, dict]:
-    """(encoder's, PD's) --ec-transfer-config for a connector."""
-    if name == "ECNixlConnector":
-        control = f"127.0.0.1:{free_port()}"
-        base = {"ec_connector": name, "ec_connector_module_path": "ec_nixl.connector"}
-        return (
-            {**base, "ec_role": "ec_producer",
-             "ec_connector_extra_config": {"encoder_id": "enc0", "control_address": control}},
-            {**base, "ec_role": "ec_consumer",
-             "ec_connector_extra_config": {"encoders": {"enc0": control}}},
-        )  # fmt: skip
-    extra = {"shared_storage_path": str(workdir / "shared-storage")}
-    return (
-        {"ec_connector": name, "ec_role": "ec_producer", "ec_connector_extra_config": extra},
-        {"ec_connector": name, "ec_role": "ec_consumer", "ec_connector_extra_config": extra},
-    )
-
-
-def watch_peak_rss(servers: list[Server], run: Run, stop: threading.Event) -> None:
-    while not stop.wait(0.2):
-        for server in servers:
-            mib = server.rss_bytes() / (1 << 20)
-            run.peak_rss_mib[server.name] = max(run.peak_rss_mib.get(server.name, 0.0), mib)
-
-
 def run_connector(name: str, workdir: Path, requests: int) -> Run:
     run = Run(name)
-    encoder_config, pd_config = connector_configs(name, workdir)
-    logs = workdir / "logs" / name
-    print(f"[{name}] starting encoder and PD ...", file=sys.stderr, flush=True)
-    encoder = start_vllm("encoder", workdir=workdir, cpu=0, log_dir=logs, encoder_only=True,
-                         ec_transfer_config=encoder_config)  # fmt: skip
-    pd = start_vllm("pd", workdir=workdir, cpu=1, log_dir=logs, ec_transfer_config=pd_config)
-    servers = [encoder, pd]
-    stop = threading.Event()
-    try:
-        run.startup_s = wait_healthy(servers)
-        proxy = start_proxy(encoders=[encoder.url], pd=pd.url, log_dir=logs)
-        servers.append(proxy)
-        wait_healthy([proxy])
-        print(f"[{name}] healthy in {run.startup_s:.1f} s; logs in {logs}", file=sys.stderr)
-        threading.Thread(target=watch_peak_rss, args=(servers[:2], run, stop), daemon=True).start()
+    with deploy(name, workdir) as deployment:
+        run.startup_s = deployment.startup_s
         for i in range(requests):
-            ttft, text = stream_ttft(proxy.url, chat_body(image(100 + i)))
+            ttft, text = stream_ttft(deployment.url, chat_body(image(100 + i)))
             run.ttft_ms.append(ttft * 1000)
             run.answers.append(text)
             print(f"[{name}] request {i + 1}/{requests}: TTFT {ttft * 1000:.1f} ms, "
                   f"answer {text!r}", file=sys.stderr, flush=True)  # fmt: skip
-    finally:
-        stop.set()
-        for server in servers:
-            server.stop()
+        run.peak_rss_mib = dict(deployment.peak_rss_mib)
     return run
 
 
@@ -127,10 +85,7 @@ def main() -> int:
         print("building the tiny model ...", file=sys.stderr, flush=True)
         build(workdir / "tiny-llava")
         started = time.monotonic()
-        runs = [
-            run_connector(name, workdir, args.requests)
-            for name in ("ECNixlConnector", "ECExampleConnector")
-        ]
+        runs = [run_connector(name, workdir, args.requests) for name in CONNECTORS]
     print(report(runs))
     print(f"\n(total {time.monotonic() - started:.0f} s)", file=sys.stderr)
     if args.json:

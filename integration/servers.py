@@ -96,7 +96,7 @@ def start_vllm(
     name: str,
     *,
     workdir: Path,
-    cpu: int,
+    cpu: int | str,
     log_dir: Path,
     ec_transfer_config: dict[str, Any] | None = None,
     encoder_only: bool = False,

@@ -43,8 +43,9 @@ CHAT_TEMPLATE = (
 )
 
 
-def embedding_bytes() -> int:
-    return IMAGE_TOKENS * TEXT_HIDDEN * 2
+def embedding_bytes(text_hidden: int = TEXT_HIDDEN) -> int:
+    """Bytes of one image's embedding in vLLM's encoder cache (bf16)."""
+    return IMAGE_TOKENS * text_hidden * 2
 
 
 def _tokenizer():
@@ -85,8 +86,11 @@ def _llava_hf_key(key: str) -> str | None:
     return key.removeprefix("model.")
 
 
-def build(out: Path, vision_seed: int | None = None) -> Path:
-    """Write the model directory `out` (config, tokenizer, processor, weights)."""
+def build(out: Path, vision_seed: int | None = None, text_hidden: int = TEXT_HIDDEN) -> Path:
+    """Write the model directory `out` (config, tokenizer, processor, weights).
+
+    `text_hidden` sets the embedding size: 4096 gives LLaVA-1.5-7B's 576 x 4096
+    (4.5 MiB per image in bf16)."""
     from safetensors.torch import save_file
     from transformers import (
         CLIPVisionConfig,
@@ -111,7 +115,7 @@ def build(out: Path, vision_seed: int | None = None) -> Path:
     )
     text = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=TEXT_HIDDEN,
+        hidden_size=text_hidden,
         intermediate_size=256,
         num_hidden_layers=1,
         num_attention_heads=2,
@@ -183,9 +187,10 @@ def main() -> None:
     )
     parser.add_argument("out", type=Path, help="model directory to write")
     parser.add_argument("--vision-seed", type=int, help="different vision-tower weights")
+    parser.add_argument("--text-hidden", type=int, default=TEXT_HIDDEN, help="embedding width")
     args = parser.parse_args()
-    build(args.out, args.vision_seed)
-    size = f"{IMAGE_TOKENS}x{TEXT_HIDDEN} bf16 = {embedding_bytes()} bytes"
+    build(args.out, args.vision_seed, args.text_hidden)
+    size = f"{IMAGE_TOKENS}x{args.text_hidden} bf16 = {embedding_bytes(args.text_hidden)} bytes"
     print(f"wrote {args.out}: one image embeds to {size}")
 
 

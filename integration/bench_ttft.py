@@ -1,0 +1,255 @@
+"""`ec-nixl bench ttft`: time to first token, ECNixlConnector vs shared storage vs one instance.
+
+Same model, same request stream, one run: for each way of serving (E + PD +
+proxy with ECNixlConnector, the same with vLLM's ECExampleConnector, and one
+ordinary instance), streams of distinct images at several concurrency levels,
+then a stream that repeats images (cache reuse). The model is the tiny LLaVA
+with LLaVA-1.5-7B's embedding shape by default: 576 x 4096 bf16 = 4.5 MiB per
+image. "Embeddings ready" is the PD scheduler's own measure of a pull (from
+its Prometheus histogram): from the order to the bytes held by every worker.
+vLLM's ECCPUConnector runs only where vLLM's V2 model runner does (it needs
+Triton with a backend for the device); where it cannot, the table says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from integration.client import chat_body, image, stream_ttft
+from integration.deploy import CONNECTORS, deploy
+from integration.tiny_vlm import build, embedding_bytes
+
+DEFAULT_CONCURRENCY = (1, 2, 4)
+LLAVA_7B_HIDDEN = 4096
+REPEATED_IMAGES, REPEATS = 3, 4
+
+
+@dataclass
+class Level:
+    connector: str
+    concurrency: int
+    ttft_ms: list[float] = field(default_factory=list)
+    errors: int = 0
+    wall_s: float = 0.0
+
+    def percentiles(self) -> dict[str, float]:
+        if not self.ttft_ms:
+            return {"p50": float("nan"), "p90": float("nan"), "p99": float("nan")}
+        p50, p90, p99 = np.percentile(self.ttft_ms, [50, 90, 99])
+        return {
+            "p50": round(float(p50), 2),
+            "p90": round(float(p90), 2),
+            "p99": round(float(p99), 2),
+        }
+
+    @property
+    def requests(self) -> int:
+        return len(self.ttft_ms) + self.errors
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "connector": self.connector,
+            "concurrency": self.concurrency,
+            "ttft_ms": self.percentiles(),
+            "requests": self.requests,
+            "errors": self.errors,
+        }
+
+
+def send(url: str, images: list[str], concurrency: int, level: Level) -> None:
+    def one(picture: str) -> float | None:
+        try:
+            return stream_ttft(url, chat_body(picture, max_tokens=4))[0] * 1000
+        except OSError:
+            return None
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        for ttft in pool.map(one, images):
+            if ttft is None:
+                level.errors += 1
+            else:
+                level.ttft_ms.append(ttft)
+    level.wall_s = time.perf_counter() - start
+
+
+def pd_pull_metrics(pd_url: str) -> tuple[float, float]:
+    """(pulls, seconds spent pulling) from PD's /metrics."""
+    with urllib.request.urlopen(f"{pd_url}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    values = {"count": 0.0, "sum": 0.0}
+    for line in text.splitlines():
+        for kind in values:
+            if line.startswith(f"ec_nixl:pull_seconds_{kind}"):
+                values[kind] += float(line.rsplit(" ", 1)[1])
+    return values["count"], values["sum"]
+
+
+def cpu_connector_note() -> str | None:
+    """Why vLLM's ECCPUConnector cannot run here, or None if it can."""
+    from vllm.triton_utils import HAS_TRITON
+
+    if not HAS_TRITON:
+        return (
+            "ECCPUConnector: not run. It needs vLLM's V2 model runner, which needs Triton "
+            "with a backend for this device; this host has none."
+        )
+    return None
+
+
+def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    build(workdir / "tiny-llava", text_hidden=args.text_hidden)
+    levels: list[Level] = []
+    repeated: list[Level] = []
+    extra: dict[str, Any] = {
+        "embedding_bytes": embedding_bytes(args.text_hidden),
+        "embeddings_ready_ms": {},
+        "peak_rss_mib": {},
+        "pulls_repeated": None,
+    }
+    for connector in (*CONNECTORS, None):
+        name = connector or "single-instance"
+        with deploy(connector, workdir) as deployment:
+            send(deployment.url, [image(999)], 1, Level(name, 1))  # warm-up
+            pd = deployment.server("pd").url if connector else None
+            before = pd_pull_metrics(pd) if connector == "ECNixlConnector" else None
+            for c in args.concurrency:
+                level = Level(name, c)
+                send(deployment.url, [image(1000 * c + i) for i in range(args.requests)], c, level)
+                levels.append(level)
+                print(
+                    f"[{name}] concurrency {c}: TTFT p50 {level.percentiles()['p50']} ms, "
+                    f"{level.errors} errors",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            if before is not None:
+                count, seconds = (a - b for a, b in zip(pd_pull_metrics(pd), before, strict=True))
+                extra["embeddings_ready_ms"][name] = round(1000 * seconds / max(count, 1), 2)
+            reuse = Level(name, 1)
+            pictures = [image(5000 + i % REPEATED_IMAGES) for i in range(REPEATED_IMAGES * REPEATS)]
+            pulls_before = pd_pull_metrics(pd)[0] if connector == "ECNixlConnector" else 0
+            send(deployment.url, pictures, 1, reuse)
+            if connector == "ECNixlConnector":
+                extra["pulls_repeated"] = int(pd_pull_metrics(pd)[0] - pulls_before)
+            repeated.append(reuse)
+            extra["peak_rss_mib"][name] = {k: round(v) for k, v in deployment.peak_rss_mib.items()}
+    return {"levels": levels, "repeated": repeated, **extra}
+
+
+def table(result: dict[str, Any]) -> str:
+    lines = [
+        f"One image = {result['embedding_bytes'] / (1 << 20):.2f} MiB of embedding.",
+        "",
+        "| connector | concurrency | TTFT p50 ms | p90 ms | p99 ms | req/s | requests | errors |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for level in result["levels"]:
+        p = level.percentiles()
+        rate = level.requests / level.wall_s if level.wall_s else 0
+        lines.append(
+            f"| {level.connector} | {level.concurrency} | {p['p50']} | {p['p90']} "
+            f"| {p['p99']} | {rate:.2f} | {level.requests} | {level.errors} |"
+        )
+    by = {(lv.connector, lv.concurrency): lv.percentiles()["p50"] for lv in result["levels"]}
+    concurrencies = sorted({lv.concurrency for lv in result["levels"]})
+    ratios = ", ".join(
+        f"c={c}: {by['ECExampleConnector', c] / by['ECNixlConnector', c]:.2f}x"
+        for c in concurrencies
+    )
+    lines += ["", f"TTFT p50, ECExampleConnector / ECNixlConnector: {ratios}", ""]
+    lines += ["| connector | repeated images: TTFT p50 ms | peak RSS MiB |", "|---|---|---|"]
+    for level in result["repeated"]:
+        rss = ", ".join(f"{k} {v}" for k, v in result["peak_rss_mib"][level.connector].items())
+        lines.append(f"| {level.connector} | {level.percentiles()['p50']} | {rss} |")
+    lines.append("")
+    for name, ms in result["embeddings_ready_ms"].items():
+        lines.append(f"Embeddings ready ({name}, PD scheduler's pull histogram, mean): {ms} ms")
+    if result["pulls_repeated"] is not None:
+        lines.append(
+            f"Repeated stream: {REPEATED_IMAGES} distinct images x {REPEATS}: "
+            f"ECNixlConnector pulled {result['pulls_repeated']} items"
+        )
+    if note := cpu_connector_note():
+        lines.append(note)
+    return "\n".join(lines)
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6, 4))
+    for name in dict.fromkeys(lv.connector for lv in result["levels"]):
+        mine = [lv for lv in result["levels"] if lv.connector == name]
+        p50 = [lv.percentiles()["p50"] for lv in mine]
+        p90 = [lv.percentiles()["p90"] for lv in mine]
+        x = [lv.concurrency for lv in mine]
+        (line,) = axes.plot(x, p50, marker="o", label=f"{name} p50")
+        axes.plot(x, p90, linestyle="--", alpha=0.6, color=line.get_color(), label=f"{name} p90")
+    axes.set_xlabel("concurrent requests")
+    axes.set_ylabel("TTFT (ms)")
+    axes.set_title(f"TTFT, {result['embedding_bytes'] / (1 << 20):.1f} MiB per image")
+    axes.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--concurrency",
+        type=lambda t: tuple(int(c) for c in t.split(",")),
+        default=DEFAULT_CONCURRENCY,
+        help="comma-separated levels (default 1,2,4)",
+    )
+    parser.add_argument("--requests", type=int, default=12, help="requests per level (default 12)")
+    parser.add_argument(
+        "--text-hidden",
+        type=int,
+        default=LLAVA_7B_HIDDEN,
+        help="embedding width; 4096 = LLaVA-1.5-7B, 4.5 MiB per image",
+    )
+    parser.add_argument("--json", type=Path, metavar="FILE", help="also write the results here")
+    parser.add_argument(
+        "--plot", type=Path, default=Path("ttft.png"), help="PNG of TTFT vs concurrency"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    with tempfile.TemporaryDirectory(prefix="ec-nixl-ttft-") as tmp:
+        result = bench(args, Path(tmp))
+    print(table(result))
+    plot(result, args.plot)
+    print(f"plot: {args.plot}", file=sys.stderr)
+    if args.json:
+        document = {
+            "runs": [lv.summary() for lv in result["levels"]],
+            "repeated": [lv.summary() for lv in result["repeated"]],
+            "embeddings_ready_ms": result["embeddings_ready_ms"],
+            "pulls_repeated": result["pulls_repeated"],
+            "peak_rss_mib": result["peak_rss_mib"],
+            "embedding_bytes": result["embedding_bytes"],
+        }
+        args.json.write_text(json.dumps(document, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_arguments(parser)
+    sys.exit(run(parser.parse_args()))

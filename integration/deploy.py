@@ -1,0 +1,88 @@
+"""Stand up one way of serving the tiny model on this machine, for the demo and benchmarks.
+
+A connector name gives E (encoder only, core 0) + PD (core 1) + the EPD proxy;
+None gives one ordinary instance on both cores (no disaggregation). While it
+runs, the peak resident memory of each vLLM instance is sampled.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from integration.servers import Server, free_port, start_proxy, start_vllm, wait_healthy
+
+CONNECTORS = ("ECNixlConnector", "ECExampleConnector")
+
+
+def connector_configs(name: str, workdir: Path) -> tuple[dict, dict]:
+    """(encoder's, PD's) --ec-transfer-config for a connector."""
+    if name == "ECNixlConnector":
+        control = f"127.0.0.1:{free_port()}"
+        return (
+            {"ec_connector": name, "ec_role": "ec_producer",
+             "ec_connector_extra_config": {"encoder_id": "enc0", "control_address": control}},
+            {"ec_connector": name, "ec_role": "ec_consumer",
+             "ec_connector_extra_config": {"encoders": {"enc0": control}}},
+        )  # fmt: skip
+    extra = {"shared_storage_path": str(workdir / "shared-storage")}
+    return (
+        {"ec_connector": name, "ec_role": "ec_producer", "ec_connector_extra_config": extra},
+        {"ec_connector": name, "ec_role": "ec_consumer", "ec_connector_extra_config": extra},
+    )
+
+
+@dataclass
+class Deployment:
+    name: str
+    url: str  # where clients send requests
+    servers: list[Server]
+    startup_s: float = 0.0
+    peak_rss_mib: dict[str, float] = field(default_factory=dict)
+
+    def server(self, name: str) -> Server:
+        return next(s for s in self.servers if s.name == name)
+
+
+def _watch_rss(deployment: Deployment, stop: threading.Event) -> None:
+    while not stop.wait(0.2):
+        for server in deployment.servers:
+            if server.name != "proxy":
+                mib = server.rss_bytes() / (1 << 20)
+                peak = deployment.peak_rss_mib.get(server.name, 0.0)
+                deployment.peak_rss_mib[server.name] = max(peak, mib)
+
+
+@contextmanager
+def deploy(connector: str | None, workdir: Path) -> Iterator[Deployment]:
+    """`workdir` holds `tiny-llava/`; logs go to `workdir/logs/<name>/`."""
+    name = connector or "single-instance"
+    logs = workdir / "logs" / name
+    print(f"[{name}] starting ...", file=sys.stderr, flush=True)
+    if connector is None:
+        servers = [start_vllm("single", workdir=workdir, cpu="0-1", log_dir=logs)]
+    else:
+        encoder_config, pd_config = connector_configs(connector, workdir)
+        servers = [
+            start_vllm("encoder", workdir=workdir, cpu=0, log_dir=logs, encoder_only=True,
+                       ec_transfer_config=encoder_config),
+            start_vllm("pd", workdir=workdir, cpu=1, log_dir=logs, ec_transfer_config=pd_config),
+        ]  # fmt: skip
+    stop = threading.Event()
+    try:
+        startup_s = wait_healthy(servers)
+        if connector is not None:
+            servers.append(start_proxy(encoders=[servers[0].url], pd=servers[1].url, log_dir=logs))
+            wait_healthy(servers[-1:])
+        deployment = Deployment(name, servers[-1].url, servers, startup_s)
+        print(f"[{name}] healthy in {startup_s:.1f} s; logs in {logs}", file=sys.stderr, flush=True)
+        threading.Thread(target=_watch_rss, args=(deployment, stop), daemon=True).start()
+        yield deployment
+    finally:
+        stop.set()
+        for server in servers:
+            server.stop()
