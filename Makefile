@@ -16,8 +16,8 @@ bench: $(STAMP)  ## transfer benchmark: NIXL vs shared storage vs memcpy between
 	$(BIN)/ec-nixl bench transfer
 
 lint: $(STAMP)
-	$(BIN)/ruff check ec_nixl tests proto
-	$(BIN)/ruff format --check ec_nixl tests proto
+	$(BIN)/ruff check ec_nixl integration tests proto
+	$(BIN)/ruff format --check ec_nixl integration tests proto
 
 proto: $(STAMP)  ## regenerate ec_nixl/v1 from proto/
 	$(BIN)/python proto/generate.py
