@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from nixl._api import nixl_agent, nixl_agent_config, nixl_thread_sync_t
 from nixl._bindings import (
+    nixlBackendError,
     nixlInvalidParamError,
     nixlMismatchError,
     nixlNotAllowedError,
@@ -103,6 +104,8 @@ class TransferAgent:
             name = self._agent.add_remote_agent(metadata)
         except (nixlMismatchError, nixlNotAllowedError, nixlInvalidParamError) as exc:
             raise RefusedError(f"peer metadata rejected by NIXL: {exc}") from exc
+        except nixlBackendError as exc:  # UCX cannot reach the peer: it is gone
+            raise PeerDeadError(f"cannot connect to the peer in this metadata: {exc}") from exc
         name = name.decode() if isinstance(name, bytes) else name
         self._peers.add(name)
         return name

@@ -1,0 +1,128 @@
+"""Hostile and broken input to the export service, and an exporter that restarts under us:
+clear status codes, a server that stays up, and never a read of memory that changed owner."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import pytest
+import torch
+from conftest import MiB, spec
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ec_nixl.control.client import ExportClient
+from ec_nixl.control.security import Security
+from ec_nixl.errors import PeerDeadError, RefusedError
+from ec_nixl.exporter import Exporter, ExporterConfig
+from ec_nixl.exporter_process import ExporterProcess
+from ec_nixl.puller import pull
+from ec_nixl.v1 import export_pb2 as pb
+
+TOKEN = "fuzz-token"
+METHODS = ("Handshake", "Resolve", "Release", "RenewLeases")
+# What a caller may get for garbage: never UNKNOWN (an unhandled exception), never a dead server.
+CLEAR = {
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.INTERNAL,  # gRPC's answer to bytes that do not decode as the request type
+}
+FUZZ = settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+
+
+@pytest.fixture(scope="module")
+def exporter():
+    exporter = Exporter(ExporterConfig(capacity_bytes=4 * MiB, security=Security(TOKEN)))
+    exporter.export("resident", torch.ones(1024))
+    yield exporter
+    exporter.close()
+
+
+@pytest.fixture(scope="module")
+def channel(exporter):
+    with grpc.insecure_channel(
+        exporter.address, options=[("grpc.max_send_message_length", 16 << 20)]
+    ) as channel:
+        yield channel
+
+
+def call_raw(channel, method: str, payload: bytes) -> grpc.StatusCode:
+    call = channel.unary_unary(f"/ec_nixl.v1.ExportService/{method}")
+    try:
+        call(payload, timeout=5, metadata=Security(TOKEN).call_metadata())
+    except grpc.RpcError as exc:
+        return exc.code()
+    return grpc.StatusCode.OK
+
+
+def assert_alive(exporter) -> None:
+    client = ExportClient(exporter.address, Security(TOKEN))
+    assert client.handshake("", "after-fuzz").epoch == exporter.epoch
+    client.close()
+
+
+@FUZZ
+@given(method=st.sampled_from(METHODS), payload=st.binary(max_size=4096))
+def test_random_bytes_get_a_clear_status_code(exporter, channel, method, payload):
+    assert call_raw(channel, method, payload) in CLEAR | {grpc.StatusCode.OK}
+
+
+@FUZZ
+@given(
+    hashes=st.lists(st.text(max_size=300), max_size=40),
+    lease_ms=st.integers(min_value=0, max_value=2**32 - 1),
+    lease_ids=st.lists(st.integers(min_value=0, max_value=2**64 - 1), max_size=40),
+)
+def test_well_formed_nonsense_gets_a_clear_status_code(channel, hashes, lease_ms, lease_ids):
+    requests = {
+        "Resolve": pb.ResolveRequest(mm_hashes=hashes, lease_ms=lease_ms),
+        "Release": pb.ReleaseRequest(lease_ids=lease_ids),
+        "RenewLeases": pb.RenewLeasesRequest(lease_ids=lease_ids, lease_ms=lease_ms),
+        "Handshake": pb.HandshakeRequest(
+            protocol_version=lease_ms, compatibility_hash="".join(hashes)
+        ),
+    }
+    for method, request in requests.items():
+        assert call_raw(channel, method, request.SerializeToString()) in CLEAR | {
+            grpc.StatusCode.OK
+        }
+
+
+def test_an_oversized_message_is_refused_and_the_server_stays_up(exporter, channel):
+    request = pb.ResolveRequest(mm_hashes=["x" * 1024] * 6000)  # ~6 MiB
+    assert (
+        call_raw(channel, "Resolve", request.SerializeToString())
+        == grpc.StatusCode.RESOURCE_EXHAUSTED
+    )
+    assert_alive(exporter)
+
+
+def test_fuzzing_leaves_the_exporter_serving_and_its_items_intact(exporter):
+    assert_alive(exporter)
+    assert "resident" in exporter.pool
+
+
+def test_an_exporter_restarted_on_the_same_address_is_met_anew_and_old_descriptors_fail(
+    resolver, puller
+):
+    config = ExporterConfig(capacity_bytes=8 * MiB, address="127.0.0.1:0")
+    with ExporterProcess(config) as first:
+        address = first.address
+        first.export("before-restart", spec(seed=1))
+        stale = resolver.resolve(address, ["before-restart"], time.monotonic() + 5)
+        old_epoch = stale.peer.epoch
+    with ExporterProcess(ExporterConfig(capacity_bytes=8 * MiB, address=address)) as second:
+        # Descriptors of the dead process are never read: its agent is gone.
+        with pytest.raises((PeerDeadError, RefusedError)):
+            puller.read(stale, time.monotonic() + 5)
+        second.export("after-restart", spec(seed=2))
+        [item] = pull(resolver, puller, address, ["after-restart"])
+        assert torch.equal(item.tensor, spec(seed=2).make())
+        assert resolver.peer(address).epoch != old_epoch
+        puller.free(item)
+    assert puller.arena.bytes_used == 0
