@@ -81,7 +81,7 @@ def send(url: str, images: list[str], concurrency: int, level: Level) -> None:
                 level.errors += 1
             else:
                 level.ttft_ms.append(ttft)
-    level.wall_s = time.perf_counter() - start
+    level.wall_s += time.perf_counter() - start
 
 
 def pd_pull_metrics(pd_url: str) -> tuple[float, float]:
@@ -109,43 +109,58 @@ def cpu_connector_note() -> str | None:
 
 
 def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    """Every way of serving, `args.rounds` times in alternating order (the box drifts)."""
     build(workdir / "tiny-llava", text_hidden=args.text_hidden)
-    levels: list[Level] = []
-    repeated: list[Level] = []
-    extra: dict[str, Any] = {
+    ways = (*CONNECTORS, None)
+    levels: dict[tuple[str, int], Level] = {}
+    repeated: dict[str, Level] = {}
+    pulls = {"count": 0.0, "seconds": 0.0, "repeated": 0}
+    peak_rss: dict[str, dict[str, int]] = {}
+    for round_ in range(args.rounds):
+        for connector in ways if round_ % 2 == 0 else ways[::-1]:
+            name = connector or "single-instance"
+            nixl = connector == "ECNixlConnector"
+            with deploy(connector, workdir) as deployment:
+                send(deployment.url, [image(999)], 1, Level(name, 1))  # warm-up
+                pd = deployment.server("pd").url if connector else None
+                before = pd_pull_metrics(pd) if nixl else (0.0, 0.0)
+                for c in args.concurrency:
+                    level = levels.setdefault((name, c), Level(name, c))
+                    pictures = [
+                        image(100_000 * round_ + 1000 * c + i) for i in range(args.requests)
+                    ]
+                    send(deployment.url, pictures, c, level)
+                    print(
+                        f"[{name}] round {round_ + 1}, concurrency {c}: TTFT p50 so far "
+                        f"{level.percentiles()['p50']} ms, {level.errors} errors",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                after = pd_pull_metrics(pd) if nixl else (0.0, 0.0)
+                pulls["count"] += after[0] - before[0]
+                pulls["seconds"] += after[1] - before[1]
+                reuse = repeated.setdefault(name, Level(name, 1))
+                pictures = [
+                    image(5000 + i % REPEATED_IMAGES) for i in range(REPEATED_IMAGES * REPEATS)
+                ]
+                send(deployment.url, pictures, 1, reuse)
+                if nixl:
+                    pulls["repeated"] += int(pd_pull_metrics(pd)[0] - after[0])
+                mine = peak_rss.setdefault(name, {})
+                for server, mib in deployment.peak_rss_mib.items():
+                    mine[server] = max(mine.get(server, 0), round(mib))
+    order = {way or "single-instance": k for k, way in enumerate(ways)}
+    return {
+        "levels": sorted(levels.values(), key=lambda lv: (order[lv.connector], lv.concurrency)),
+        "repeated": sorted(repeated.values(), key=lambda lv: order[lv.connector]),
         "embedding_bytes": embedding_bytes(args.text_hidden),
-        "embeddings_ready_ms": {},
-        "peak_rss_mib": {},
-        "pulls_repeated": None,
+        "embeddings_ready_ms": {
+            "ECNixlConnector": round(1000 * pulls["seconds"] / max(pulls["count"], 1), 2)
+        },
+        "pulls_repeated": pulls["repeated"],
+        "peak_rss_mib": peak_rss,
+        "rounds": args.rounds,
     }
-    for connector in (*CONNECTORS, None):
-        name = connector or "single-instance"
-        with deploy(connector, workdir) as deployment:
-            send(deployment.url, [image(999)], 1, Level(name, 1))  # warm-up
-            pd = deployment.server("pd").url if connector else None
-            before = pd_pull_metrics(pd) if connector == "ECNixlConnector" else None
-            for c in args.concurrency:
-                level = Level(name, c)
-                send(deployment.url, [image(1000 * c + i) for i in range(args.requests)], c, level)
-                levels.append(level)
-                print(
-                    f"[{name}] concurrency {c}: TTFT p50 {level.percentiles()['p50']} ms, "
-                    f"{level.errors} errors",
-                    file=sys.stderr,
-                    flush=True,
-                )
-            if before is not None:
-                count, seconds = (a - b for a, b in zip(pd_pull_metrics(pd), before, strict=True))
-                extra["embeddings_ready_ms"][name] = round(1000 * seconds / max(count, 1), 2)
-            reuse = Level(name, 1)
-            pictures = [image(5000 + i % REPEATED_IMAGES) for i in range(REPEATED_IMAGES * REPEATS)]
-            pulls_before = pd_pull_metrics(pd)[0] if connector == "ECNixlConnector" else 0
-            send(deployment.url, pictures, 1, reuse)
-            if connector == "ECNixlConnector":
-                extra["pulls_repeated"] = int(pd_pull_metrics(pd)[0] - pulls_before)
-            repeated.append(reuse)
-            extra["peak_rss_mib"][name] = {k: round(v) for k, v in deployment.peak_rss_mib.items()}
-    return {"levels": levels, "repeated": repeated, **extra}
 
 
 def table(result: dict[str, Any]) -> str:
@@ -178,8 +193,8 @@ def table(result: dict[str, Any]) -> str:
         lines.append(f"Embeddings ready ({name}, PD scheduler's pull histogram, mean): {ms} ms")
     if result["pulls_repeated"] is not None:
         lines.append(
-            f"Repeated stream: {REPEATED_IMAGES} distinct images x {REPEATS}: "
-            f"ECNixlConnector pulled {result['pulls_repeated']} items"
+            f"Repeated stream: {REPEATED_IMAGES} distinct images x {REPEATS}, "
+            f"{result['rounds']} round(s): ECNixlConnector pulled {result['pulls_repeated']} items"
         )
     if note := cpu_connector_note():
         lines.append(note)
@@ -216,6 +231,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="comma-separated levels (default 1,2,4)",
     )
     parser.add_argument("--requests", type=int, default=12, help="requests per level (default 12)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="serve every way this many times, alternating the order; samples are pooled",
+    )
     parser.add_argument(
         "--text-hidden",
         type=int,

@@ -36,6 +36,13 @@ def test_transfer_benchmark_prints_ratios_and_writes_the_json_schema(tmp_path):
         assert set(r) == {"size_bytes", "method", "median_ms"} and r["median_ms"] > 0
 
 
+def test_help_explains_the_ttft_benchmark():
+    result = ec_nixl("bench", "ttft", "--help")
+    assert result.returncode == 0
+    assert "ECExampleConnector" in result.stdout and "--concurrency" in result.stdout
+    assert "ECCPUConnector" in result.stdout
+
+
 def test_a_bad_size_is_a_clear_usage_error():
     result = ec_nixl("bench", "transfer", "--sizes", "lots")
     assert result.returncode == 2 and "--sizes" in result.stderr
