@@ -21,7 +21,8 @@ from ec_nixl.resolver import Resolution, Resolver
 
 logger = logging.getLogger(__name__)
 
-MAX_CONCURRENT_PULLS = 4
+# Each job mostly waits on the network; a stalled encoder holds one for its whole deadline.
+MAX_CONCURRENT_PULLS = 16
 
 
 class PullState(Enum):
