@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ec_nixl.arena import Arena
-from ec_nixl.control.messages import dtype_name
+from ec_nixl.control.messages import dtype_name, parse_release_notification
 from ec_nixl.control.security import Security
 from ec_nixl.control.server import EventHub, ExportServicer, start_server
 from ec_nixl.metrics import MetricsServer, Stats
@@ -26,22 +26,7 @@ from ec_nixl.transfer import POLL_INTERVAL_S, TransferAgent
 
 logger = logging.getLogger(__name__)
 
-RELEASE_PREFIX = b"ec-nixl-release:"
 EXPIRY_SWEEP_S = 0.5
-
-
-def release_notification(lease_ids: list[int]) -> bytes:
-    """The NIXL notification a consumer attaches to its READ to release these leases."""
-    return RELEASE_PREFIX + ",".join(map(str, lease_ids)).encode()
-
-
-def parse_release_notification(message: bytes) -> list[int]:
-    if not message.startswith(RELEASE_PREFIX):
-        return []
-    try:
-        return [int(x) for x in message[len(RELEASE_PREFIX) :].split(b",")]
-    except ValueError:
-        return []
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,6 @@ side and throws the bytes away (see `Puller`).
 
 from __future__ import annotations
 
-import itertools
 import secrets
 import threading
 import time
@@ -81,8 +80,6 @@ class ExportPool:
         self._lock = threading.Lock()
         self._items: OrderedDict[str, ExportedItem] = OrderedDict()  # LRU first
         self._leases: dict[int, Lease] = {}
-        # Lease ids start at a random point so ids of a restarted exporter do not collide.
-        self._lease_ids = itertools.count(secrets.randbits(48) + 1)
 
     def __len__(self) -> int:
         return len(self._items)
@@ -134,7 +131,7 @@ class ExportPool:
             for mm_hash in mm_hashes:
                 item = self._items[mm_hash]
                 self._items.move_to_end(mm_hash)
-                lease = Lease(next(self._lease_ids), item, expires_at)
+                lease = Lease(self._new_lease_id(), item, expires_at)
                 item.leases.add(lease.lease_id)
                 item.claimed = True
                 self._leases[lease.lease_id] = lease
@@ -177,6 +174,12 @@ class ExportPool:
 
     def remaining_s(self, lease: Lease) -> float:
         return max(0.0, lease.expires_at - self._clock())
+
+    def _new_lease_id(self) -> int:
+        """Random, so nobody can release (by RPC or READ notification) a lease not theirs."""
+        while (lease_id := secrets.randbits(63)) in self._leases or not lease_id:
+            pass
+        return lease_id
 
     def _allocate_locked(self, mm_hash: str, nbytes: int) -> Slot:
         while (slot := self.arena.allocate(nbytes)) is None:

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 
 from ec_nixl.arena import Arena, Slot
+from ec_nixl.control.messages import release_notification
 from ec_nixl.errors import PeerDeadError, PoolFullError, StaleDataError
-from ec_nixl.exporter import release_notification
 from ec_nixl.resolver import Resolution, Resolver
 from ec_nixl.transfer import TransferAgent, tensor_region
 

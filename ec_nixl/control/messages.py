@@ -129,3 +129,22 @@ def region_to_pb(region: Region) -> pb.MemoryRegion:
 
 def region_from_pb(region: pb.MemoryRegion) -> Region:
     return Region(region.address, region.length, region.device, region.device_id)
+
+
+# A consumer's READ carries this NIXL notification; on arrival the exporter
+# releases the leases, so a successful pull needs no release round trip.
+RELEASE_PREFIX = b"ec-nixl-release:"
+
+
+def release_notification(lease_ids: list[int]) -> bytes:
+    return RELEASE_PREFIX + ",".join(map(str, lease_ids)).encode()
+
+
+def parse_release_notification(message: bytes) -> list[int]:
+    """Lease ids in a release notification; [] for anything else (it is peer input)."""
+    if not message.startswith(RELEASE_PREFIX):
+        return []
+    try:
+        return [int(x) for x in message[len(RELEASE_PREFIX) :].split(b",")]
+    except ValueError:
+        return []
