@@ -121,7 +121,10 @@ class PullCoordinator:
                 self.stats.observe("resolve_seconds", time.monotonic() - asked)
             for worker, resolution in zip(self._workers, resolutions, strict=True):
                 worker.pull(resolution, deadline)
-        except ECNixlError as exc:
+        except Exception as exc:  # a thread boundary: whatever fails here fails this pull only
+            if not isinstance(exc, ECNixlError):
+                logger.exception("pull of %s failed unexpectedly", job.mm_hash)
+                exc = ECNixlError(f"unexpected {type(exc).__name__}: {exc}")
             self.stats.count("pull_failures", label=type(exc).__name__)
             self._fail(job, resolutions, exc)
             return
