@@ -139,7 +139,9 @@ class ECNixlConnector(ECConnectorBase):
         if self.config.is_producer and rank == 0:
             self._producer_worker = ProducerWorker(self.config, self._fingerprint, device)
         if self.config.is_consumer:
-            self._consumer_worker = ConsumerWorker(self.config, self._engine_id, rank, device)
+            self._consumer_worker = ConsumerWorker(
+                self.config, self._fingerprint, self._engine_id, rank, device
+            )
 
     def save_caches(self, encoder_cache: dict[str, torch.Tensor], mm_hash: str, **kwargs) -> None:
         if self._producer_worker is not None:

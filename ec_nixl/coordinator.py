@@ -1,9 +1,10 @@
-"""The PD scheduler's side of a pull: resolve at the encoder, order every worker to READ.
+"""The PD scheduler's side of a pull: order every worker to pull, track the outcome.
 
 vLLM's scheduler must never block, so each pull runs as a job on a small thread
 pool and the scheduler only looks at its state. Every worker (tensor-parallel
-rank) needs the whole embedding, so each gets a lease of its own and releases
-it with its READ. A job fails as a whole: workers that did read drop the item.
+rank) needs the whole embedding, so each pulls it under a lease of its own. A
+job fails as a whole: workers that did pull drop the item. The scheduler only
+meets encoders itself (a handshake each) to report a model mismatch early.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from enum import Enum
 from ec_nixl.errors import ECNixlError, HandshakeError
 from ec_nixl.metrics import Stats
 from ec_nixl.receiver import WorkerClient
-from ec_nixl.resolver import Resolution, Resolver
+from ec_nixl.resolver import Resolver
 
 logger = logging.getLogger(__name__)
 
@@ -111,27 +112,24 @@ class PullCoordinator:
             worker.close()
 
     def _run(self, job: PullJob) -> None:
-        address = self._encoders[job.encoder_id]
         deadline = job.started_at + self._timeout_s
-        resolutions: list[Resolution] = []
         try:
-            for _ in self._workers:
-                asked = time.monotonic()
-                resolutions.append(self._resolver.resolve(address, [job.mm_hash], deadline))
-                self.stats.observe("resolve_seconds", time.monotonic() - asked)
-            for worker, resolution in zip(self._workers, resolutions, strict=True):
-                worker.pull(resolution, deadline)
+            reports = [
+                worker.pull(job.encoder_id, [job.mm_hash], deadline) for worker in self._workers
+            ]
         except Exception as exc:  # a thread boundary: whatever fails here fails this pull only
             if not isinstance(exc, ECNixlError):
                 logger.exception("pull of %s failed unexpectedly", job.mm_hash)
                 exc = ECNixlError(f"unexpected {type(exc).__name__}: {exc}")
             self.stats.count("pull_failures", label=type(exc).__name__)
-            self._fail(job, resolutions, exc)
+            self._fail(job, exc)
             return
         elapsed = time.monotonic() - job.started_at
         self.stats.count("items_pulled")
-        self.stats.count("bytes_pulled", resolutions[0].items[0].region.length)
+        self.stats.count("bytes_pulled", reports[0].bytes)
         self.stats.observe("pull_seconds", elapsed)
+        for report in reports:
+            self.stats.observe("resolve_seconds", report.resolve_s)
         logger.info("pulled %s from %s in %.1f ms", job.mm_hash, job.encoder_id, elapsed * 1000)
 
     def _report_incompatible(self, encoder_id: str, exc: HandshakeError) -> None:
@@ -144,9 +142,7 @@ class PullCoordinator:
                 encoder_id, exc,
             )  # fmt: skip
 
-    def _fail(self, job: PullJob, resolutions: list[Resolution], exc: ECNixlError) -> None:
-        for resolution in resolutions:
-            self._resolver.abandon(resolution, exc)
+    def _fail(self, job: PullJob, exc: ECNixlError) -> None:
         self._drop(job.mm_hash)
         if isinstance(exc, HandshakeError):
             self._report_incompatible(job.encoder_id, exc)

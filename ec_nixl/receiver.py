@@ -1,11 +1,12 @@
-"""The PD worker's side of a pull: read on the scheduler's order, hold, hand over.
+"""The PD worker's side of a pull: pull on the scheduler's order, hold, hand over.
 
-The scheduler resolves items and orders each of its workers, over a local
-socket, to READ them into the worker's receive arena. The worker holds them
-until the scheduler schedules the request (then `take` copies each into the
-encoder cache and frees the slot at once) or drops them. Copying out costs a
-local memcpy (several times faster than the READ itself) and means no slot is
-shared with vLLM's encoder cache, whose lifetime we do not control.
+The scheduler orders each of its workers, over a local socket, to pull items
+from an encoder: the worker resolves them (its own leases) and READs them into
+its receive arena, then holds them until the scheduler schedules the request
+(`take` copies each into the encoder cache and frees the slot at once) or
+drops them. Copying out costs a local memcpy (several times faster than the
+READ itself) and means no slot is shared with vLLM's encoder cache, whose
+lifetime we do not control.
 """
 
 from __future__ import annotations
@@ -13,41 +14,68 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import grpc
 import torch
 
 from ec_nixl.arena import Arena
-from ec_nixl.control.messages import PeerInfo, RemoteItem
 from ec_nixl.control.status import status_of, translate
-from ec_nixl.errors import ECNixlError
+from ec_nixl.errors import ECNixlError, RefusedError
 from ec_nixl.puller import PulledItem, Puller
-from ec_nixl.resolver import Resolution
+from ec_nixl.resolver import Resolver
 from ec_nixl.v1 import worker_pb2 as pb
 from ec_nixl.v1 import worker_pb2_grpc as pb_grpc
 
 logger = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class PullReport:
+    bytes: int
+    resolve_s: float
+    read_s: float
+
+
 class Receiver:
     """Pulled items held by mm_hash in a registered receive arena."""
 
-    def __init__(self, arena: Arena, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self,
+        arena: Arena,
+        resolver: Resolver,
+        encoders: dict[str, str],
+        device: torch.device | str = "cpu",
+    ) -> None:
         self.puller = Puller(arena)
+        self.resolver = resolver
+        self.encoders = encoders
         self.device = torch.device(device)
         self._lock = threading.Lock()
         self._held: dict[str, PulledItem] = {}
 
-    def pull(self, resolution: Resolution, deadline: float) -> None:
-        pulled = self.puller.read(resolution, deadline)
+    def pull(self, encoder_id: str, mm_hashes: Sequence[str], deadline: float) -> PullReport:
+        """Resolve and READ the items from a configured encoder, then hold them."""
+        address = self.encoders.get(encoder_id)
+        if address is None:
+            raise RefusedError(f"encoder {encoder_id!r} is not configured")
+        start = time.monotonic()
+        resolution = self.resolver.resolve(address, mm_hashes, deadline)
+        resolved = time.monotonic()
+        try:
+            pulled = self.puller.read(resolution, deadline)
+        except BaseException as exc:
+            self.resolver.abandon(resolution, exc)
+            raise
         with self._lock:
             for item in pulled:
                 if (older := self._held.pop(item.mm_hash, None)) is not None:
                     self.puller.free(older)
                 self._held[item.mm_hash] = item
-        logger.debug("holding %s", ", ".join(item.mm_hash for item in pulled))
+        size = sum(item.region.length for item in resolution.items)
+        return PullReport(size, resolved - start, time.monotonic() - resolved)
 
     def take(self, mm_hash: str) -> torch.Tensor | None:
         """The held item as a tensor of its own on the worker's device; its slot is freed."""
@@ -77,18 +105,16 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
         self._receiver = receiver
 
     def Pull(self, request: pb.PullRequest, context: grpc.ServicerContext):
-        now = time.monotonic()
+        deadline = time.monotonic() + request.timeout_ms / 1000
         try:
-            resolution = Resolution(
-                address=request.exporter_address,
-                peer=PeerInfo.from_pb(request.peer),
-                items=[RemoteItem.from_pb(item) for item in request.items],
-                valid_until=now + request.valid_for_ms / 1000,
-            )
-            self._receiver.pull(resolution, now + request.timeout_ms / 1000)
+            report = self._receiver.pull(request.encoder_id, list(request.mm_hashes), deadline)
         except ECNixlError as exc:
             context.abort(status_of(exc), str(exc))
-        return pb.PullResponse()
+        return pb.PullResponse(
+            bytes=report.bytes,
+            resolve_us=int(report.resolve_s * 1e6),
+            read_us=int(report.read_s * 1e6),
+        )
 
     def Drop(self, request: pb.DropRequest, context: grpc.ServicerContext):
         self._receiver.drop(request.mm_hashes)
@@ -115,19 +141,21 @@ class WorkerClient:
         self._channel = grpc.insecure_channel(address)
         self._stub = pb_grpc.WorkerServiceStub(self._channel)
 
-    def pull(self, resolution: Resolution, deadline: float) -> None:
+    def pull(self, encoder_id: str, mm_hashes: Sequence[str], deadline: float) -> PullReport:
         now = time.monotonic()
         request = pb.PullRequest(
-            exporter_address=resolution.address,
-            peer=resolution.peer.to_pb(),
-            items=[item.to_pb() for item in resolution.items],
+            encoder_id=encoder_id,
+            mm_hashes=mm_hashes,
             timeout_ms=max(1, int((deadline - now) * 1000)),
-            valid_for_ms=max(0, int((resolution.valid_until - now) * 1000)),
         )
         try:
-            self._stub.Pull(request, timeout=max(0.001, deadline - now) + 1.0, wait_for_ready=True)
+            # A grace second: the worker's own deadline should answer first.
+            reply = self._stub.Pull(
+                request, timeout=max(0.001, deadline - now) + 1.0, wait_for_ready=True
+            )
         except grpc.RpcError as exc:
             raise translate(exc, f"worker {self.address}") from exc
+        return PullReport(reply.bytes, reply.resolve_us / 1e6, reply.read_us / 1e6)
 
     def drop(self, mm_hashes: list[str]) -> None:
         try:

@@ -6,7 +6,8 @@ exports outputs that this step reuses from the encoder cache (vLLM does not
 re-encode those, so `save` never sees them). Only rank 0 exports: every
 tensor-parallel rank holds the same encoder output.
 
-Consumer (PD instance): owns a Receiver and serves the worker service on a
+Consumer (PD instance): owns a Receiver (which pulls from the configured
+encoders under leases of this rank's own) and serves the worker service on a
 local socket that its scheduler finds from the engine id and rank.
 """
 
@@ -25,6 +26,7 @@ from ec_nixl.connector_config import ConnectorConfig
 from ec_nixl.errors import ECNixlError
 from ec_nixl.exporter import Exporter, ExporterConfig
 from ec_nixl.receiver import Receiver, serve_receiver
+from ec_nixl.resolver import Resolver
 
 logger = logging.getLogger(__name__)
 
@@ -67,8 +69,21 @@ class ProducerWorker:
 
 
 class ConsumerWorker:
-    def __init__(self, config: ConnectorConfig, engine_id: str, rank: int, device: torch.device):
-        self.receiver = Receiver(Arena(config.receive_bytes, device), device)
+    def __init__(
+        self,
+        config: ConnectorConfig,
+        fingerprint: str,
+        engine_id: str,
+        rank: int,
+        device: torch.device,
+    ) -> None:
+        resolver = Resolver(
+            consumer_id=f"pd-{engine_id}-{rank}",
+            compatibility_hash=fingerprint,
+            security=config.security,
+        )
+        arena = Arena(config.receive_bytes, device)
+        self.receiver = Receiver(arena, resolver, config.encoders, device)
         self.address = worker_address(engine_id, rank)
         self._server: grpc.Server = serve_receiver(self.receiver, self.address)
         logger.info("PD worker %d receives pulls on %s", rank, self.address)
@@ -83,4 +98,5 @@ class ConsumerWorker:
 
     def close(self) -> None:
         self._server.stop(grace=0)
+        self.receiver.resolver.close()
         Path(self.address.removeprefix("unix:")).unlink(missing_ok=True)

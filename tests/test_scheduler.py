@@ -21,12 +21,14 @@ from ec_nixl.transfer_params import make_params
 
 
 @pytest.fixture(scope="module")
-def receiver(tmp_path_factory):
-    receiver = Receiver(Arena(32 * MiB))
+def receiver(tmp_path_factory, producer):
+    resolver = Resolver(consumer_id="test-worker")
+    receiver = Receiver(Arena(32 * MiB), resolver, {"enc0": producer.address})
     address = f"unix:{tmp_path_factory.mktemp('sock') / 'worker.sock'}"
     server = serve_receiver(receiver, address)
     yield receiver, address
     server.stop(grace=0)
+    resolver.close()
 
 
 @pytest.fixture

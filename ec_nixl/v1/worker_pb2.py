@@ -22,24 +22,23 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
-from ec_nixl.v1 import export_pb2 as ec__nixl_dot_v1_dot_export__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x65\x63_nixl/v1/worker.proto\x12\nec_nixl.v1\x1a\x17\x65\x63_nixl/v1/export.proto\"\xa9\x01\n\x0bPullRequest\x12\x18\n\x10\x65xporter_address\x18\x01 \x01(\t\x12+\n\x04peer\x18\x02 \x01(\x0b\x32\x1d.ec_nixl.v1.HandshakeResponse\x12)\n\x05items\x18\x03 \x03(\x0b\x32\x1a.ec_nixl.v1.ItemDescriptor\x12\x12\n\ntimeout_ms\x18\x04 \x01(\r\x12\x14\n\x0cvalid_for_ms\x18\x05 \x01(\r\"\x0e\n\x0cPullResponse\" \n\x0b\x44ropRequest\x12\x11\n\tmm_hashes\x18\x01 \x03(\t\"\x0e\n\x0c\x44ropResponse2\x85\x01\n\rWorkerService\x12\x39\n\x04Pull\x12\x17.ec_nixl.v1.PullRequest\x1a\x18.ec_nixl.v1.PullResponse\x12\x39\n\x04\x44rop\x12\x17.ec_nixl.v1.DropRequest\x1a\x18.ec_nixl.v1.DropResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x65\x63_nixl/v1/worker.proto\x12\nec_nixl.v1\"H\n\x0bPullRequest\x12\x12\n\nencoder_id\x18\x01 \x01(\t\x12\x11\n\tmm_hashes\x18\x02 \x03(\t\x12\x12\n\ntimeout_ms\x18\x03 \x01(\r\"B\n\x0cPullResponse\x12\r\n\x05\x62ytes\x18\x01 \x01(\x04\x12\x12\n\nresolve_us\x18\x02 \x01(\r\x12\x0f\n\x07read_us\x18\x03 \x01(\r\" \n\x0b\x44ropRequest\x12\x11\n\tmm_hashes\x18\x01 \x03(\t\"\x0e\n\x0c\x44ropResponse2\x85\x01\n\rWorkerService\x12\x39\n\x04Pull\x12\x17.ec_nixl.v1.PullRequest\x1a\x18.ec_nixl.v1.PullResponse\x12\x39\n\x04\x44rop\x12\x17.ec_nixl.v1.DropRequest\x1a\x18.ec_nixl.v1.DropResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'ec_nixl.v1.worker_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PULLREQUEST']._serialized_start=65
-  _globals['_PULLREQUEST']._serialized_end=234
-  _globals['_PULLRESPONSE']._serialized_start=236
-  _globals['_PULLRESPONSE']._serialized_end=250
-  _globals['_DROPREQUEST']._serialized_start=252
-  _globals['_DROPREQUEST']._serialized_end=284
-  _globals['_DROPRESPONSE']._serialized_start=286
-  _globals['_DROPRESPONSE']._serialized_end=300
-  _globals['_WORKERSERVICE']._serialized_start=303
-  _globals['_WORKERSERVICE']._serialized_end=436
+  _globals['_PULLREQUEST']._serialized_start=39
+  _globals['_PULLREQUEST']._serialized_end=111
+  _globals['_PULLRESPONSE']._serialized_start=113
+  _globals['_PULLRESPONSE']._serialized_end=179
+  _globals['_DROPREQUEST']._serialized_start=181
+  _globals['_DROPREQUEST']._serialized_end=213
+  _globals['_DROPRESPONSE']._serialized_start=215
+  _globals['_DROPRESPONSE']._serialized_end=229
+  _globals['_WORKERSERVICE']._serialized_start=232
+  _globals['_WORKERSERVICE']._serialized_end=365
 # @@protoc_insertion_point(module_scope)
