@@ -83,25 +83,14 @@ def _serve(conn, config: ExporterConfig) -> None:
 class ExporterProcess:
     """`with ExporterProcess(config) as producer:`; `producer.address` is its gRPC address."""
 
-    def __init__(
-        self, config: ExporterConfig = ExporterConfig(), env: dict[str, str] | None = None
-    ) -> None:
+    def __init__(self, config: ExporterConfig = ExporterConfig()) -> None:
         self.config = config
-        self._env = env or {}
 
     def __enter__(self) -> ExporterProcess:
         context = mp.get_context("spawn")
         self._conn, child_conn = context.Pipe()
-        saved = {k: os.environ.get(k) for k in self._env}
-        os.environ.update(self._env)
-        try:
-            self.process = context.Process(
-                target=_serve, args=(child_conn, self.config), daemon=True
-            )
-            self.process.start()
-        finally:
-            for k, v in saved.items():
-                os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+        self.process = context.Process(target=_serve, args=(child_conn, self.config), daemon=True)
+        self.process.start()
         if not self._conn.poll(READY_TIMEOUT_S):
             self.kill()
             raise TimeoutError("exporter process did not start in time")
