@@ -30,7 +30,7 @@ from ec_nixl.connector_config import ConnectorConfig
 from ec_nixl.coordinator import PullCoordinator
 from ec_nixl.errors import ConfigError
 from ec_nixl.metrics import PromMetrics, merge, summary
-from ec_nixl.receiver import WorkerClient
+from ec_nixl.receiver import ModelShape, WorkerClient
 from ec_nixl.resolver import Resolver
 from ec_nixl.scheduler import ConsumerScheduler, producer_params
 from ec_nixl.worker import ConsumerWorker, ProducerWorker, worker_address
@@ -139,8 +139,10 @@ class ECNixlConnector(ECConnectorBase):
         if self.config.is_producer and rank == 0:
             self._producer_worker = ProducerWorker(self.config, self._fingerprint, device)
         if self.config.is_consumer:
+            model = self._vllm_config.model_config
+            shape = ModelShape(model.dtype, model.get_inputs_embeds_size())
             self._consumer_worker = ConsumerWorker(
-                self.config, self._fingerprint, self._engine_id, rank, device
+                self.config, self._fingerprint, shape, self._engine_id, rank, device
             )
 
     def save_caches(self, encoder_cache: dict[str, torch.Tensor], mm_hash: str, **kwargs) -> None:

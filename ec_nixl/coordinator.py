@@ -36,6 +36,7 @@ class PullState(Enum):
 class PullJob:
     mm_hash: str
     encoder_id: str
+    num_embeds: int  # the rows the model expects: workers refuse another shape
     started_at: float = field(default_factory=time.monotonic)
     future: Future | None = None
     error: ECNixlError | None = None
@@ -68,11 +69,11 @@ class PullCoordinator:
         self._met: set[str] = set()
         self._incompatible: set[str] = set()
 
-    def start(self, mm_hash: str, encoder_id: str) -> PullJob:
+    def start(self, mm_hash: str, encoder_id: str, num_embeds: int) -> PullJob:
         """Start pulling `mm_hash` from `encoder_id` unless a job for it exists."""
         job = self._jobs.get(mm_hash)
         if job is None:
-            job = self._jobs[mm_hash] = PullJob(mm_hash, encoder_id)
+            job = self._jobs[mm_hash] = PullJob(mm_hash, encoder_id, num_embeds)
             job.future = self._pool.submit(self._run, job)
         return job
 
@@ -115,7 +116,8 @@ class PullCoordinator:
         deadline = job.started_at + self._timeout_s
         try:
             reports = [
-                worker.pull(job.encoder_id, [job.mm_hash], deadline) for worker in self._workers
+                worker.pull(job.encoder_id, [job.mm_hash], [job.num_embeds], deadline)
+                for worker in self._workers
             ]
         except Exception as exc:  # a thread boundary: whatever fails here fails this pull only
             if not isinstance(exc, ECNixlError):

@@ -32,6 +32,7 @@ METRICS: dict[str, Metric] = {
     "pull_failures": Metric("counter", "Pulls that failed, by cause", label="cause"),
     "fallbacks": Metric("counter", "Items encoded locally after their pull failed"),
     "failed_requests": Metric("counter", "Requests failed: encoder outputs unobtainable"),
+    "refused_params": Metric("counter", "Requests whose ec_transfer_params were refused"),
     "pull_seconds": Metric("histogram", "From the scheduler's order to bytes on every worker"),
     "resolve_seconds": Metric("histogram", "One resolve round trip to an encoder"),
     # producer (encoder worker)

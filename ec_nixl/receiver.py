@@ -22,6 +22,7 @@ import grpc
 import torch
 
 from ec_nixl.arena import Arena
+from ec_nixl.control.messages import RemoteItem
 from ec_nixl.control.status import status_of, translate
 from ec_nixl.errors import ECNixlError, RefusedError
 from ec_nixl.puller import PulledItem, Puller
@@ -30,6 +31,32 @@ from ec_nixl.v1 import worker_pb2 as pb
 from ec_nixl.v1 import worker_pb2_grpc as pb_grpc
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What an encoder output must look like to enter this model's encoder cache.
+
+    Checked on the descriptors, before any byte is read: an encoder that sends
+    another shape or dtype (a misconfigured or hostile peer) would otherwise
+    crash the model at its next step.
+    """
+
+    dtype: torch.dtype
+    embed_size: int  # inputs-embeds width; some models stack several (deepstack): a multiple
+
+    def check(self, item: RemoteItem, num_embeds: int) -> None:
+        shape = item.shape
+        if (
+            item.dtype != self.dtype
+            or len(shape) != 2
+            or shape[0] != num_embeds
+            or shape[1] % self.embed_size
+        ):
+            raise RefusedError(
+                f"{item.mm_hash}: the encoder holds {item.dtype}{list(shape)}, this model "
+                f"needs {self.dtype}[{num_embeds}, k*{self.embed_size}]"
+            )
 
 
 @dataclass(frozen=True)
@@ -47,24 +74,36 @@ class Receiver:
         arena: Arena,
         resolver: Resolver,
         encoders: dict[str, str],
+        model: ModelShape,
         device: torch.device | str = "cpu",
     ) -> None:
         self.puller = Puller(arena)
         self.resolver = resolver
         self.encoders = encoders
+        self.model = model
         self.device = torch.device(device)
         self._lock = threading.Lock()
         self._held: dict[str, PulledItem] = {}
 
-    def pull(self, encoder_id: str, mm_hashes: Sequence[str], deadline: float) -> PullReport:
+    def pull(
+        self,
+        encoder_id: str,
+        mm_hashes: Sequence[str],
+        num_embeds: Sequence[int],
+        deadline: float,
+    ) -> PullReport:
         """Resolve and READ the items from a configured encoder, then hold them."""
         address = self.encoders.get(encoder_id)
         if address is None:
             raise RefusedError(f"encoder {encoder_id!r} is not configured")
+        if len(num_embeds) != len(mm_hashes):
+            raise RefusedError(f"{len(mm_hashes)} items but {len(num_embeds)} shapes")
         start = time.monotonic()
         resolution = self.resolver.resolve(address, mm_hashes, deadline)
         resolved = time.monotonic()
         try:
+            for item, rows in zip(resolution.items, num_embeds, strict=True):
+                self.model.check(item, rows)
             pulled = self.puller.read(resolution, deadline)
         except BaseException as exc:
             self.resolver.abandon(resolution, exc)
@@ -107,7 +146,9 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
     def Pull(self, request: pb.PullRequest, context: grpc.ServicerContext):
         deadline = time.monotonic() + request.timeout_ms / 1000
         try:
-            report = self._receiver.pull(request.encoder_id, list(request.mm_hashes), deadline)
+            report = self._receiver.pull(
+                request.encoder_id, list(request.mm_hashes), list(request.num_embeds), deadline
+            )
         except ECNixlError as exc:
             context.abort(status_of(exc), str(exc))
         return pb.PullResponse(
@@ -141,11 +182,18 @@ class WorkerClient:
         self._channel = grpc.insecure_channel(address)
         self._stub = pb_grpc.WorkerServiceStub(self._channel)
 
-    def pull(self, encoder_id: str, mm_hashes: Sequence[str], deadline: float) -> PullReport:
+    def pull(
+        self,
+        encoder_id: str,
+        mm_hashes: Sequence[str],
+        num_embeds: Sequence[int],
+        deadline: float,
+    ) -> PullReport:
         now = time.monotonic()
         request = pb.PullRequest(
             encoder_id=encoder_id,
             mm_hashes=mm_hashes,
+            num_embeds=num_embeds,
             timeout_ms=max(1, int((deadline - now) * 1000)),
         )
         try:

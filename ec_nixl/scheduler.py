@@ -9,8 +9,9 @@ Consumer, per item a request names in its `ec_transfer_params`:
 - pulled: report the item as available; vLLM then schedules its load;
 - failed: encode locally if the request still carries the media, else fail
   the request with the reason in the log.
-Params that are malformed or name an unconfigured encoder fail the request
-before anything is contacted.
+Params that are malformed or name an unconfigured encoder are refused before
+anything is contacted: the request's items are encoded locally (or, without
+media, the request fails), as after a failed pull.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class ConsumerScheduler:
         self._resident: set[str] = set()
         self._warned_unmatched = False
         self._fell_back: set[tuple[str, str]] = set()  # (request id, mm_hash), for counting
+        self._refused: set[str] = set()  # request ids whose params were refused, for counting
         self.stats = coordinator.stats
 
     def ensure_available(self, request: Any, num_computed_tokens: int) -> bool:
@@ -42,8 +44,8 @@ class ConsumerScheduler:
         try:
             where = parse_params(request.ec_transfer_params, self._encoders)
         except RefusedError as exc:
-            self._fail(request, str(exc))
-            return True  # let the scheduler reach the failure
+            self._refuse(request, exc)
+            return True  # encode locally, or let the scheduler reach the failure
         for encoder_id in set(where.values()):
             self._coordinator.meet(encoder_id)
         self._warn_if_unmatched(request, where)
@@ -58,16 +60,29 @@ class ConsumerScheduler:
                 or position.offset + position.length <= num_computed_tokens  # already used
             ):
                 continue
-            job = self._coordinator.start(mm_hash, encoder_id)
+            job = self._coordinator.start(mm_hash, encoder_id, position.get_num_embeds())
             if job.state is PullState.RUNNING:
                 pending = True
             elif job.state is PullState.FAILED:
-                if feature.data is None:
-                    self._fail(request, f"{mm_hash}: {job.error}; no media to encode locally")
-                elif (request.request_id, mm_hash) not in self._fell_back:
-                    self._fell_back.add((request.request_id, mm_hash))
-                    self.stats.count("fallbacks")
+                self._fall_back(request, feature, str(job.error))
         return not pending
+
+    def _refuse(self, request: Any, exc: RefusedError) -> None:
+        if request.request_id not in self._refused:
+            self._refused.add(request.request_id)
+            self.stats.count("refused_params")
+            logger.warning("request %s: %s; encoding its items here", request.request_id, exc)
+        for feature in request.mm_features:
+            if feature.identifier not in self._resident:
+                self._fall_back(request, feature, str(exc))
+
+    def _fall_back(self, request: Any, feature: Any, reason: str) -> None:
+        """The item is not coming: vLLM encodes it here, if the request still has the media."""
+        if feature.data is None:
+            self._fail(request, f"{feature.identifier}: {reason}; no media to encode locally")
+        elif (request.request_id, feature.identifier) not in self._fell_back:
+            self._fell_back.add((request.request_id, feature.identifier))
+            self.stats.count("fallbacks")
 
     def has_item(self, mm_hash: str) -> bool:
         job = self._coordinator.job(mm_hash)
@@ -94,6 +109,7 @@ class ConsumerScheduler:
 
     def request_finished(self, request: Any) -> None:
         """Items pulled for a request that ended without loading them are dropped."""
+        self._refused.discard(request.request_id)
         for feature in request.mm_features:
             self._coordinator.forget(feature.identifier, drop=True)
             self._fell_back.discard((request.request_id, feature.identifier))

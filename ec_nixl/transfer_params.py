@@ -38,7 +38,7 @@ def parse_params(params: Any, known_encoders: Iterable[str]) -> dict[str, str]:
         if not isinstance(mm_hash, str) or not 0 < len(mm_hash) <= MAX_ID_LENGTH:
             raise RefusedError(f"ec_transfer_params: bad item key {str(mm_hash)[:64]!r}")
         encoder_id = entry.get(ENCODER_ID) if isinstance(entry, dict) else None
-        if not isinstance(encoder_id, str):
+        if not isinstance(encoder_id, str) or len(entry) != 1:
             raise RefusedError(f"ec_transfer_params[{mm_hash!r}] must be {{{ENCODER_ID!r}: id}}")
         if encoder_id not in known:
             raise RefusedError(

@@ -25,7 +25,7 @@ from ec_nixl.arena import Arena
 from ec_nixl.connector_config import ConnectorConfig
 from ec_nixl.errors import ECNixlError
 from ec_nixl.exporter import Exporter, ExporterConfig
-from ec_nixl.receiver import Receiver, serve_receiver
+from ec_nixl.receiver import ModelShape, Receiver, serve_receiver
 from ec_nixl.resolver import Resolver
 
 logger = logging.getLogger(__name__)
@@ -73,6 +73,7 @@ class ConsumerWorker:
         self,
         config: ConnectorConfig,
         fingerprint: str,
+        model: ModelShape,
         engine_id: str,
         rank: int,
         device: torch.device,
@@ -83,7 +84,7 @@ class ConsumerWorker:
             security=config.security,
         )
         arena = Arena(config.receive_bytes, device)
-        self.receiver = Receiver(arena, resolver, config.encoders, device)
+        self.receiver = Receiver(arena, resolver, config.encoders, model, device)
         self.address = worker_address(engine_id, rank)
         self._server: grpc.Server = serve_receiver(self.receiver, self.address)
         logger.info("PD worker %d receives pulls on %s", rank, self.address)

@@ -14,7 +14,7 @@ from vllm.v1.request import Request
 
 from ec_nixl.arena import Arena
 from ec_nixl.coordinator import PullCoordinator
-from ec_nixl.receiver import Receiver, WorkerClient, serve_receiver
+from ec_nixl.receiver import ModelShape, Receiver, WorkerClient, serve_receiver
 from ec_nixl.resolver import Resolver
 from ec_nixl.scheduler import ConsumerScheduler, producer_params
 from ec_nixl.transfer_params import make_params
@@ -23,7 +23,8 @@ from ec_nixl.transfer_params import make_params
 @pytest.fixture(scope="module")
 def receiver(tmp_path_factory, producer):
     resolver = Resolver(consumer_id="test-worker")
-    receiver = Receiver(Arena(32 * MiB), resolver, {"enc0": producer.address})
+    model = ModelShape(torch.bfloat16, embed_size=1024)
+    receiver = Receiver(Arena(32 * MiB), resolver, {"enc0": producer.address}, model)
     address = f"unix:{tmp_path_factory.mktemp('sock') / 'worker.sock'}"
     server = serve_receiver(receiver, address)
     yield receiver, address
@@ -43,13 +44,20 @@ def scheduler(producer, receiver):
     scheduler.close()
 
 
+ROWS = 8  # each test item's placeholder: ROWS x 1024 bf16, what the exports below hold
+
+
+def item(seed: int, shape=(ROWS, 1024), dtype=torch.bfloat16):
+    return spec(shape, dtype, seed)
+
+
 def request(request_id: str, hashes: list[str], params=None, media: bool = True) -> Request:
     features = [
         MultiModalFeatureSpec(
             data=MultiModalKwargsItem.dummy() if media else None,
             modality="image",
             identifier=mm_hash,
-            mm_position=PlaceholderRange(offset=1 + 10 * i, length=4),
+            mm_position=PlaceholderRange(offset=1 + 10 * i, length=ROWS),
         )
         for i, mm_hash in enumerate(hashes)
     ]
@@ -77,14 +85,14 @@ def test_a_request_without_params_needs_no_pull(scheduler):
 
 
 def test_a_named_item_defers_the_request_until_every_worker_holds_it(scheduler, producer, receiver):
-    producer.export("h-pulled", spec(seed=1))
+    producer.export("h-pulled", item(seed=1))
     req = request("pulled", ["h-pulled"], make_params("enc0", ["h-pulled"]))
     assert not scheduler.ensure_available(req, 0)  # deferred while the pull runs
     settle(scheduler, req)
     assert scheduler.has_item("h-pulled")
     scheduler.on_alloc("h-pulled")
     assert scheduler.take_loads() == ["h-pulled"]
-    assert torch.equal(receiver[0].take("h-pulled"), spec(seed=1).make())
+    assert torch.equal(receiver[0].take("h-pulled"), item(seed=1).make())
 
 
 def test_an_item_in_the_local_encoder_cache_is_not_pulled_again_until_evicted(scheduler, producer):
@@ -93,7 +101,7 @@ def test_an_item_in_the_local_encoder_cache_is_not_pulled_again_until_evicted(sc
     assert scheduler.ensure_available(req, 0)
     assert not scheduler.has_item("h-resident")
     scheduler.on_freed(["h-resident"])
-    producer.export("h-resident", spec(seed=2))
+    producer.export("h-resident", item(seed=2))
     settle(scheduler, req)
     assert scheduler.has_item("h-resident")
 
@@ -107,12 +115,40 @@ def test_an_item_in_the_local_encoder_cache_is_not_pulled_again_until_evicted(sc
         ["h-x"],
     ],
 )
-def test_forged_params_fail_the_request_without_any_pull(scheduler, params):
+def test_forged_params_are_refused_and_the_items_encoded_here_without_any_pull(scheduler, params):
     req = request("forged", ["h-x"], params)
-    assert scheduler.ensure_available(req, 0)  # let vLLM reach the failure
-    assert scheduler.take_unavailable() == {"forged"}
+    assert scheduler.ensure_available(req, 0)
+    assert scheduler.ensure_available(req, 0)  # asked again: counted once
     assert scheduler.take_unavailable() == set()
     assert not scheduler.has_item("h-x")
+    assert scheduler._coordinator.job("h-x") is None
+    counters = scheduler.stats.take()["counters"]
+    assert counters == {"refused_params": 1, "fallbacks": 1}
+
+
+def test_forged_params_fail_a_request_that_has_no_media_to_encode(scheduler):
+    req = request("forged-no-media", ["h-y"], {"h-y": "10.0.0.1:7100"}, media=False)
+    assert scheduler.ensure_available(req, 0)  # let vLLM reach the failure
+    assert scheduler.take_unavailable() == {"forged-no-media"}
+
+
+@pytest.mark.parametrize(
+    "exported",
+    [item(5, shape=(ROWS + 1, 1024)), item(6, shape=(ROWS, 1000)), item(7, dtype=torch.float16)],
+    ids=["rows", "width", "dtype"],
+)
+def test_an_item_of_the_wrong_shape_or_dtype_is_refused_unread_and_encoded_here(
+    scheduler, producer, receiver, exported
+):
+    mm_hash = f"h-wrong-{exported.seed}"
+    producer.export(mm_hash, exported)
+    req = request(mm_hash, [mm_hash], make_params("enc0", [mm_hash]))
+    settle(scheduler, req)
+    job = scheduler._coordinator.job(mm_hash)
+    assert "this model needs torch.bfloat16[8, k*1024]" in str(job.error)
+    assert mm_hash not in receiver[0].held
+    assert scheduler.take_unavailable() == set()
+    assert scheduler.stats.take()["counters"]["fallbacks"] == 1
 
 
 def test_a_failed_pull_falls_back_to_local_encoding_when_the_media_is_there(scheduler):
@@ -130,7 +166,7 @@ def test_a_failed_pull_fails_the_request_when_the_media_is_gone(scheduler):
 
 
 def test_a_request_that_ends_before_its_load_frees_the_pulled_item(scheduler, producer, receiver):
-    producer.export("h-abandoned", spec(seed=3))
+    producer.export("h-abandoned", item(seed=3))
     req = request("abandoned", ["h-abandoned"], make_params("enc0", ["h-abandoned"]))
     settle(scheduler, req)
     assert "h-abandoned" in receiver[0].held
@@ -142,7 +178,7 @@ def test_a_request_that_ends_before_its_load_frees_the_pulled_item(scheduler, pr
 
 
 def test_an_item_the_request_has_already_consumed_is_not_pulled(scheduler, producer):
-    producer.export("h-consumed", spec(seed=4))
+    producer.export("h-consumed", item(seed=4))
     req = request("consumed", ["h-consumed"], make_params("enc0", ["h-consumed"]))
     assert scheduler.ensure_available(req, num_computed_tokens=20)  # past its placeholder
     assert scheduler._coordinator.job("h-consumed") is None

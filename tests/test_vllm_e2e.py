@@ -9,6 +9,7 @@ differently.
 
 from __future__ import annotations
 
+import json
 import re
 import socket
 import threading
@@ -178,28 +179,55 @@ def test_the_encoder_frees_an_item_as_soon_as_pd_has_pulled_it(cluster):
     assert EventKind.EXPORTED in kinds and kinds[-1] is EventKind.EVICTED
 
 
-@pytest.mark.parametrize(
-    "params",
-    [
-        {"anything": {"encoder_id": "not-configured"}},
-        {"anything": "127.0.0.1:PORT"},
-        {"anything": {"encoder_id": "127.0.0.1:PORT"}},
-        {"deeply": {"nested": [{"junk": 1}]}},
-    ],
-)
-def test_forged_transfer_params_fail_clearly_without_contacting_anyone(cluster, params):
+# Forged ec_transfer_params sent straight to PD; ITEM is the image's real mm_hash, PORT a
+# listener that must never be contacted.
+FORGED = {
+    "unknown encoder": {"ITEM": {"encoder_id": "not-configured"}},
+    "raw address": {"ITEM": "127.0.0.1:PORT"},
+    "address as id": {"ITEM": {"encoder_id": "127.0.0.1:PORT"}},
+    "sizes and dtype": {"ITEM": {"encoder_id": "enc0", "bytes": -1, "dtype": "float64",
+                                 "shape": [1 << 40, 4096]}},
+    "nested junk": {"ITEM": {"encoder_id": {"deeply": [[{"nested": "junk"}]]}}},
+    "item not in request": {"0" * 64: {"encoder_id": "enc0"}},
+    "not an object": ["ITEM"],
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def forged_item(cluster):
+    """An image the encoder has exported (so a pull would succeed) and its mm_hash."""
+    url = image(40)
+    params = post(cluster["encoder"].url, chat_body(url, max_tokens=1))["ec_transfer_params"]
+    return url, next(iter(params))
+
+
+@pytest.mark.parametrize("params", FORGED.values(), ids=FORGED.keys())
+def test_forged_transfer_params_get_a_local_encoding_or_a_4xx_and_contact_no_one(
+    cluster, forged_item, params
+):
+    url, mm_hash = forged_item
     listener = socket.create_server(("127.0.0.1", 0))
     listener.settimeout(0.5)
     port = listener.getsockname()[1]
-    forged = eval(repr(params).replace("PORT", str(port)))  # noqa: S307 - our own literal
-    with pytest.raises(urllib.error.HTTPError) as caught:
-        post(cluster["pd"].url, chat_body(image(40), ec_transfer_params=forged))
-    assert caught.value.code >= 400
+    forged = json.loads(json.dumps(params).replace("ITEM", mm_hash).replace("PORT", str(port)))
+    pulls = pulls_in_log(cluster["pd"])
+    try:
+        reply = post(cluster["pd"].url, chat_body(url, ec_transfer_params=forged))
+        assert reply["choices"][0]["message"]["content"]  # encoded here
+    except urllib.error.HTTPError as exc:
+        assert 400 <= exc.code < 500, exc.read()
     with pytest.raises(TimeoutError):
         listener.accept()
     listener.close()
+    assert pulls_in_log(cluster["pd"]) == pulls
     # PD keeps serving.
     assert answer(cluster["proxy"].url, PROXIED[1])
+
+
+def test_refused_params_are_counted_as_refusals_and_fallbacks(cluster):
+    # After the forged requests above: each that named the request's item was refused.
+    assert metric(cluster["pd"].url, "ec_nixl:refused_params_total") >= 5
+    assert metric(cluster["pd"].url, "ec_nixl:failed_requests_total") == 0
 
 
 def test_the_proxy_drops_transfer_params_a_client_made_up(cluster, reference):

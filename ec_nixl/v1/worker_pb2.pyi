@@ -7,14 +7,16 @@ from typing import ClassVar as _ClassVar, Optional as _Optional
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class PullRequest(_message.Message):
-    __slots__ = ("encoder_id", "mm_hashes", "timeout_ms")
+    __slots__ = ("encoder_id", "mm_hashes", "timeout_ms", "num_embeds")
     ENCODER_ID_FIELD_NUMBER: _ClassVar[int]
     MM_HASHES_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    NUM_EMBEDS_FIELD_NUMBER: _ClassVar[int]
     encoder_id: str
     mm_hashes: _containers.RepeatedScalarFieldContainer[str]
     timeout_ms: int
-    def __init__(self, encoder_id: _Optional[str] = ..., mm_hashes: _Optional[_Iterable[str]] = ..., timeout_ms: _Optional[int] = ...) -> None: ...
+    num_embeds: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, encoder_id: _Optional[str] = ..., mm_hashes: _Optional[_Iterable[str]] = ..., timeout_ms: _Optional[int] = ..., num_embeds: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class PullResponse(_message.Message):
     __slots__ = ("bytes", "resolve_us", "read_us")
