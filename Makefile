@@ -4,13 +4,16 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench lint proto clean
+.PHONY: demo test reliability bench lint proto clean
 
 demo: $(STAMP)  ## the main job: E + PD + proxy on this machine, ECNixlConnector vs ECExampleConnector TTFT
 	$(BIN)/python -m integration.demo
 
 test: $(STAMP)  ## the whole test suite
 	$(BIN)/python -m pytest
+
+reliability: $(STAMP)  ## load, faults and hostile input through real E + PD; writes docs/RELIABILITY.md
+	$(BIN)/python -m pytest tests/test_reliability.py --reliability-report docs/RELIABILITY.md
 
 bench: $(STAMP)  ## transfer benchmark: NIXL vs shared storage vs memcpy between two processes
 	$(BIN)/ec-nixl bench transfer

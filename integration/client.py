@@ -12,6 +12,7 @@ import urllib.request
 from typing import Any
 
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 from integration.servers import MODEL_NAME
 
@@ -75,6 +76,18 @@ def stream_ttft(url: str, body: dict[str, Any], timeout_s: float = 120) -> tuple
                 first = first or time.perf_counter()
                 text.append(delta)
     return (first or time.perf_counter()) - start, "".join(text)
+
+
+def metric(url: str, name: str, **labels: str) -> float:
+    """Sum of the samples of a metric at a Prometheus endpoint whose labels include `labels`."""
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as reply:
+        families = text_string_to_metric_families(reply.read().decode())
+    return sum(
+        sample.value
+        for family in families
+        for sample in family.samples
+        if sample.name == name and labels.items() <= sample.labels.items()
+    )
 
 
 def main() -> None:

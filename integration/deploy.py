@@ -8,13 +8,19 @@ runs, the peak resident memory of each vLLM instance is sampled.
 from __future__ import annotations
 
 import sys
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from integration.servers import Server, free_port, start_proxy, start_vllm, wait_healthy
+from integration.servers import (
+    PeakRss,
+    Server,
+    free_port,
+    start_proxy,
+    start_vllm,
+    wait_healthy,
+)
 
 CONNECTORS = ("ECNixlConnector", "ECExampleConnector")
 
@@ -48,15 +54,6 @@ class Deployment:
         return next(s for s in self.servers if s.name == name)
 
 
-def _watch_rss(deployment: Deployment, stop: threading.Event) -> None:
-    while not stop.wait(0.2):
-        for server in deployment.servers:
-            if server.name != "proxy":
-                mib = server.rss_bytes() / (1 << 20)
-                peak = deployment.peak_rss_mib.get(server.name, 0.0)
-                deployment.peak_rss_mib[server.name] = max(peak, mib)
-
-
 @contextmanager
 def deploy(connector: str | None, workdir: Path) -> Iterator[Deployment]:
     """`workdir` holds `tiny-llava/`; logs go to `workdir/logs/<name>/`."""
@@ -72,17 +69,14 @@ def deploy(connector: str | None, workdir: Path) -> Iterator[Deployment]:
                        ec_transfer_config=encoder_config),
             start_vllm("pd", workdir=workdir, cpu=1, log_dir=logs, ec_transfer_config=pd_config),
         ]  # fmt: skip
-    stop = threading.Event()
     try:
         startup_s = wait_healthy(servers)
         if connector is not None:
             servers.append(start_proxy(encoders=[servers[0].url], pd=servers[1].url, log_dir=logs))
             wait_healthy(servers[-1:])
-        deployment = Deployment(name, servers[-1].url, servers, startup_s)
         print(f"[{name}] healthy in {startup_s:.1f} s; logs in {logs}", file=sys.stderr, flush=True)
-        threading.Thread(target=_watch_rss, args=(deployment, stop), daemon=True).start()
-        yield deployment
+        with PeakRss(servers) as rss:
+            yield Deployment(name, servers[-1].url, servers, startup_s, rss.peak_mib)
     finally:
-        stop.set()
         for server in servers:
             server.stop()

@@ -9,8 +9,10 @@ For each chat or completion request:
    passes through chunk by chunk.
 With several encoders, a request's images are spread over them (one
 encoder request per image) and their answers merged; encoders are used
-round-robin, and one that fails is skipped for a few seconds. If no encoder
-answers, PD gets the request without params and encodes locally.
+round-robin, and one that fails (or does not answer within the encoder
+timeout) is skipped for a few seconds. If no encoder answers, or all are
+being skipped, PD gets the request without params and encodes locally.
+`/metrics` counts both.
 
     python -m integration.proxy --encoder URL [--encoder URL ...] --pd URL --port N
 """
@@ -25,12 +27,13 @@ import time
 from typing import Any
 
 import aiohttp
+import prometheus_client
 from aiohttp import web
 
 logger = logging.getLogger("ec_nixl.proxy")
 
 ROUTES = ("/v1/chat/completions", "/v1/completions")
-ENCODER_TIMEOUT = aiohttp.ClientTimeout(total=60)
+DEFAULT_ENCODER_TIMEOUT_S = 30.0
 PD_TIMEOUT = aiohttp.ClientTimeout(total=600)
 
 
@@ -74,12 +77,22 @@ def _keep_only(message: Any, index: int, keep: tuple[int, int]) -> Any:
 
 
 class EPDProxy:
-    def __init__(self, encoders: list[str], pd: str) -> None:
+    def __init__(self, encoders: list[str], pd: str, encoder_timeout_s: float) -> None:
         self.encoders = encoders
         self.pd = pd
+        self._encoder_timeout = aiohttp.ClientTimeout(total=encoder_timeout_s)
         self._turn = itertools.cycle(encoders)
         self._down_until = dict.fromkeys(encoders, 0.0)
         self._session: aiohttp.ClientSession | None = None
+        self.registry = prometheus_client.CollectorRegistry()
+        self._encoder_failures = prometheus_client.Counter(
+            "ec_nixl_proxy_encoder_failures", "Encoder requests that failed or timed out",
+            ["encoder"], registry=self.registry,
+        )  # fmt: skip
+        self._local_encodes = prometheus_client.Counter(
+            "ec_nixl_proxy_local_encodes", "Requests PD encoded itself: no encoder answered",
+            registry=self.registry,
+        )  # fmt: skip
 
     async def start(self, app: web.Application) -> None:
         self._session = aiohttp.ClientSession()
@@ -94,14 +107,15 @@ class EPDProxy:
         merged = {k: v for answer in answers if answer for k, v in answer.items()}
         return merged or None
 
-    def _next_encoder(self) -> str:
-        """Round-robin over encoders, skipping one that failed in the last DOWN_FOR_S."""
+    def _next_encoder(self) -> str | None:
+        """Round-robin over encoders, skipping one that failed in the last DOWN_FOR_S;
+        None while all did (a stalled encoder would cost every request the timeout)."""
         now = time.monotonic()
         for _ in self.encoders:
             encoder = next(self._turn)
             if self._down_until[encoder] <= now:
                 return encoder
-        return next(self._turn)
+        return None
 
     async def _encode_share(self, path: str, body: dict[str, Any]) -> dict[str, Any] | None:
         request = {**body, "max_tokens": 1, "stream": False}
@@ -109,9 +123,11 @@ class EPDProxy:
             request.pop(key, None)
         for _ in self.encoders:
             encoder = self._next_encoder()
+            if encoder is None:
+                break
             try:
                 async with self._session.post(
-                    encoder + path, json=request, timeout=ENCODER_TIMEOUT
+                    encoder + path, json=request, timeout=self._encoder_timeout
                 ) as reply:
                     if reply.status == 200:
                         return (await reply.json()).get("ec_transfer_params")
@@ -123,7 +139,9 @@ class EPDProxy:
                     "encoder %s failed (%r); skipping it for %.0f s", encoder, exc, DOWN_FOR_S
                 )
                 self._down_until[encoder] = time.monotonic() + DOWN_FOR_S
+                self._encoder_failures.labels(encoder).inc()
         logger.warning("no encoder answered; PD will encode locally")
+        self._local_encodes.inc()
         return None
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -136,6 +154,15 @@ class EPDProxy:
         params = await self.encode(request.path, body)
         if params:
             body = {**body, "ec_transfer_params": params}
+        try:
+            return await self._forward(request, body)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            if request.get("streaming"):  # the status went out with the first chunk
+                raise
+            logger.warning("PD failed: %r", exc)
+            return web.json_response({"error": f"PD unavailable: {exc!r}"}, status=502)
+
+    async def _forward(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
         async with self._session.post(
             self.pd + request.path, json=body, timeout=PD_TIMEOUT
         ) as reply:
@@ -147,6 +174,7 @@ class EPDProxy:
                 status=reply.status, headers={"Content-Type": "text/event-stream"}
             )
             await response.prepare(request)
+            request["streaming"] = True
             async for chunk in reply.content.iter_any():
                 await response.write(chunk)
             await response.write_eof()
@@ -154,20 +182,29 @@ class EPDProxy:
 
     async def health(self, request: web.Request) -> web.Response:
         try:
-            async with self._session.get(self.pd + "/health", timeout=ENCODER_TIMEOUT) as reply:
+            async with self._session.get(
+                self.pd + "/health", timeout=self._encoder_timeout
+            ) as reply:
                 return web.Response(status=reply.status)
         except (aiohttp.ClientError, TimeoutError):
             return web.Response(status=503)
 
+    async def metrics(self, request: web.Request) -> web.Response:
+        return web.Response(
+            body=prometheus_client.generate_latest(self.registry),
+            content_type="text/plain",
+        )
 
-def make_app(encoders: list[str], pd: str) -> web.Application:
-    proxy = EPDProxy(encoders, pd)
+
+def make_app(encoders: list[str], pd: str, encoder_timeout_s: float) -> web.Application:
+    proxy = EPDProxy(encoders, pd, encoder_timeout_s)
     app = web.Application(client_max_size=64 << 20)
     app.on_startup.append(proxy.start)
     app.on_cleanup.append(proxy.stop)
     for route in ROUTES:
         app.router.add_post(route, proxy.handle)
     app.router.add_get("/health", proxy.health)
+    app.router.add_get("/metrics", proxy.metrics)
     return app
 
 
@@ -179,11 +216,17 @@ def main() -> None:
     parser.add_argument("--pd", required=True, help="prefill/decode instance URL")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument(
+        "--encoder-timeout", type=float, default=DEFAULT_ENCODER_TIMEOUT_S, metavar="S",
+        help="give up on an encoder after S seconds (a stalled one), skip it for a while and "
+        "try the next; PD encodes locally if none answers (default %(default)s)",
+    )  # fmt: skip
     args = parser.parse_args()
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    web.run_app(make_app(args.encoder, args.pd), host=args.host, port=args.port, print=None)
+    app = make_app(args.encoder, args.pd, args.encoder_timeout)
+    web.run_app(app, host=args.host, port=args.port, print=None)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -73,6 +74,41 @@ class Server:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(10)
 
+    def signal(self, signum: int) -> None:
+        """Send a signal to the server and every process it started (SIGSTOP stalls them all)."""
+        os.killpg(self.process.pid, signum)
+
+
+class PeakRss:
+    """Peak resident memory (MiB) of each server, sampled in the background while in use.
+
+    `servers` may be changed meanwhile (a restarted server replaces its name's entry).
+    """
+
+    def __init__(self, servers: list[Server], interval_s: float = 0.2) -> None:
+        self.servers = {server.name: server for server in servers if server.name != "proxy"}
+        self.peak_mib: dict[str, float] = {}
+        self._interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def reset(self) -> None:
+        self.peak_mib.clear()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self._interval_s):
+            for name, server in list(self.servers.items()):
+                mib = server.rss_bytes() / (1 << 20)
+                self.peak_mib[name] = max(self.peak_mib.get(name, 0.0), mib)
+
 
 def _spawn(
     name: str, argv: list[str], *, cwd: Path, env: dict[str, str], log_dir: Path, port: int
@@ -121,9 +157,18 @@ def start_vllm(
     return _spawn(name, argv, cwd=workdir, env=env, log_dir=log_dir, port=port)
 
 
-def start_proxy(*, encoders: list[str], pd: str, log_dir: Path, port: int | None = None) -> Server:
+def start_proxy(
+    *,
+    encoders: list[str],
+    pd: str,
+    log_dir: Path,
+    port: int | None = None,
+    encoder_timeout_s: float | None = None,
+) -> Server:
     port = port or free_port()
     argv = [sys.executable, "-m", "integration.proxy", "--port", str(port), "--pd", pd]
+    if encoder_timeout_s is not None:
+        argv += ["--encoder-timeout", str(encoder_timeout_s)]
     for encoder in encoders:
         argv += ["--encoder", encoder]
     root = Path(__file__).resolve().parent.parent

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+
+import grpc
 import pytest
 import torch
 
@@ -15,6 +19,50 @@ from integration.servers import start_vllm, wait_healthy
 from integration.tiny_vlm import build
 
 MiB = 1 << 20
+
+# What a caller of the export service may get for garbage: never UNKNOWN (an unhandled
+# exception), never a dead server.
+CLEAR = {
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.INTERNAL,  # gRPC's answer to bytes that do not decode as the request type
+}
+
+
+def call_raw(channel, method: str, metadata, payload: bytes) -> grpc.StatusCode:
+    """Call an export-service method with arbitrary bytes as its request."""
+    call = channel.unary_unary(f"/ec_nixl.v1.ExportService/{method}")
+    try:
+        call(payload, timeout=5, metadata=metadata)
+    except grpc.RpcError as exc:
+        return exc.code()
+    return grpc.StatusCode.OK
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--reliability-report",
+        metavar="PATH",
+        help="write the reliability suite's figures (tests/test_reliability.py) to PATH",
+    )
+
+
+@pytest.fixture(scope="session")
+def tls_certificate(tmp_path_factory):
+    """(certificate, key) for 127.0.0.1 and localhost, self-signed: it is its own CA."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command")
+    root = tmp_path_factory.mktemp("tls")
+    cert, key = root / "cert.pem", root / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-keyout", key, "-out", cert, "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return cert, key
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +94,7 @@ DIRECT = [image(seed) for seed in (10, 11)]
 PAIR = [image(60), image(61)]  # one request, two images: one per encoder
 AFTER_FAILURE = [image(70), image(71)]
 ACROSS_HOSTS = image(90)
+RECOVERED = [image(seed) for seed in (95, 96, 97)]  # served after faults, checked to the bit
 
 
 @pytest.fixture(scope="session")
@@ -66,7 +115,7 @@ def reference(workdirs):
     server = start_vllm("reference", workdir=encoder_dir, cpu=0, log_dir=logs)
     try:
         wait_healthy([server])
-        singles = PROXIED + DIRECT + AFTER_FAILURE + [ACROSS_HOSTS]
+        singles = PROXIED + DIRECT + AFTER_FAILURE + [ACROSS_HOSTS] + RECOVERED
         answers = {url: answer(server.url, url) for url in singles}
         answers["pair"] = answer(server.url, PAIR)
         return answers

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import shutil
-import subprocess
+import time
 
 import grpc
 import pytest
@@ -13,11 +12,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from ec_nixl.control.client import ExportClient
 from ec_nixl.control.messages import PROTOCOL_VERSION
 from ec_nixl.control.security import Security
-from ec_nixl.errors import AuthError, HandshakeError, NotFoundError, RefusedError
+from ec_nixl.errors import AuthError, HandshakeError, NotFoundError, PeerDeadError, RefusedError
 from ec_nixl.exporter import Exporter, ExporterConfig
 from ec_nixl.pool import EventKind
 from ec_nixl.v1 import export_pb2 as pb
 from ec_nixl.v1 import export_pb2_grpc as pb_grpc
+from integration.faults import TcpRelay
 
 TOKEN = "s3cret"
 COMPAT = "model-a"
@@ -139,15 +139,8 @@ def test_event_stream_starts_with_what_is_held_then_follows_changes(exporter, cl
     ]
 
 
-@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
-def test_tls_with_a_generated_certificate(tmp_path):
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-         "-keyout", key, "-out", cert, "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
-        check=True, capture_output=True,
-    )  # fmt: skip
+def test_tls_with_a_generated_certificate(tls_certificate):
+    cert, key = tls_certificate
     server_security = Security(TOKEN, tls_cert_file=cert, tls_key_file=key)
     exporter = Exporter(ExporterConfig(capacity_bytes=1 << 20, security=server_security))
     try:
@@ -160,3 +153,27 @@ def test_tls_with_a_generated_certificate(tmp_path):
         plaintext.close()
     finally:
         exporter.close()
+
+
+def test_a_client_reconnects_within_seconds_after_its_link_was_cut(exporter):
+    relay = TcpRelay(exporter.address)
+    client = ExportClient(relay.address, Security(TOKEN), timeout_s=2)
+    try:
+        assert client.handshake(COMPAT, "pd-link").agent_name == exporter.agent.name
+        relay.cut()
+        with pytest.raises(PeerDeadError):
+            client.handshake(COMPAT, "pd-link")
+        with pytest.raises(PeerDeadError):  # a refused reconnect fails fast too
+            client.handshake(COMPAT, "pd-link")
+        relay.restore()
+        start = time.monotonic()
+        while True:
+            try:
+                client.handshake(COMPAT, "pd-link")
+                break
+            except PeerDeadError:
+                time.sleep(0.1)
+        assert time.monotonic() - start < 3.0  # reconnect backoff is capped at 2 s
+    finally:
+        client.close()
+        relay.close()

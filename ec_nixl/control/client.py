@@ -18,6 +18,12 @@ from ec_nixl.v1 import export_pb2 as pb
 from ec_nixl.v1 import export_pb2_grpc as pb_grpc
 
 DEFAULT_RPC_TIMEOUT_S = 5.0
+# After a dropped connection gRPC reconnects with exponential backoff; its default
+# ceiling (120 s) would keep PD encoding locally for minutes after the encoder is back.
+CHANNEL_OPTIONS = (
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+)
 
 
 class ExportClient:
@@ -32,9 +38,9 @@ class ExportClient:
         self._metadata = security.call_metadata()
         credentials = security.channel_credentials()
         if credentials is None:
-            self._channel = grpc.insecure_channel(address)
+            self._channel = grpc.insecure_channel(address, CHANNEL_OPTIONS)
         else:
-            self._channel = grpc.secure_channel(address, credentials)
+            self._channel = grpc.secure_channel(address, credentials, CHANNEL_OPTIONS)
         self._stub = pb_grpc.ExportServiceStub(self._channel)
 
     def close(self) -> None:

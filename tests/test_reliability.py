@@ -1,0 +1,581 @@
+"""Reliability under load, faults and hostile input: real E + PD + proxy, real signals.
+
+Each test is a scenario of docs/RELIABILITY.md: it sends requests with
+deadlines, checks that every one ended in an answer or a clear error (none
+hung), and records its figures (`make reliability` writes them out). The tests
+share one deployment and run in file order: the encoder is flooded, attacked,
+stalled, cut off, killed and restarted; then PD is killed and restarted.
+
+The deployment: E exports into a pool of POOL_ITEMS embeddings with LEASE_S
+leases, behind a token and TLS; PD reaches E's control plane through a relay
+the tests can cut, and gives up on a pull after PULL_DEADLINE_S; the proxy
+gives up on a silent encoder after ENCODER_TIMEOUT_S.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import random
+import re
+import signal
+import socket
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import grpc
+import pytest
+from conftest import CLEAR, RECOVERED, call_raw
+
+from ec_nixl.control.client import ExportClient
+from ec_nixl.control.security import Security
+from ec_nixl.errors import AuthError, ECNixlError, PeerDeadError
+from ec_nixl.pool import EventKind
+from integration.client import chat_body, image, metric, post
+from integration.faults import TcpRelay
+from integration.reliability import Outcome, Row, send_all, send_one, write_report
+from integration.servers import PeakRss, Server, free_port, start_proxy, start_vllm, wait_healthy
+from integration.tiny_vlm import embedding_bytes
+
+POOL_ITEMS = 4
+LEASE_S = 5.0
+PULL_DEADLINE_S = 3.0
+ENCODER_TIMEOUT_S = 3.0
+REQUEST_DEADLINE_S = 90.0  # a request still unanswered after this counts as hung
+RSS_HEADROOM_MIB = 256  # growth allowed over the warm RSS: vLLM's own caches
+TOKEN = "reliability-token"
+SETUP = (
+    f"Set-up: one encoder (E, export pool of {POOL_ITEMS} embeddings of "
+    f"{embedding_bytes() / (1 << 20):.3f} MiB, leases and unclaimed items kept {LEASE_S:.0f} s, "
+    f"token + TLS on its control plane), one PD (pull deadline {PULL_DEADLINE_S:.0f} s, "
+    f"control plane through a relay the suite can cut), the proxy (encoder timeout "
+    f"{ENCODER_TIMEOUT_S:.0f} s); a request unanswered after {REQUEST_DEADLINE_S:.0f} s counts "
+    f"as hung. Budget = each instance's RSS after warm-up + {RSS_HEADROOM_MIB} MiB (the arenas "
+    "are allocated and touched at start, so growth is vLLM's caches, or a leak)."
+)
+
+ROWS: list[Row] = []
+
+
+@dataclass
+class Rig:
+    encoder: Server
+    pd: Server
+    proxy: Server
+    relay: TcpRelay
+    rss: PeakRss
+    control: str  # E's own control address (PD goes through the relay)
+    encoder_metrics: str
+    security: Security  # what PD presents
+    encoder_config: dict
+    pd_config: dict
+    workdirs: tuple
+    budget_mib: dict[str, float] = field(default_factory=dict)
+    orphaned: tuple[str, dict] | None = None  # exported by an encoder that was then killed
+    _seed: int = 3000
+
+    def fresh_image(self) -> str:
+        self._seed += 1
+        return image(self._seed)
+
+    def pulled(self) -> float:
+        return metric(self.pd.url, "ec_nixl:items_pulled_total")
+
+    def pull_failures(self) -> float:
+        return metric(self.pd.url, "ec_nixl:pull_failures_total")
+
+    def fallbacks(self) -> float:
+        local = metric(self.proxy.url, "ec_nixl_proxy_local_encodes_total")
+        return local + metric(self.pd.url, "ec_nixl:fallbacks_total")
+
+    def evictions(self) -> dict[str, float]:
+        time.sleep(1.5)  # E's endpoint folds new counts in once a second
+        reasons = ("released", "lease expired", "never claimed", "evicted for space")
+        return {
+            r: metric(self.encoder_metrics, "ec_nixl:evictions_total", reason=r) for r in reasons
+        }
+
+    def until_pulled(self, since: float, timeout_s: float = 60.0) -> tuple[float, Outcome]:
+        """Send fresh images through the proxy until one is pulled; seconds since `since`."""
+        pulled, outcome = self.pulled(), Outcome()
+        while time.monotonic() < since + timeout_s:
+            outcome = outcome.add(send_one(self.proxy.url, chat_body(self.fresh_image()), 30))
+            if self.pulled() > pulled:
+                return time.monotonic() - since, outcome
+            time.sleep(0.2)
+        raise AssertionError(f"no pull within {timeout_s:.0f} s")
+
+    def restart(self, name: str) -> Server:
+        """Kill (if alive) and start again on the same ports and configuration."""
+        old = getattr(self, name)
+        old.kill()
+        encoder_dir, pd_dir, logs = self.workdirs
+        if name == "encoder":
+            server = start_vllm(
+                "encoder", workdir=encoder_dir, cpu=0, log_dir=logs, encoder_only=True,
+                ec_transfer_config=self.encoder_config, port=old.port,
+            )  # fmt: skip
+        else:
+            server = start_vllm(
+                "pd", workdir=pd_dir, cpu=1, log_dir=logs,
+                ec_transfer_config=self.pd_config, port=old.port,
+            )  # fmt: skip
+        setattr(self, name, server)
+        self.rss.servers[name] = server
+        wait_healthy([server])
+        return server
+
+    def orphan(self) -> tuple[str, dict]:
+        """An image E has exported, and the params naming it: PD never pulls it."""
+        url = self.fresh_image()
+        return url, post(self.encoder.url, chat_body(url, max_tokens=1))["ec_transfer_params"]
+
+
+class PoolWatch:
+    """Bytes E holds in its export pool, exactly, from its own event stream."""
+
+    def __init__(self, rig: Rig) -> None:
+        self.in_use = self.max_bytes = 0
+        self.items = 0
+        self._client = ExportClient(rig.control, rig.security)
+        self._thread = threading.Thread(target=self._follow, daemon=True)
+        self._thread.start()
+
+    def _follow(self) -> None:
+        try:
+            for event in self._client.watch():
+                sign = 1 if event.kind is EventKind.EXPORTED else -1
+                self.in_use += sign * event.length
+                self.items += sign
+                self.max_bytes = max(self.max_bytes, self.in_use)
+        except ECNixlError:
+            pass  # closed, or the encoder went away
+
+    def wait_empty(self, timeout_s: float) -> float:
+        start = time.monotonic()
+        while self.in_use > 0:
+            assert time.monotonic() - start < timeout_s, f"E still holds {self.in_use} bytes"
+            time.sleep(0.1)
+        return time.monotonic() - start
+
+    def close(self) -> None:
+        self._client.close()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def report(request):
+    yield
+    path = request.config.getoption("--reliability-report")
+    if path and ROWS:
+        write_report(ROWS, Path(path), SETUP)
+
+
+@pytest.fixture
+def record(rig, request):
+    """Record this scenario's row; what it does is the test's docstring. Starts the
+    scenario's RSS peak afresh."""
+    rig.rss.reset()
+
+    def record(scenario: str, outcome: Outcome, fallbacks: float, **kw) -> None:
+        what = inspect.cleandoc(request.function.__doc__)
+        peak = dict(rig.rss.peak_mib)
+        ROWS.append(Row(scenario, what, outcome, int(fallbacks), peak, rig.budget_mib, **kw))
+
+    return record
+
+
+@pytest.fixture(scope="module")
+def rig(workdirs, reference, tls_certificate):
+    encoder_dir, pd_dir, logs = workdirs
+    logs = logs / "reliability"
+    cert, key = tls_certificate
+    control, metrics = (f"127.0.0.1:{free_port()}" for _ in range(2))
+    relay = TcpRelay(control)
+    encoder_config = {
+        "ec_connector": "ECNixlConnector", "ec_role": "ec_producer",
+        "ec_connector_extra_config": {
+            "encoder_id": "enc0", "control_address": control, "metrics_address": metrics,
+            "pool_bytes": POOL_ITEMS * embedding_bytes(), "lease_s": LEASE_S,
+            "token": TOKEN, "tls_cert_file": str(cert), "tls_key_file": str(key),
+        },
+    }  # fmt: skip
+    pd_config = {
+        "ec_connector": "ECNixlConnector", "ec_role": "ec_consumer",
+        "ec_connector_extra_config": {
+            "encoders": {"enc0": relay.address}, "receive_bytes": 32 << 20,
+            "pull_timeout_s": PULL_DEADLINE_S, "token": TOKEN, "tls_ca_file": str(cert),
+        },
+    }  # fmt: skip
+    encoder = start_vllm(
+        "encoder", workdir=encoder_dir, cpu=0, log_dir=logs, encoder_only=True,
+        ec_transfer_config=encoder_config,
+    )  # fmt: skip
+    pd = start_vllm("pd", workdir=pd_dir, cpu=1, log_dir=logs, ec_transfer_config=pd_config)
+    servers = {"encoder": encoder, "pd": pd}
+    try:
+        wait_healthy([encoder, pd])
+        proxy = start_proxy(
+            encoders=[encoder.url], pd=pd.url, log_dir=logs, encoder_timeout_s=ENCODER_TIMEOUT_S
+        )
+        servers["proxy"] = proxy
+        wait_healthy([proxy])
+        with PeakRss([encoder, pd]) as rss:
+            security = Security(TOKEN, tls_ca_file=cert)
+            rig = Rig(
+                encoder, pd, proxy, relay, rss, control, f"http://{metrics}", security,
+                encoder_config, pd_config, (encoder_dir, pd_dir, logs),
+            )  # fmt: skip
+            rig.until_pulled(time.monotonic())  # warm-up: every path has run once
+            time.sleep(0.5)
+            rig.budget_mib = {name: mib + RSS_HEADROOM_MIB for name, mib in rss.peak_mib.items()}
+            yield rig
+            servers.update(encoder=rig.encoder, pd=rig.pd)
+    finally:
+        for server in servers.values():
+            server.stop()
+        relay.close()
+
+
+def assert_within_budget(rig: Rig) -> None:
+    for name, peak in rig.rss.peak_mib.items():
+        assert peak <= rig.budget_mib[name], f"{name}: {peak:.0f} MiB > {rig.budget_mib[name]:.0f}"
+
+
+def test_load_of_five_times_the_pool_ends_every_request_within_the_memory_budgets(rig, record):
+    """Sends 5x as many distinct images as E's pool holds through the proxy, 8 at a
+    time (vLLM's batch limit here). E must evict unclaimed items for space; a
+    pull that finds its item gone falls back to local encoding. Checks: no
+    request hangs, E's pool never holds more than its size (exact, from E's event
+    stream), both instances stay within their RSS budgets, and E holds nothing
+    once the load is over."""
+    before = (rig.fallbacks(), rig.pulled(), rig.evictions())
+    pool = PoolWatch(rig)
+    bodies = [chat_body(rig.fresh_image()) for _ in range(5 * POOL_ITEMS)]
+    try:
+        outcome = send_all(rig.proxy.url, bodies, concurrency=8, deadline_s=REQUEST_DEADLINE_S)
+        drained_s = pool.wait_empty(timeout_s=LEASE_S + 5)
+    finally:
+        pool.close()
+    evictions = {k: v - before[2][k] for k, v in rig.evictions().items()}
+    record(
+        "load: 5x the export pool",
+        outcome,
+        rig.fallbacks() - before[0],
+        notes=[
+            f"pulled {rig.pulled() - before[1]:.0f} items; E evicted {evictions}",
+            f"E's pool peaked at {pool.max_bytes / (1 << 20):.2f} MiB of "
+            f"{POOL_ITEMS * embedding_bytes() / (1 << 20):.2f} MiB; empty {drained_s:.1f} s "
+            "after the last answer",
+            f"slowest answer {outcome.slowest_s:.1f} s",
+        ],
+    )
+    assert outcome.hung == 0 and outcome.answered == outcome.sent, outcome.errors
+    assert pool.max_bytes <= POOL_ITEMS * embedding_bytes()
+    assert_within_budget(rig)
+
+
+FORGED = {
+    "unknown encoder": {"ITEM": {"encoder_id": "not-configured"}},
+    "raw address": {"ITEM": "127.0.0.1:PORT"},
+    "address as id": {"ITEM": {"encoder_id": "127.0.0.1:PORT"}},
+    "sizes and dtype": {"ITEM": {"encoder_id": "enc0", "bytes": -1, "dtype": "float64",
+                                 "shape": [1 << 40, 4096]}},
+    "nested junk": {"ITEM": {"encoder_id": {"deeply": [[{"nested": "junk"}]]}}},
+    "item not in request": {"0" * 64: {"encoder_id": "enc0"}},
+    "not an object": ["ITEM"],
+}  # fmt: skip
+
+
+def test_forged_transfer_params_get_a_local_encoding_or_a_4xx_and_contact_no_one(rig, record):
+    """Sends PD (directly, as a client bypassing the proxy could) a request for an
+    image E has exported, with `ec_transfer_params` forged 7 ways: an unknown
+    encoder id, a raw host:port, an address as encoder id, extra size/dtype/shape
+    claims, nested junk, an mm_hash not in the request, a list. Each must be
+    answered by encoding locally or refused with a 4xx, and nothing may connect
+    to the listener whose address the forgeries carry."""
+    url = image(2100)
+    mm_hash = next(iter(post(rig.encoder.url, chat_body(url, max_tokens=1))["ec_transfer_params"]))
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.5)
+    port = str(listener.getsockname()[1])
+    before = (rig.fallbacks(), rig.pulled(), metric(rig.pd.url, "ec_nixl:refused_params_total"))
+    forged = json.dumps(list(FORGED.values())).replace("ITEM", mm_hash).replace("PORT", port)
+    bodies = [chat_body(url, ec_transfer_params=params) for params in json.loads(forged)]
+    outcome = send_all(rig.pd.url, bodies, concurrency=1, deadline_s=REQUEST_DEADLINE_S)
+    with pytest.raises(TimeoutError):
+        listener.accept()
+    listener.close()
+    refused = metric(rig.pd.url, "ec_nixl:refused_params_total") - before[2]
+    record(
+        "hostile: forged ec_transfer_params",
+        outcome,
+        rig.fallbacks() - before[0],
+        notes=[
+            f"PD refused {refused:.0f} requests' params; pulled {rig.pulled() - before[1]:.0f}; "
+            "no connection reached the forged address"
+        ],
+    )
+    assert outcome.hung == 0
+    assert all(re.match(r"HTTP 4\d\d", e) for e in outcome.errors), outcome.errors
+    assert refused == 5  # those naming the request's own item; the others name none of its items
+    assert rig.pulled() == before[1]
+
+
+def test_callers_without_the_token_or_tls_are_turned_away(rig, record):
+    """Calls E's control plane as an outsider: over TLS without the token, over TLS
+    with a wrong token, with the token over plaintext (E speaks TLS only). Each
+    must get UNAUTHENTICATED or a refused connection; E keeps serving PD."""
+    ca = rig.security.tls_ca_file
+    outsiders = [Security(None, tls_ca_file=ca), Security("wrong", tls_ca_file=ca), Security(TOKEN)]
+    outcome = Outcome()
+    for security in outsiders:
+        client = ExportClient(rig.control, security, timeout_s=5)
+        try:
+            client.handshake("", "outsider")
+            outcome.answered += 1
+        except (AuthError, PeerDeadError) as exc:
+            outcome.clear_errors += 1
+            outcome.errors.append(f"{type(exc).__name__}: {str(exc)[:80]}")
+        finally:
+            client.close()
+    recovery_s, served = rig.until_pulled(time.monotonic())
+    record(
+        "hostile: unauthenticated callers",
+        outcome,
+        0,
+        notes=[f"E served PD's next pull {recovery_s:.1f} s later"],
+    )
+    assert outcome.answered == 0 and outcome.clear_errors == 3
+
+
+def test_garbage_on_the_control_plane_gets_status_codes_and_the_encoder_keeps_serving(rig, record):
+    """Sends 50 random byte strings (0-4 KiB, seeded) as the request of each of E's
+    four unary methods, with the token over TLS. Each must end with a status code
+    that names the problem (never UNKNOWN, never a timeout); afterwards E still
+    serves pulls. (tests/test_hostile_input.py fuzzes the same service with
+    hypothesis: well-formed nonsense and oversized messages.)"""
+    rng = random.Random(5)
+    credentials = grpc.ssl_channel_credentials(rig.security.tls_ca_file.read_bytes())
+    outcome = Outcome()
+    with grpc.secure_channel(rig.control, credentials) as channel:
+        for method in ("Handshake", "Resolve", "Release", "RenewLeases"):
+            for _ in range(50):
+                payload = rng.randbytes(rng.randrange(4096))
+                code = call_raw(channel, method, rig.security.call_metadata(), payload)
+                if code is grpc.StatusCode.OK:
+                    outcome.answered += 1
+                elif code in CLEAR:
+                    outcome.clear_errors += 1
+                else:
+                    outcome.hung += code is grpc.StatusCode.DEADLINE_EXCEEDED
+                    outcome.errors.append(code.name)
+    recovery_s, served = rig.until_pulled(time.monotonic())
+    record(
+        "hostile: random bytes to the control plane",
+        outcome,
+        0,
+        notes=[f"E served PD's next pull {recovery_s:.1f} s later"],
+    )
+    assert not outcome.errors
+
+
+def in_background(*calls) -> list[Future]:
+    """Start each call now, each on its own thread."""
+    pool = ThreadPoolExecutor(len(calls))
+    futures = [pool.submit(call) for call in calls]
+    pool.shutdown(wait=False)
+    return futures
+
+
+def traffic(url: str, bodies: list[dict], concurrency: int = 2):
+    return partial(send_all, url, bodies, concurrency=concurrency, deadline_s=REQUEST_DEADLINE_S)
+
+
+def results(futures: list[Future]) -> Outcome:
+    outcome = Outcome()
+    for future in futures:
+        outcome = outcome.add(future.result())
+    return outcome
+
+
+def test_a_stalled_encoder_costs_one_deadline_then_service_resumes(rig, record):
+    """Stops E with SIGSTOP for PULL_DEADLINE_S + 2 s, then SIGCONT. Meanwhile PD
+    gets a request naming an item E had exported (its pull waits for the stalled
+    E until the pull deadline, then PD encodes locally), and the proxy gets two
+    requests (it waits ENCODER_TIMEOUT_S for E, skips it, PD encodes locally).
+    Checks: every request answered, none later than a deadline plus the local
+    encoding; after SIGCONT, pulls resume (recovery)."""
+    url = rig.fresh_image()
+    params = post(rig.encoder.url, chat_body(url, max_tokens=1))["ec_transfer_params"]
+    before = rig.fallbacks()
+    rig.encoder.signal(signal.SIGSTOP)
+    try:
+        pending = in_background(
+            traffic(rig.pd.url, [chat_body(url, ec_transfer_params=params)]),
+            traffic(rig.proxy.url, [chat_body(rig.fresh_image()) for _ in range(2)]),
+        )
+        time.sleep(PULL_DEADLINE_S + 2)
+    finally:
+        rig.encoder.signal(signal.SIGCONT)
+    resumed_at = time.monotonic()
+    outcome = results(pending)
+    recovery_s, _ = rig.until_pulled(resumed_at)
+    record(
+        "fault: encoder stalled (SIGSTOP) past the deadline",
+        outcome,
+        rig.fallbacks() - before,
+        recovery_s=recovery_s,
+        notes=[
+            f"slowest answer during the stall {outcome.slowest_s:.1f} s (pull deadline "
+            f"{PULL_DEADLINE_S:.0f} s, encoder timeout {ENCODER_TIMEOUT_S:.0f} s)",
+        ],
+    )
+    assert outcome.hung == 0 and outcome.answered == outcome.sent == 3, outcome.errors
+    assert outcome.slowest_s < PULL_DEADLINE_S + ENCODER_TIMEOUT_S + 10
+
+
+def test_a_cut_control_link_falls_back_then_reconnects_within_seconds(rig, record):
+    """Cuts the link between PD and E's control plane (the relay resets PD's live
+    gRPC connection and refuses new ones) while requests flow through the proxy,
+    for 3 s, then restores it. E still encodes; PD's resolve fails at once
+    (UNAVAILABLE) and PD encodes locally. After the restore, gRPC reconnects with
+    backoff (capped at 2 s) and pulls resume (recovery)."""
+    before = rig.fallbacks()
+    pending = in_background(
+        traffic(rig.proxy.url, [chat_body(rig.fresh_image()) for _ in range(4)])
+    )
+    time.sleep(0.3)
+    rig.relay.cut()
+    try:
+        cut_outcome = send_all(rig.proxy.url, [chat_body(rig.fresh_image())], concurrency=1,
+                               deadline_s=REQUEST_DEADLINE_S)  # fmt: skip
+        time.sleep(max(0.0, 3.0 - cut_outcome.slowest_s))
+    finally:
+        rig.relay.restore()
+    restored_at = time.monotonic()
+    outcome = results(pending).add(cut_outcome)
+    recovery_s, _ = rig.until_pulled(restored_at)
+    failures = metric(rig.pd.url, "ec_nixl:pull_failures_total", cause="PeerDeadError")
+    record(
+        "fault: control-plane link cut for 3 s",
+        outcome,
+        rig.fallbacks() - before,
+        recovery_s=recovery_s,
+        notes=[
+            f"slowest answer {outcome.slowest_s:.1f} s; PD has counted {failures:.0f} "
+            "pull failures as PeerDeadError so far"
+        ],
+    )
+    assert outcome.hung == 0 and outcome.answered == outcome.sent, outcome.errors
+    assert rig.fallbacks() > before
+    assert recovery_s < 10
+
+
+def test_an_encoder_killed_mid_pull_leaves_no_request_unanswered(rig, record):
+    """Kills E (SIGKILL, its whole process group) while 16 requests flow through
+    the proxy, 4 at a time, as soon as PD has pulled twice: requests inside E fail
+    over in the proxy, pulls from the dead E fail at once; either way PD encodes
+    locally, and the proxy skips the dead E for the following requests. Every
+    request must be answered. (Recovery: the restart scenario that follows.)"""
+    rig.orphaned = rig.orphan()
+    before = (rig.fallbacks(), rig.pulled(), rig.pull_failures())
+    pending = in_background(
+        traffic(rig.proxy.url, [chat_body(rig.fresh_image()) for _ in range(16)], concurrency=4)
+    )
+    while rig.pulled() < before[1] + 2 and not pending[0].done():
+        time.sleep(0.02)
+    rig.encoder.kill()
+    outcome = results(pending)
+    failed = rig.pull_failures() - before[2]
+    record(
+        "fault: encoder killed (SIGKILL) mid-pull", outcome, rig.fallbacks() - before[0],
+        notes=[f"PD pulled {rig.pulled() - before[1]:.0f} items before the kill; {failed:.0f} "
+               f"pulls failed; slowest answer {outcome.slowest_s:.1f} s"],
+    )  # fmt: skip
+    assert outcome.hung == 0 and outcome.answered == outcome.sent, outcome.errors
+    assert rig.fallbacks() > before[0]  # the kill hit requests in flight
+
+
+def test_an_encoder_restarted_on_its_address_is_a_new_generation(rig, reference, record):
+    """Starts a new E on the killed one's ports. PD meets a new exporter generation
+    (epoch) at the same address: a request naming an item of the old E falls back
+    (NOT_FOUND: nothing of the old process is ever read), and the next image is
+    pulled from the new E and answered exactly as the single-instance reference.
+    Recovery: from the restart to that pull (mostly vLLM's start-up)."""
+    if rig.orphaned is None:  # run on its own
+        rig.orphaned = rig.orphan()
+    old_url, old_params = rig.orphaned
+    before = rig.fallbacks()
+    restarted_at = time.monotonic()
+    rig.restart("encoder")
+    stale = send_all(rig.pd.url, [chat_body(old_url, ec_transfer_params=old_params)],
+                     concurrency=1, deadline_s=REQUEST_DEADLINE_S)  # fmt: skip
+    pulled = rig.pulled()
+    fresh = post(rig.proxy.url, chat_body(RECOVERED[0]))["choices"][0]["message"]["content"]
+    recovery_s = time.monotonic() - restarted_at
+    met = re.escape(f"exporter {rig.relay.address} is agent ")
+    log = rig.pd.log_path.read_text(errors="replace")
+    epochs = set(re.findall(met + r"\S+ \(epoch (\w+)\)", log))
+    record(
+        "fault: encoder restarted on the same address",
+        stale.add(Outcome(answered=1)),
+        rig.fallbacks() - before,
+        recovery_s=recovery_s,
+        notes=[
+            f"PD met {len(epochs)} exporter generations at the encoder's address",
+            "stale descriptors of an old generation are refused before any READ "
+            "(tests/test_hostile_input.py, exporter restart)",
+        ],
+    )
+    assert stale.answered == 1
+    assert fresh == reference[RECOVERED[0]] and rig.pulled() == pulled + 1
+    assert len(epochs) >= 2
+
+
+def test_a_pd_killed_while_the_encoder_holds_its_items_gets_them_freed_and_restarts(
+    rig, reference, record
+):
+    """Stops PD (SIGSTOP) while 3 requests go through the proxy: E encodes and
+    exports each item for PD, which never comes for them. Then kills PD (SIGKILL):
+    the proxy answers the waiting clients 502. E must free everything it held for
+    the dead PD within its lease time (exact, from E's event stream), then a new
+    PD on the same port serves again, answering exactly as the reference
+    (recovery: from the restart to its first pull)."""
+    before = rig.evictions()
+    pool = PoolWatch(rig)
+    try:
+        rig.pd.signal(signal.SIGSTOP)
+        pending = in_background(
+            traffic(rig.proxy.url, [chat_body(rig.fresh_image()) for _ in range(3)], concurrency=3)
+        )
+        deadline = time.monotonic() + 30
+        while pool.items < 3 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        held = pool.in_use
+        rig.pd.kill()
+        outcome = results(pending)
+        freed_s = pool.wait_empty(timeout_s=LEASE_S + 5)
+    finally:
+        pool.close()
+    evictions = {k: v - before[k] for k, v in rig.evictions().items()}
+    restarted_at = time.monotonic()
+    rig.restart("pd")
+    fresh = post(rig.proxy.url, chat_body(RECOVERED[1]))["choices"][0]["message"]["content"]
+    recovery_s = time.monotonic() - restarted_at
+    record(
+        "fault: PD killed while E holds items for it",
+        outcome,
+        0,
+        recovery_s=recovery_s,
+        notes=[
+            f"E held {held / (1 << 20):.2f} MiB for PD when it died; all freed {freed_s:.1f} s "
+            f"after the kill (lease time {LEASE_S:.0f} s); evictions since: {evictions}"
+        ],
+    )
+    assert held >= 3 * embedding_bytes()
+    assert outcome.hung == 0 and outcome.clear_errors == outcome.sent, outcome.errors
+    assert fresh == reference[RECOVERED[1]] and rig.pulled() == 1
