@@ -80,7 +80,7 @@ def test_well_formed_nonsense_gets_a_clear_status_code(channel, hashes, lease_ms
 def test_an_oversized_message_is_refused_and_the_server_stays_up(exporter, channel):
     request = pb.ResolveRequest(mm_hashes=["x" * 1024] * 6000)  # ~6 MiB
     assert (
-        call_raw(channel, "Resolve", request.SerializeToString())
+        call_raw(channel, "Resolve", METADATA, request.SerializeToString())
         == grpc.StatusCode.RESOURCE_EXHAUSTED
     )
     assert_alive(exporter)

@@ -423,7 +423,8 @@ def test_a_stalled_encoder_costs_one_deadline_then_service_resumes(rig, record):
         rig.encoder.signal(signal.SIGCONT)
     resumed_at = time.monotonic()
     outcome = results(pending)
-    recovery_s, _ = rig.until_pulled(resumed_at)
+    recovery_s, recovering = rig.until_pulled(resumed_at)
+    outcome = outcome.add(recovering)
     record(
         "fault: encoder stalled (SIGSTOP) past the deadline",
         outcome,
@@ -434,7 +435,7 @@ def test_a_stalled_encoder_costs_one_deadline_then_service_resumes(rig, record):
             f"{PULL_DEADLINE_S:.0f} s, encoder timeout {ENCODER_TIMEOUT_S:.0f} s)",
         ],
     )
-    assert outcome.hung == 0 and outcome.answered == outcome.sent == 3, outcome.errors
+    assert outcome.hung == 0 and outcome.answered == outcome.sent, outcome.errors
     assert outcome.slowest_s < PULL_DEADLINE_S + ENCODER_TIMEOUT_S + 10
 
 
@@ -458,7 +459,8 @@ def test_a_cut_control_link_falls_back_then_reconnects_within_seconds(rig, recor
         rig.relay.restore()
     restored_at = time.monotonic()
     outcome = results(pending).add(cut_outcome)
-    recovery_s, _ = rig.until_pulled(restored_at)
+    recovery_s, recovering = rig.until_pulled(restored_at)
+    outcome = outcome.add(recovering)
     failures = metric(rig.pd.url, "ec_nixl:pull_failures_total", cause="PeerDeadError")
     record(
         "fault: control-plane link cut for 3 s",
@@ -557,7 +559,7 @@ def test_a_pd_killed_while_the_encoder_holds_its_items_gets_them_freed_and_resta
             time.sleep(0.1)
         held = pool.in_use
         rig.pd.kill()
-        outcome = results(pending)
+        cut_off = results(pending)
         freed_s = pool.wait_empty(timeout_s=LEASE_S + 5)
     finally:
         pool.close()
@@ -566,6 +568,7 @@ def test_a_pd_killed_while_the_encoder_holds_its_items_gets_them_freed_and_resta
     rig.restart("pd")
     fresh = post(rig.proxy.url, chat_body(RECOVERED[1]))["choices"][0]["message"]["content"]
     recovery_s = time.monotonic() - restarted_at
+    outcome = cut_off.add(Outcome(answered=1))
     record(
         "fault: PD killed while E holds items for it",
         outcome,
@@ -577,5 +580,5 @@ def test_a_pd_killed_while_the_encoder_holds_its_items_gets_them_freed_and_resta
         ],
     )
     assert held >= 3 * embedding_bytes()
-    assert outcome.hung == 0 and outcome.clear_errors == outcome.sent, outcome.errors
+    assert cut_off.hung == 0 and cut_off.clear_errors == cut_off.sent, cut_off.errors
     assert fresh == reference[RECOVERED[1]] and rig.pulled() == 1
