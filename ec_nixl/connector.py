@@ -6,7 +6,8 @@ Load it with
                            "ec_role": "ec_producer" | "ec_consumer" | "ec_both",
                            "ec_connector_extra_config": {...}}'
 The work happens in `scheduler` (decisions per request), `coordinator`
-(pulls in the background), `worker` (exporter and receiver next to the model).
+(pulls in the background), `prefetch` (pulls before the request, if enabled),
+`worker` (exporter and receiver next to the model).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from ec_nixl.connector_config import ConnectorConfig
 from ec_nixl.coordinator import PullCoordinator
 from ec_nixl.errors import ConfigError
 from ec_nixl.metrics import PromMetrics, merge, summary
+from ec_nixl.prefetch import Prefetcher
 from ec_nixl.receiver import ModelShape, WorkerClient
 from ec_nixl.resolver import Resolver
 from ec_nixl.scheduler import ConsumerScheduler, producer_params
@@ -109,12 +111,13 @@ class ECNixlConnector(ECConnectorBase):
         if parallel.pipeline_parallel_size > 1:
             raise ConfigError("ECNixlConnector does not support pipeline parallelism yet")
         self._consumer: ConsumerScheduler | None = None
+        self._prefetcher: Prefetcher | None = None
         self._producer_worker: ProducerWorker | None = None
         self._consumer_worker: ConsumerWorker | None = None
         if role == ECConnectorRole.SCHEDULER and self.config.is_consumer:
-            self._consumer = self._make_consumer(parallel.tensor_parallel_size)
+            self._start_consumer(parallel.tensor_parallel_size)
 
-    def _make_consumer(self, world_size: int) -> ConsumerScheduler:
+    def _start_consumer(self, world_size: int) -> None:
         resolver = Resolver(
             consumer_id=f"pd-{self._engine_id}",
             compatibility_hash=self._fingerprint,
@@ -124,7 +127,9 @@ class ECNixlConnector(ECConnectorBase):
         coordinator = PullCoordinator(
             resolver, self.config.encoders, workers, self.config.pull_timeout_s
         )
-        return ConsumerScheduler(coordinator, self.config.encoders)
+        self._consumer = ConsumerScheduler(coordinator, self.config.encoders)
+        if self.config.prefetch:
+            self._prefetcher = Prefetcher(resolver, self.config.encoders, self._consumer.prefetch)
 
     # ---- worker side -------------------------------------------------------------
 
@@ -216,7 +221,7 @@ class ECNixlConnector(ECConnectorBase):
         return ECNixlPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     def shutdown(self) -> None:
-        for part in (self._producer_worker, self._consumer_worker):
+        for part in (self._prefetcher, self._producer_worker, self._consumer_worker):
             if part is not None:
                 part.close()
         if self._consumer is not None:

@@ -33,6 +33,8 @@ class ConnectorConfig:
     encoders: dict[str, str] = field(default_factory=dict)
     receive_bytes: int = DEFAULT_RECEIVE_BYTES
     pull_timeout_s: float = DEFAULT_PULL_TIMEOUT_S
+    # pull what the encoders export before the request asks (this PD is their only consumer)
+    prefetch: bool = False
     # both
     security: Security = field(default_factory=Security)
 
@@ -109,6 +111,12 @@ def _positive_float(key: str, value: Any) -> float:
     return float(value)
 
 
+def _bool(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    return value
+
+
 def _encoders(key: str, value: Any) -> dict[str, str]:
     if not isinstance(value, dict) or not value:
         raise ConfigError(
@@ -142,4 +150,5 @@ _CONSUMER = {
     "encoders": _encoders,
     "receive_bytes": _positive_int,
     "pull_timeout_s": _positive_float,
+    "prefetch": _bool,
 }

@@ -10,12 +10,13 @@ meets encoders itself (a handshake each) to report a model mismatch early.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import Enum
 
-from ec_nixl.errors import ECNixlError, HandshakeError
+from ec_nixl.errors import ECNixlError, HandshakeError, RefusedError
 from ec_nixl.metrics import Stats
 from ec_nixl.receiver import WorkerClient
 from ec_nixl.resolver import Resolver
@@ -24,6 +25,8 @@ logger = logging.getLogger(__name__)
 
 # Each job mostly waits on the network; a stalled encoder holds one for its whole deadline.
 MAX_CONCURRENT_PULLS = 16
+# A prefetched item whose request has not come by then is not coming to this instance.
+PREFETCH_TTL_S = 30.0
 
 
 class PullState(Enum):
@@ -36,10 +39,13 @@ class PullState(Enum):
 class PullJob:
     mm_hash: str
     encoder_id: str
-    num_embeds: int  # the rows the model expects: workers refuse another shape
+    num_embeds: int  # the rows the model expects (0: a prefetch, no request yet)
     started_at: float = field(default_factory=time.monotonic)
+    # When a request first asked for the item: a prefetch is claimed later, or never.
+    claimed_at: float | None = None
     future: Future | None = None
     error: ECNixlError | None = None
+    rows: int = 0  # what was pulled
 
     @property
     def state(self) -> PullState:
@@ -64,18 +70,49 @@ class PullCoordinator:
         self._encoders = encoders
         self._workers = workers
         self._timeout_s = timeout_s
+        self._lock = threading.Lock()  # jobs: the scheduler's thread and prefetch watchers
         self._jobs: dict[str, PullJob] = {}
         self._pool = ThreadPoolExecutor(MAX_CONCURRENT_PULLS, thread_name_prefix="ec-nixl-pull")
         self._met: set[str] = set()
         self._incompatible: set[str] = set()
 
     def start(self, mm_hash: str, encoder_id: str, num_embeds: int) -> PullJob:
-        """Start pulling `mm_hash` from `encoder_id` unless a job for it exists."""
-        job = self._jobs.get(mm_hash)
-        if job is None:
-            job = self._jobs[mm_hash] = PullJob(mm_hash, encoder_id, num_embeds)
-            job.future = self._pool.submit(self._run, job)
+        """Start pulling `mm_hash` from `encoder_id` for a request, unless a job for it
+        exists; a prefetched item is claimed (and its rows checked once pulled)."""
+        with self._lock:
+            job = self._jobs.get(mm_hash)
+            if job is None:
+                job = self._jobs[mm_hash] = PullJob(mm_hash, encoder_id, num_embeds)
+                job.future = self._pool.submit(self._run, job)
+            claiming = job.claimed_at is None
+            if claiming:
+                job.claimed_at = time.monotonic()
+                job.num_embeds = num_embeds
+        if claiming and job.state is PullState.READY:
+            if job.rows == num_embeds:
+                self.stats.count("prefetch_hits")
+            else:
+                self.stats.count("pull_failures", label=RefusedError.__name__)
+                self._fail(job, RefusedError(
+                    f"{mm_hash}: the encoder sent {job.rows} rows, the request needs {num_embeds}"
+                ))  # fmt: skip
         return job
+
+    def prefetch(self, mm_hash: str, encoder_id: str) -> None:
+        """Pull an item no request has asked for yet; unclaimed ones are dropped after
+        PREFETCH_TTL_S (checked whenever another is prefetched)."""
+        now = time.monotonic()
+        with self._lock:
+            stale = [
+                job.mm_hash
+                for job in self._jobs.values()
+                if job.claimed_at is None and now - job.started_at > PREFETCH_TTL_S
+            ]
+            if mm_hash not in self._jobs:
+                job = self._jobs[mm_hash] = PullJob(mm_hash, encoder_id, num_embeds=0)
+                job.future = self._pool.submit(self._run, job)
+        for old in stale:
+            self.forget(old, drop=True)
 
     def meet(self, encoder_id: str) -> None:
         """Handshake with an encoder once, in the background, to catch a mismatch early:
@@ -95,11 +132,13 @@ class PullCoordinator:
             logger.warning("cannot reach encoder %s: %s", encoder_id, exc)
 
     def job(self, mm_hash: str) -> PullJob | None:
-        return self._jobs.get(mm_hash)
+        with self._lock:
+            return self._jobs.get(mm_hash)
 
     def forget(self, mm_hash: str, *, drop: bool) -> None:
         """Stop tracking an item; with `drop`, workers free it if they hold it."""
-        job = self._jobs.pop(mm_hash, None)
+        with self._lock:
+            job = self._jobs.pop(mm_hash, None)
         if job is not None and drop and job.future is not None:
             job.future.add_done_callback(lambda _: self._drop(mm_hash))
 
@@ -119,6 +158,7 @@ class PullCoordinator:
                 worker.pull(job.encoder_id, [job.mm_hash], [job.num_embeds], deadline)
                 for worker in self._workers
             ]
+            job.rows = reports[0].rows[0]
         except Exception as exc:  # a thread boundary: whatever fails here fails this pull only
             if not isinstance(exc, ECNixlError):
                 logger.exception("pull of %s failed unexpectedly", job.mm_hash)
@@ -146,8 +186,14 @@ class PullCoordinator:
 
     def _fail(self, job: PullJob, exc: ECNixlError) -> None:
         self._drop(job.mm_hash)
+        with self._lock:  # a failed prefetch is forgotten: a request will try afresh
+            prefetch = job.claimed_at is None and self._jobs.get(job.mm_hash) is job
+            if prefetch:
+                del self._jobs[job.mm_hash]
+            job.error = exc
         if isinstance(exc, HandshakeError):
             self._report_incompatible(job.encoder_id, exc)
+        elif prefetch:
+            logger.info("prefetch of %s from %s failed: %s", job.mm_hash, job.encoder_id, exc)
         else:
             logger.warning("pull of %s from %s failed: %s", job.mm_hash, job.encoder_id, exc)
-        job.error = exc

@@ -46,11 +46,12 @@ class ModelShape:
     embed_size: int  # inputs-embeds width; some models stack several (deepstack): a multiple
 
     def check(self, item: RemoteItem, num_embeds: int) -> None:
+        """`num_embeds` 0: not known yet (a prefetch), the scheduler checks the rows."""
         shape = item.shape
         if (
             item.dtype != self.dtype
             or len(shape) != 2
-            or shape[0] != num_embeds
+            or shape[0] != (num_embeds or shape[0])
             or shape[1] % self.embed_size
         ):
             raise RefusedError(
@@ -64,6 +65,7 @@ class PullReport:
     bytes: int
     resolve_s: float
     read_s: float
+    rows: tuple[int, ...]  # per item
 
 
 class Receiver:
@@ -114,7 +116,8 @@ class Receiver:
                     self.puller.free(older)
                 self._held[item.mm_hash] = item
         size = sum(item.region.length for item in resolution.items)
-        return PullReport(size, resolved - start, time.monotonic() - resolved)
+        rows = tuple(item.shape[0] for item in resolution.items)
+        return PullReport(size, resolved - start, time.monotonic() - resolved, rows)
 
     def take(self, mm_hash: str) -> torch.Tensor | None:
         """The held item as a tensor of its own on the worker's device; its slot is freed."""
@@ -155,6 +158,7 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
             bytes=report.bytes,
             resolve_us=int(report.resolve_s * 1e6),
             read_us=int(report.read_s * 1e6),
+            rows=report.rows,
         )
 
     def Drop(self, request: pb.DropRequest, context: grpc.ServicerContext):
@@ -203,7 +207,9 @@ class WorkerClient:
             )
         except grpc.RpcError as exc:
             raise translate(exc, f"worker {self.address}") from exc
-        return PullReport(reply.bytes, reply.resolve_us / 1e6, reply.read_us / 1e6)
+        return PullReport(
+            reply.bytes, reply.resolve_us / 1e6, reply.read_us / 1e6, tuple(reply.rows)
+        )
 
     def drop(self, mm_hashes: list[str]) -> None:
         try:

@@ -17,6 +17,7 @@ media, the request fails), as after a failed pull.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from ec_nixl.coordinator import PullCoordinator, PullState
@@ -91,9 +92,17 @@ class ConsumerScheduler:
     def on_alloc(self, mm_hash: str) -> None:
         """vLLM reserved encoder-cache room for an item; a pulled one is loaded this step."""
         self._resident.add(mm_hash)
-        if self.has_item(mm_hash):
+        job = self._coordinator.job(mm_hash)
+        if job is not None and job.state is PullState.READY:
             self._to_load.append(mm_hash)
             self._coordinator.forget(mm_hash, drop=False)
+            if job.claimed_at is not None:
+                self.stats.observe("ready_wait_seconds", time.monotonic() - job.claimed_at)
+
+    def prefetch(self, mm_hash: str, encoder_id: str) -> None:
+        """An encoder exported an item: pull it now, unless vLLM's encoder cache has it."""
+        if mm_hash not in self._resident:
+            self._coordinator.prefetch(mm_hash, encoder_id)
 
     def on_freed(self, mm_hashes: list[str]) -> None:
         """vLLM evicted these from its encoder cache: pull them again if asked."""

@@ -14,6 +14,7 @@ from vllm.v1.request import Request
 
 from ec_nixl.arena import Arena
 from ec_nixl.coordinator import PullCoordinator
+from ec_nixl.prefetch import Prefetcher
 from ec_nixl.receiver import ModelShape, Receiver, WorkerClient, serve_receiver
 from ec_nixl.resolver import Resolver
 from ec_nixl.scheduler import ConsumerScheduler, producer_params
@@ -211,3 +212,59 @@ def test_the_encoder_names_itself_for_every_item_of_a_request():
         "h2": {"encoder_id": "enc0"},
     }
     assert producer_params("enc0", request("text-only", [])) is None
+
+
+@pytest.fixture
+def prefetching(scheduler, producer):
+    prefetcher = Prefetcher(
+        Resolver(consumer_id="test-prefetch"), {"enc0": producer.address}, scheduler.prefetch
+    )
+    yield scheduler
+    prefetcher.close()
+
+
+def wait_for(predicate, timeout_s: float = 10) -> None:
+    end = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.01)
+
+
+def test_with_prefetch_an_exported_item_is_pulled_before_its_request_comes(
+    prefetching, producer, receiver
+):
+    producer.export("h-early", item(seed=8))
+    wait_for(lambda: prefetching.has_item("h-early"))
+    assert "h-early" in receiver[0].held
+    req = request("early", ["h-early"], make_params("enc0", ["h-early"]))
+    assert prefetching.ensure_available(req, 0)  # scheduled at once
+    prefetching.on_alloc("h-early")
+    assert prefetching.take_loads() == ["h-early"]
+    assert torch.equal(receiver[0].take("h-early"), item(seed=8).make())
+    data = prefetching.stats.take()
+    assert data["counters"]["prefetch_hits"] == 1
+    assert data["observations"]["ready_wait_seconds"][0] < 0.5
+
+
+def test_a_prefetched_item_with_other_rows_than_its_request_needs_is_encoded_here(
+    prefetching, producer, receiver
+):
+    producer.export("h-long", item(seed=9, shape=(ROWS + 2, 1024)))
+    wait_for(lambda: prefetching.has_item("h-long"))
+    req = request("long", ["h-long"], make_params("enc0", ["h-long"]))
+    assert prefetching.ensure_available(req, 0)
+    assert not prefetching.has_item("h-long")
+    assert prefetching.stats.take()["counters"]["fallbacks"] == 1
+    wait_for(lambda: "h-long" not in receiver[0].held)
+
+
+def test_a_prefetched_item_no_request_claims_is_dropped_after_a_while(
+    prefetching, producer, receiver, monkeypatch
+):
+    monkeypatch.setattr("ec_nixl.coordinator.PREFETCH_TTL_S", 0.2)
+    producer.export("h-unasked", item(seed=10))
+    wait_for(lambda: prefetching.has_item("h-unasked"))
+    time.sleep(0.3)
+    producer.export("h-next", item(seed=11))  # the next prefetch sweeps
+    wait_for(lambda: "h-unasked" not in receiver[0].held)
+    assert prefetching._coordinator.job("h-unasked") is None

@@ -19,14 +19,16 @@ class PullRequest(_message.Message):
     def __init__(self, encoder_id: _Optional[str] = ..., mm_hashes: _Optional[_Iterable[str]] = ..., timeout_ms: _Optional[int] = ..., num_embeds: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class PullResponse(_message.Message):
-    __slots__ = ("bytes", "resolve_us", "read_us")
+    __slots__ = ("bytes", "resolve_us", "read_us", "rows")
     BYTES_FIELD_NUMBER: _ClassVar[int]
     RESOLVE_US_FIELD_NUMBER: _ClassVar[int]
     READ_US_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
     bytes: int
     resolve_us: int
     read_us: int
-    def __init__(self, bytes: _Optional[int] = ..., resolve_us: _Optional[int] = ..., read_us: _Optional[int] = ...) -> None: ...
+    rows: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, bytes: _Optional[int] = ..., resolve_us: _Optional[int] = ..., read_us: _Optional[int] = ..., rows: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class DropRequest(_message.Message):
     __slots__ = ("mm_hashes",)
