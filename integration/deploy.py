@@ -33,7 +33,7 @@ def connector_configs(name: str, workdir: Path) -> tuple[dict, dict]:
             {"ec_connector": name, "ec_role": "ec_producer",
              "ec_connector_extra_config": {"encoder_id": "enc0", "control_address": control}},
             {"ec_connector": name, "ec_role": "ec_consumer",
-             "ec_connector_extra_config": {"encoders": {"enc0": control}}},
+             "ec_connector_extra_config": {"encoders": {"enc0": control}, "prefetch": True}},
         )  # fmt: skip
     extra = {"shared_storage_path": str(workdir / "shared-storage")}
     return (

@@ -94,6 +94,7 @@ DIRECT = [image(seed) for seed in (10, 11)]
 PAIR = [image(60), image(61)]  # one request, two images: one per encoder
 AFTER_FAILURE = [image(70), image(71)]
 ACROSS_HOSTS = image(90)
+PREFETCHED = image(91)  # across hosts too: pulled before its request reaches PD
 RECOVERED = [image(seed) for seed in (95, 96, 97)]  # served after faults, checked to the bit
 
 
@@ -115,7 +116,7 @@ def reference(workdirs):
     server = start_vllm("reference", workdir=encoder_dir, cpu=0, log_dir=logs)
     try:
         wait_healthy([server])
-        singles = PROXIED + DIRECT + AFTER_FAILURE + [ACROSS_HOSTS] + RECOVERED
+        singles = PROXIED + DIRECT + AFTER_FAILURE + [ACROSS_HOSTS, PREFETCHED] + RECOVERED
         answers = {url: answer(server.url, url) for url in singles}
         answers["pair"] = answer(server.url, PAIR)
         return answers

@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ACROSS_HOSTS
+from conftest import ACROSS_HOSTS, PREFETCHED
+from prometheus_client.parser import text_string_to_metric_families
 
 from integration.client import chat_body
 
@@ -105,6 +106,13 @@ def wait_healthy(urls: list[str], processes, timeout_s: float = 300) -> None:
             time.sleep(1)
 
 
+def pd_counter(pd: str, name: str) -> float:
+    status, text = post_from_proxy_host(f"http://{pd}:8200/metrics", {}, 10)
+    assert status == 200, text
+    families = text_string_to_metric_families(text)
+    return sum(s.value for f in families for s in f.samples if s.name == name)
+
+
 def test_a_request_crosses_three_hosts_and_matches_the_single_instance(hosts, workdirs, reference):
     encoder_dir, pd_dir, logs = workdirs
     logs = logs / "multi_host"
@@ -116,7 +124,7 @@ def test_a_request_crosses_three_hosts_and_matches_the_single_instance(hosts, wo
             "UCX_NET_DEVICES": hosts["e"], "VLLM_HOST_IP": e,
         }, encoder_dir, logs / "e.log"),
         start_role("pd", "pd.sh", {
-            **common, "ENCODERS": f"enc0={e}:7100", "CPU_BIND": "1",
+            **common, "ENCODERS": f"enc0={e}:7100", "CPU_BIND": "1", "PREFETCH": "true",
             "UCX_NET_DEVICES": hosts["pd"], "VLLM_HOST_IP": pd,
         }, pd_dir, logs / "pd.log"),
     ]  # fmt: skip
@@ -141,6 +149,25 @@ def test_a_request_crosses_three_hosts_and_matches_the_single_instance(hosts, wo
         assert status == 200, text
         assert json.loads(text)["choices"][0]["message"]["content"] == reference[ACROSS_HOSTS]
         assert "pulled" in (logs / "pd.log").read_text()
+
+        # Prefetch: PD pulls what E exports before any request reaches PD.
+        hits = pd_counter(pd, "ec_nixl:prefetch_hits_total")
+        status, text = post_from_proxy_host(
+            f"http://{e}:8100/v1/chat/completions", chat_body(PREFETCHED, max_tokens=1), 120
+        )
+        assert status == 200, text
+        params = json.loads(text)["ec_transfer_params"]
+        end = time.monotonic() + 30
+        while f"pulled {next(iter(params))} " not in (logs / "pd.log").read_text():
+            assert time.monotonic() < end, "PD did not prefetch"
+            time.sleep(0.2)
+        status, text = post_from_proxy_host(
+            f"http://{pd}:8200/v1/chat/completions",
+            chat_body(PREFETCHED, ec_transfer_params=params), 120,
+        )  # fmt: skip
+        assert status == 200, text
+        assert json.loads(text)["choices"][0]["message"]["content"] == reference[PREFETCHED]
+        assert pd_counter(pd, "ec_nixl:prefetch_hits_total") == hits + 1
     finally:
         for process in roles:
             if process.poll() is None:

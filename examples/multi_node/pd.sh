@@ -16,6 +16,9 @@ environment variables:
   HOST, PORT     OpenAI HTTP server                          [0.0.0.0, 8200]
   RECEIVE_BYTES  registered receive arena per worker, bytes  [268435456]
   PULL_TIMEOUT_S deadline of one pull                        [10]
+  PREFETCH       true: pull each item as its encoder exports it, before the
+                 request arrives (only if this PD is its encoders' sole
+                 consumer: a pull frees the encoder's copy)    [false]
   EC_NIXL_TOKEN  shared token for the control plane          [none]
   CPU_BIND       VLLM_CPU_OMP_THREADS_BIND on CPU hosts      [unset]
   PYTHON         interpreter with vllm and ec_nixl           [repo .venv, else python3]
@@ -31,6 +34,6 @@ source "$here/common.sh"
 
 encoders=$(json_object $(tr ',=' '  ' <<<"$ENCODERS"))
 extra=$(json_object encoders:raw "$encoders" receive_bytes:int "${RECEIVE_BYTES:-268435456}" \
-  pull_timeout_s:num "${PULL_TIMEOUT_S:-10}" token "${EC_NIXL_TOKEN:-}")
+  pull_timeout_s:num "${PULL_TIMEOUT_S:-10}" prefetch:raw "${PREFETCH:-}" token "${EC_NIXL_TOKEN:-}")
 exec_vllm --port "${PORT:-8200}" \
   --ec-transfer-config "{\"ec_connector\": \"ECNixlConnector\", \"ec_role\": \"ec_consumer\", \"ec_connector_extra_config\": $extra}"
