@@ -5,8 +5,10 @@ proxy with ECNixlConnector, the same with vLLM's ECExampleConnector, and one
 ordinary instance), streams of distinct images at several concurrency levels,
 then a stream that repeats images (cache reuse). The model is the tiny LLaVA
 with LLaVA-1.5-7B's embedding shape by default: 576 x 4096 bf16 = 4.5 MiB per
-image. "Embeddings ready" is the PD scheduler's own measure of a pull (from
-its Prometheus histogram): from the order to the bytes held by every worker.
+image. "Embeddings ready", per item: how long PD's scheduler waited for the
+item (ECNixlConnector's ec_nixl:ready_wait_seconds; shared storage's file is
+there when the request arrives) plus the PD worker's load into the encoder
+cache (logged by integration.timed_connectors for both connectors).
 vLLM's ECCPUConnector runs only where vLLM's V2 model runner does (it needs
 Triton with a backend for the device); where it cannot, the table says so.
 """
@@ -15,10 +17,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import tempfile
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,8 +28,10 @@ from typing import Any
 
 import numpy as np
 
-from integration.client import chat_body, image, stream_ttft
+from integration.client import chat_body, image, metric, stream_ttft
 from integration.deploy import CONNECTORS, deploy
+from integration.servers import Server
+from integration.timed_connectors import LOAD_LINE
 from integration.tiny_vlm import build, embedding_bytes
 
 DEFAULT_CONCURRENCY = (1, 2, 4)
@@ -84,16 +88,16 @@ def send(url: str, images: list[str], concurrency: int, level: Level) -> None:
     level.wall_s += time.perf_counter() - start
 
 
-def pd_pull_metrics(pd_url: str) -> tuple[float, float]:
-    """(pulls, seconds spent pulling) from PD's /metrics."""
-    with urllib.request.urlopen(f"{pd_url}/metrics", timeout=10) as reply:
-        text = reply.read().decode()
-    values = {"count": 0.0, "sum": 0.0}
-    for line in text.splitlines():
-        for kind in values:
-            if line.startswith(f"ec_nixl:pull_seconds_{kind}"):
-                values[kind] += float(line.rsplit(" ", 1)[1])
-    return values["count"], values["sum"]
+def pd_histogram(pd_url: str, name: str) -> tuple[float, float]:
+    """(count, sum) of one of ec_nixl's histograms on PD's /metrics."""
+    return metric(pd_url, f"ec_nixl:{name}_count"), metric(pd_url, f"ec_nixl:{name}_sum")
+
+
+def loads_in_log(server: Server) -> list[tuple[int, float]]:
+    """(items, ms) of each load the PD worker logged (integration.timed_connectors)."""
+    pattern = LOAD_LINE.replace("{items}", r"(\d+)").replace("{ms:.3f}", r"([\d.]+)")
+    text = server.log_path.read_text(errors="replace")
+    return [(int(items), float(ms)) for items, ms in re.findall(pattern, text)]
 
 
 def cpu_connector_note() -> str | None:
@@ -108,22 +112,42 @@ def cpu_connector_note() -> str | None:
     return None
 
 
+@dataclass
+class Ready:
+    """What "embeddings ready" is made of, summed over a connector's distinct-image requests:
+    the scheduler's wait for the item (ECNixlConnector's ready_wait_seconds; nil for shared
+    storage, whose file exists when the request arrives) and the worker's load into the
+    encoder cache (the same log line for both)."""
+
+    waits: float = 0.0
+    wait_s: float = 0.0
+    items_loaded: int = 0
+    load_ms: float = 0.0
+
+    def ms(self) -> dict[str, float]:
+        wait = 1000 * self.wait_s / self.waits if self.waits else 0.0
+        load = self.load_ms / max(self.items_loaded, 1)
+        return {"wait": round(wait, 3), "load": round(load, 3), "total": round(wait + load, 3)}
+
+
 def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     """Every way of serving, `args.rounds` times in alternating order (the box drifts)."""
     build(workdir / "tiny-llava", text_hidden=args.text_hidden)
     ways = (*CONNECTORS, None)
     levels: dict[tuple[str, int], Level] = {}
     repeated: dict[str, Level] = {}
-    pulls = {"count": 0.0, "seconds": 0.0, "repeated": 0}
+    ready = {name: Ready() for name in CONNECTORS}
+    pulls_repeated = 0
     peak_rss: dict[str, dict[str, int]] = {}
     for round_ in range(args.rounds):
         for connector in ways if round_ % 2 == 0 else ways[::-1]:
             name = connector or "single-instance"
             nixl = connector == "ECNixlConnector"
-            with deploy(connector, workdir) as deployment:
+            with deploy(connector, workdir, timed=True) as deployment:
                 send(deployment.url, [image(999)], 1, Level(name, 1))  # warm-up
-                pd = deployment.server("pd").url if connector else None
-                before = pd_pull_metrics(pd) if nixl else (0.0, 0.0)
+                pd = deployment.server("pd") if connector else None
+                waits = pd_histogram(pd.url, "ready_wait_seconds") if nixl else (0.0, 0.0)
+                loads = len(loads_in_log(pd)) if pd else 0
                 for c in args.concurrency:
                     level = levels.setdefault((name, c), Level(name, c))
                     pictures = [
@@ -136,16 +160,22 @@ def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                         file=sys.stderr,
                         flush=True,
                     )
-                after = pd_pull_metrics(pd) if nixl else (0.0, 0.0)
-                pulls["count"] += after[0] - before[0]
-                pulls["seconds"] += after[1] - before[1]
+                if nixl:
+                    count, seconds = pd_histogram(pd.url, "ready_wait_seconds")
+                    ready[name].waits += count - waits[0]
+                    ready[name].wait_s += seconds - waits[1]
+                if pd:
+                    for items, ms in loads_in_log(pd)[loads:]:
+                        ready[name].items_loaded += items
+                        ready[name].load_ms += ms
+                pulled = pd_histogram(pd.url, "pull_seconds")[0] if nixl else 0
                 reuse = repeated.setdefault(name, Level(name, 1))
                 pictures = [
                     image(5000 + i % REPEATED_IMAGES) for i in range(REPEATED_IMAGES * REPEATS)
                 ]
                 send(deployment.url, pictures, 1, reuse)
                 if nixl:
-                    pulls["repeated"] += int(pd_pull_metrics(pd)[0] - after[0])
+                    pulls_repeated += int(pd_histogram(pd.url, "pull_seconds")[0] - pulled)
                 mine = peak_rss.setdefault(name, {})
                 for server, mib in deployment.peak_rss_mib.items():
                     mine[server] = max(mine.get(server, 0), round(mib))
@@ -154,10 +184,8 @@ def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "levels": sorted(levels.values(), key=lambda lv: (order[lv.connector], lv.concurrency)),
         "repeated": sorted(repeated.values(), key=lambda lv: order[lv.connector]),
         "embedding_bytes": embedding_bytes(args.text_hidden),
-        "embeddings_ready_ms": {
-            "ECNixlConnector": round(1000 * pulls["seconds"] / max(pulls["count"], 1), 2)
-        },
-        "pulls_repeated": pulls["repeated"],
+        "embeddings_ready_ms": {name: parts.ms() for name, parts in ready.items()},
+        "pulls_repeated": pulls_repeated,
         "peak_rss_mib": peak_rss,
         "rounds": args.rounds,
     }
@@ -189,8 +217,14 @@ def table(result: dict[str, Any]) -> str:
         rss = ", ".join(f"{k} {v}" for k, v in result["peak_rss_mib"][level.connector].items())
         lines.append(f"| {level.connector} | {level.percentiles()['p50']} | {rss} |")
     lines.append("")
-    for name, ms in result["embeddings_ready_ms"].items():
-        lines.append(f"Embeddings ready ({name}, PD scheduler's pull histogram, mean): {ms} ms")
+    ready = result["embeddings_ready_ms"]
+    ratio = ready["ECExampleConnector"]["total"] / max(ready["ECNixlConnector"]["total"], 1e-9)
+    lines += [
+        "Embeddings ready, per item, mean ms (scheduler's wait for the item + the PD worker's "
+        "load into the encoder cache):",
+        *(f"- {name}: {ms['total']} ({ms['wait']} + {ms['load']})" for name, ms in ready.items()),
+        f"- ECExampleConnector / ECNixlConnector: {ratio:.2f}x",
+    ]
     if result["pulls_repeated"] is not None:
         lines.append(
             f"Repeated stream: {REPEATED_IMAGES} distinct images x {REPEATS}, "

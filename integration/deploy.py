@@ -25,20 +25,22 @@ from integration.servers import (
 CONNECTORS = ("ECNixlConnector", "ECExampleConnector")
 
 
-def connector_configs(name: str, workdir: Path) -> tuple[dict, dict]:
-    """(encoder's, PD's) --ec-transfer-config for a connector."""
+def connector_configs(name: str, workdir: Path, timed: bool = False) -> tuple[dict, dict]:
+    """(encoder's, PD's) --ec-transfer-config for a connector; `timed`: PD logs its loads
+    (integration.timed_connectors)."""
     if name == "ECNixlConnector":
         control = f"127.0.0.1:{free_port()}"
-        return (
-            {"ec_connector": name, "ec_role": "ec_producer",
-             "ec_connector_extra_config": {"encoder_id": "enc0", "control_address": control}},
-            {"ec_connector": name, "ec_role": "ec_consumer",
-             "ec_connector_extra_config": {"encoders": {"enc0": control}, "prefetch": True}},
-        )  # fmt: skip
-    extra = {"shared_storage_path": str(workdir / "shared-storage")}
+        encoder = {"encoder_id": "enc0", "control_address": control}
+        pd = {"encoders": {"enc0": control}, "prefetch": True}
+    else:
+        encoder = pd = {"shared_storage_path": str(workdir / "shared-storage")}
+    pd_config = {"ec_connector": name, "ec_role": "ec_consumer", "ec_connector_extra_config": pd}
+    if timed:
+        pd_config["ec_connector"] = f"Timed{name}"
+        pd_config["ec_connector_module_path"] = "integration.timed_connectors"
     return (
-        {"ec_connector": name, "ec_role": "ec_producer", "ec_connector_extra_config": extra},
-        {"ec_connector": name, "ec_role": "ec_consumer", "ec_connector_extra_config": extra},
+        {"ec_connector": name, "ec_role": "ec_producer", "ec_connector_extra_config": encoder},
+        pd_config,
     )
 
 
@@ -55,7 +57,7 @@ class Deployment:
 
 
 @contextmanager
-def deploy(connector: str | None, workdir: Path) -> Iterator[Deployment]:
+def deploy(connector: str | None, workdir: Path, timed: bool = False) -> Iterator[Deployment]:
     """`workdir` holds `tiny-llava/`; logs go to `workdir/logs/<name>/`."""
     name = connector or "single-instance"
     logs = workdir / "logs" / name
@@ -63,7 +65,7 @@ def deploy(connector: str | None, workdir: Path) -> Iterator[Deployment]:
     if connector is None:
         servers = [start_vllm("single", workdir=workdir, cpu="0-1", log_dir=logs)]
     else:
-        encoder_config, pd_config = connector_configs(connector, workdir)
+        encoder_config, pd_config = connector_configs(connector, workdir, timed)
         servers = [
             start_vllm("encoder", workdir=workdir, cpu=0, log_dir=logs, encoder_only=True,
                        ec_transfer_config=encoder_config),

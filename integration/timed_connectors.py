@@ -1,0 +1,39 @@
+"""Benchmark only: ECNixlConnector and vLLM's ECExampleConnector, unchanged, except
+that the PD worker logs how long it took to put each step's encoder outputs into
+the encoder cache. `ec-nixl bench ttft` reads these lines, so the "embeddings
+ready" of both connectors includes the same step, measured the same way.
+
+    --ec-transfer-config '{"ec_connector": "TimedECExampleConnector",
+                           "ec_connector_module_path": "integration.timed_connectors", ...}'
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from vllm.distributed.ec_transfer.ec_connector.example_connector import ECExampleConnector
+
+from ec_nixl.connector import ECNixlConnector
+
+# A child of vLLM's logger: the line lands in the server's log with vLLM's own.
+logger = logging.getLogger("vllm.ec_nixl_bench")
+LOAD_LINE = "ec-load {items} items in {ms:.3f} ms"
+
+
+def timed(connector: type) -> type:
+    class Timed(connector):
+        def start_load_caches(self, encoder_cache, **kwargs) -> None:
+            before = len(encoder_cache)
+            start = time.perf_counter()
+            super().start_load_caches(encoder_cache, **kwargs)
+            if (items := len(encoder_cache) - before) > 0:
+                ms = (time.perf_counter() - start) * 1000
+                logger.info(LOAD_LINE.format(items=items, ms=ms))
+
+    Timed.__name__ = Timed.__qualname__ = f"Timed{connector.__name__}"
+    return Timed
+
+
+TimedECNixlConnector = timed(ECNixlConnector)
+TimedECExampleConnector = timed(ECExampleConnector)
