@@ -47,8 +47,10 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class ECNixlConnectorMetadata(ECConnectorMetadata):
-    # consumer: pulled items to move from the receive arena into the encoder cache
+    # consumer: pulled items to lend from the receive arena to the encoder cache, and
+    # items vLLM evicted from it (their slots are freed)
     loads: list[str] = field(default_factory=list)
+    evicted: list[str] = field(default_factory=list)
     # producer: items this step uses; export those served from the encoder cache
     uses: list[str] = field(default_factory=list)
 
@@ -160,7 +162,8 @@ class ECNixlConnector(ECConnectorBase):
 
     def start_load_caches(self, encoder_cache: dict[str, torch.Tensor], **kwargs) -> None:
         if self._consumer_worker is not None:
-            self._consumer_worker.load(encoder_cache, self._metadata().loads)
+            metadata = self._metadata()
+            self._consumer_worker.load(encoder_cache, metadata.loads, metadata.evicted)
 
     def _metadata(self) -> ECNixlConnectorMetadata:
         metadata = self._get_connector_metadata()
@@ -184,7 +187,8 @@ class ECNixlConnector(ECConnectorBase):
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> ECConnectorMetadata:
         metadata = ECNixlConnectorMetadata()
         if self._consumer is not None:
-            self._consumer.on_freed(scheduler_output.free_encoder_mm_hashes)
+            metadata.evicted = list(scheduler_output.free_encoder_mm_hashes)
+            self._consumer.on_freed(metadata.evicted)
             metadata.loads = self._consumer.take_loads()
         if self.config.is_producer:
             metadata.uses = [

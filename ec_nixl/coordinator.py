@@ -46,6 +46,7 @@ class PullJob:
     future: Future | None = None
     error: ECNixlError | None = None
     rows: int = 0  # what was pulled
+    ready_at: float | None = None
 
     @property
     def state(self) -> PullState:
@@ -159,6 +160,7 @@ class PullCoordinator:
                 for worker in self._workers
             ]
             job.rows = reports[0].rows[0]
+            job.ready_at = time.monotonic()
         except Exception as exc:  # a thread boundary: whatever fails here fails this pull only
             if not isinstance(exc, ECNixlError):
                 logger.exception("pull of %s failed unexpectedly", job.mm_hash)

@@ -35,7 +35,7 @@ METRICS: dict[str, Metric] = {
     "refused_params": Metric("counter", "Requests whose ec_transfer_params were refused"),
     "pull_seconds": Metric("histogram", "From the scheduler's order to bytes on every worker"),
     "ready_wait_seconds": Metric(
-        "histogram", "From a request asking for an item to its scheduling with the item in hand"
+        "histogram", "From a request asking for an item to every worker holding it (0: prefetched)"
     ),
     "prefetch_hits": Metric("counter", "Items pulled before their request arrived"),
     "resolve_seconds": Metric("histogram", "One resolve round trip to an encoder"),

@@ -3,10 +3,9 @@
 The scheduler orders each of its workers, over a local socket, to pull items
 from an encoder: the worker resolves them (its own leases) and READs them into
 its receive arena, then holds them until the scheduler schedules the request
-(`take` copies each into the encoder cache and frees the slot at once) or
-drops them. Copying out costs a local memcpy (several times faster than the
-READ itself) and means no slot is shared with vLLM's encoder cache, whose
-lifetime we do not control.
+(`take` hands vLLM's encoder cache a view of the slot: no copy) or drops them.
+A slot lent to the encoder cache is freed when vLLM evicts the item from it
+(`release`, on the scheduler's word: it sees every eviction).
 """
 
 from __future__ import annotations
@@ -77,15 +76,14 @@ class Receiver:
         resolver: Resolver,
         encoders: dict[str, str],
         model: ModelShape,
-        device: torch.device | str = "cpu",
     ) -> None:
         self.puller = Puller(arena)
         self.resolver = resolver
         self.encoders = encoders
         self.model = model
-        self.device = torch.device(device)
         self._lock = threading.Lock()
         self._held: dict[str, PulledItem] = {}
+        self._lent: dict[str, PulledItem] = {}  # in vLLM's encoder cache
 
     def pull(
         self,
@@ -120,14 +118,22 @@ class Receiver:
         return PullReport(size, resolved - start, time.monotonic() - resolved, rows)
 
     def take(self, mm_hash: str) -> torch.Tensor | None:
-        """The held item as a tensor of its own on the worker's device; its slot is freed."""
+        """The held item for the encoder cache: a view of its slot, lent until `release`."""
         with self._lock:
             item = self._held.pop(mm_hash, None)
-        if item is None:
-            return None
-        try:
-            return item.tensor.to(self.device, copy=True)
-        finally:
+            if item is None:
+                return None
+            replaced = self._lent.pop(mm_hash, None)
+            self._lent[mm_hash] = item
+        if replaced is not None:  # the encoder cache drops its old tensor for this one
+            self.puller.free(replaced)
+        return item.tensor
+
+    def release(self, mm_hashes: Iterable[str]) -> None:
+        """vLLM evicted these from its encoder cache: free the slots lent to it."""
+        with self._lock:
+            released = [self._lent.pop(h) for h in mm_hashes if h in self._lent]
+        for item in released:
             self.puller.free(item)
 
     def drop(self, mm_hashes: Iterable[str]) -> None:

@@ -17,7 +17,6 @@ media, the request fails), as after a failed pull.
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
 from ec_nixl.coordinator import PullCoordinator, PullState
@@ -96,8 +95,9 @@ class ConsumerScheduler:
         if job is not None and job.state is PullState.READY:
             self._to_load.append(mm_hash)
             self._coordinator.forget(mm_hash, drop=False)
-            if job.claimed_at is not None:
-                self.stats.observe("ready_wait_seconds", time.monotonic() - job.claimed_at)
+            if job.claimed_at is not None:  # 0 for an item prefetched before its request came
+                wait = max(0.0, job.ready_at - job.claimed_at)
+                self.stats.observe("ready_wait_seconds", wait)
 
     def prefetch(self, mm_hash: str, encoder_id: str) -> None:
         """An encoder exported an item: pull it now, unless vLLM's encoder cache has it."""

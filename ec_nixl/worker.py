@@ -84,12 +84,19 @@ class ConsumerWorker:
             security=config.security,
         )
         arena = Arena(config.receive_bytes, device)
-        self.receiver = Receiver(arena, resolver, config.encoders, model, device)
+        self.receiver = Receiver(arena, resolver, config.encoders, model)
         self.address = worker_address(engine_id, rank)
         self._server: grpc.Server = serve_receiver(self.receiver, self.address)
         logger.info("PD worker %d receives pulls on %s", rank, self.address)
 
-    def load(self, encoder_cache: dict[str, torch.Tensor], mm_hashes: Iterable[str]) -> None:
+    def load(
+        self,
+        encoder_cache: dict[str, torch.Tensor],
+        mm_hashes: Iterable[str],
+        evicted: Iterable[str],
+    ) -> None:
+        """Free the slots of items vLLM evicted, then lend it the pulled ones."""
+        self.receiver.release(evicted)
         for mm_hash in mm_hashes:
             tensor = self.receiver.take(mm_hash)
             if tensor is None:

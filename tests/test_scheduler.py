@@ -96,6 +96,21 @@ def test_a_named_item_defers_the_request_until_every_worker_holds_it(scheduler, 
     assert torch.equal(receiver[0].take("h-pulled"), item(seed=1).make())
 
 
+def test_a_pulled_item_is_lent_to_the_encoder_cache_uncopied_until_vllm_evicts_it(
+    scheduler, producer, receiver
+):
+    producer.export("h-lent", item(seed=12))
+    settle(scheduler, request("lent", ["h-lent"], make_params("enc0", ["h-lent"])))
+    arena = receiver[0].puller.arena
+    used = arena.bytes_used
+    tensor = receiver[0].take("h-lent")
+    start = arena.buffer.data_ptr()
+    assert start <= tensor.data_ptr() < start + arena.capacity  # the receive slot itself
+    assert arena.bytes_used == used
+    receiver[0].release(["h-lent", "h-never-lent"])
+    assert arena.bytes_used == used - tensor.nbytes
+
+
 def test_an_item_in_the_local_encoder_cache_is_not_pulled_again_until_evicted(scheduler, producer):
     scheduler.on_alloc("h-resident")  # vLLM encoded or loaded it earlier
     req = request("resident", ["h-resident"], make_params("enc0", ["h-resident"]))

@@ -12,6 +12,8 @@ encoders' ec_transfer_params. Configure with environment variables:
   ENCODER_URLS  encoder HTTP URLs, comma-separated (required)
   PD_URL        the PD instance's HTTP URL (required)
   HOST, PORT    where clients connect        [0.0.0.0, 8000]
+  ENCODER_TIMEOUT_S  give up on a silent encoder after this, skip it
+                a few seconds; PD encodes locally [30]
   PYTHON        interpreter with ec_nixl     [repo .venv, else python3]
 USAGE
 }
@@ -24,4 +26,5 @@ source "$here/common.sh"
 args=()
 for url in ${ENCODER_URLS//,/ }; do args+=(--encoder "$url"); done
 cd "$REPO"
-exec "$PYTHON" -m integration.proxy "${args[@]}" --pd "$PD_URL" --host "${HOST:-0.0.0.0}" --port "${PORT:-8000}"
+exec "$PYTHON" -m integration.proxy "${args[@]}" --pd "$PD_URL" --host "${HOST:-0.0.0.0}" \
+  --port "${PORT:-8000}" --encoder-timeout "${ENCODER_TIMEOUT_S:-30}"

@@ -52,7 +52,8 @@ for i in $(seq 0 $((encoders - 1))); do
   encoder_urls+=("http://127.0.0.1:$((8100 + i))")
   encoder_map+=("enc$i=127.0.0.1:$((7100 + i))")
 done
-ENCODERS=$(IFS=,; echo "${encoder_map[*]}") HOST=127.0.0.1 PORT=8200 CPU_BIND="${binds[1]:-}" \
+# One PD, the only consumer of these encoders: it may pull each item as it is exported.
+ENCODERS=$(IFS=,; echo "${encoder_map[*]}") HOST=127.0.0.1 PORT=8200 CPU_BIND="${binds[1]:-}" PREFETCH=true \
   "$roles/pd.sh" >epd-logs/pd.log 2>&1 &
 pids+=($!)
 for url in "${encoder_urls[@]}" http://127.0.0.1:8200; do wait_healthy "$url"; done
