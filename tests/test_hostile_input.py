@@ -110,3 +110,20 @@ def test_an_exporter_restarted_on_the_same_address_is_met_anew_and_old_descripto
         assert resolver.peer(address).epoch != old_epoch
         puller.free(item)
     assert puller.arena.bytes_used == 0
+
+
+def test_leases_a_caller_was_not_given_cannot_be_released_or_renewed(exporter):
+    exporter.export("leased", torch.ones(256))
+    holder = ExportClient(exporter.address, Security(TOKEN))
+    intruder = ExportClient(exporter.address, Security(TOKEN))
+    try:
+        (item,) = holder.resolve(["leased"], "holder")
+        # Lease ids are random 63-bit numbers: neighbours and small ids name nothing.
+        guesses = [item.lease_id - 1, item.lease_id + 1, *range(64)]
+        assert intruder.release(guesses) == 0
+        assert intruder.renew(guesses, lease_s=60) == guesses
+        assert "leased" in exporter.pool
+        assert holder.release([item.lease_id]) == 1
+    finally:
+        holder.close()
+        intruder.close()
