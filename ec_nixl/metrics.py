@@ -15,7 +15,25 @@ from functools import partial
 from typing import Any
 
 PREFIX = "ec_nixl:"
-LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
+# Sub-millisecond buckets: a prefetched item's wait is ~0, an item's load a fraction of a ms.
+LATENCY_BUCKETS = (
+    0.0001,
+    0.0002,
+    0.0005,
+    0.001,
+    0.002,
+    0.005,
+    0.01,
+    0.02,
+    0.05,
+    0.1,
+    0.2,
+    0.5,
+    1.0,
+    2.0,
+    5.0,
+    10.0,
+)
 
 
 @dataclass(frozen=True)

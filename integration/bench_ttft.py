@@ -21,12 +21,14 @@ import re
 import sys
 import tempfile
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
 
 from integration.client import chat_body, image, metric, stream_ttft
 from integration.deploy import CONNECTORS, deploy
@@ -88,9 +90,8 @@ def send(url: str, images: list[str], concurrency: int, level: Level) -> None:
     level.wall_s += time.perf_counter() - start
 
 
-def pd_histogram(pd_url: str, name: str) -> tuple[float, float]:
-    """(count, sum) of one of ec_nixl's histograms on PD's /metrics."""
-    return metric(pd_url, f"ec_nixl:{name}_count"), metric(pd_url, f"ec_nixl:{name}_sum")
+def pulls(pd_url: str) -> float:
+    return metric(pd_url, "ec_nixl:items_pulled_total")
 
 
 def loads_in_log(server: Server) -> list[tuple[int, float]]:
@@ -114,20 +115,66 @@ def cpu_connector_note() -> str | None:
 
 @dataclass
 class Ready:
-    """What "embeddings ready" is made of, summed over a connector's distinct-image requests:
-    the scheduler's wait for the item (ECNixlConnector's ready_wait_seconds; nil for shared
-    storage, whose file exists when the request arrives) and the worker's load into the
-    encoder cache (the same log line for both)."""
+    """What "embeddings ready" is made of, over a connector's distinct-image requests: the
+    scheduler's wait for the item (ECNixlConnector's ready_wait_seconds histogram; nil for
+    shared storage, whose file exists when the request arrives) and the worker's load into
+    the encoder cache (the same log line for both)."""
 
-    waits: float = 0.0
+    wait_buckets: dict[float, float] = field(default_factory=dict)  # le -> cumulative count
     wait_s: float = 0.0
-    items_loaded: int = 0
-    load_ms: float = 0.0
+    load_ms: list[float] = field(default_factory=list)  # per item
+
+    def add_waits(self, before: dict[float, float], after: dict[float, float], sum_s: float):
+        for le, count in after.items():
+            self.wait_buckets[le] = self.wait_buckets.get(le, 0.0) + count - before.get(le, 0.0)
+        self.wait_s += sum_s
 
     def ms(self) -> dict[str, float]:
-        wait = 1000 * self.wait_s / self.waits if self.waits else 0.0
-        load = self.load_ms / max(self.items_loaded, 1)
-        return {"wait": round(wait, 3), "load": round(load, 3), "total": round(wait + load, 3)}
+        waits = self.wait_buckets.get(float("inf"), 0.0)
+        wait_mean = 1000 * self.wait_s / waits if waits else 0.0
+        wait_p50 = 1000 * bucket_quantile(self.wait_buckets, 0.5) if waits else 0.0
+        load_mean = float(np.mean(self.load_ms)) if self.load_ms else 0.0
+        load_p50 = float(np.median(self.load_ms)) if self.load_ms else 0.0
+        return {
+            "p50": round(wait_p50 + load_p50, 3),
+            "wait_p50": round(wait_p50, 3),
+            "load_p50": round(load_p50, 3),
+            "mean": round(wait_mean + load_mean, 3),
+            "wait_mean": round(wait_mean, 3),
+            "load_mean": round(load_mean, 3),
+        }
+
+
+def bucket_quantile(buckets: dict[float, float], q: float) -> float:
+    """A quantile from cumulative histogram buckets, interpolated within its bucket (as
+    Prometheus' histogram_quantile)."""
+    bounds = sorted(buckets)
+    rank = q * buckets[bounds[-1]]
+    lower, below = 0.0, 0.0
+    for le in bounds:
+        if buckets[le] >= rank:
+            if le == float("inf"):
+                return lower
+            inside = buckets[le] - below
+            return lower + (le - lower) * ((rank - below) / inside if inside else 0.0)
+        lower, below = le, buckets[le]
+    return lower
+
+
+def pd_histogram(pd_url: str, name: str) -> tuple[dict[float, float], float]:
+    """(cumulative bucket counts by upper bound, sum) of one of ec_nixl's histograms at PD."""
+    with urllib.request.urlopen(f"{pd_url}/metrics", timeout=10) as reply:
+        families = text_string_to_metric_families(reply.read().decode())
+    buckets: dict[float, float] = {}
+    total = 0.0
+    for family in families:
+        for sample in family.samples:
+            if sample.name == f"ec_nixl:{name}_bucket":
+                le = float(sample.labels["le"])
+                buckets[le] = buckets.get(le, 0.0) + sample.value
+            elif sample.name == f"ec_nixl:{name}_sum":
+                total += sample.value
+    return buckets, total
 
 
 def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
@@ -146,7 +193,7 @@ def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             with deploy(connector, workdir, timed=True) as deployment:
                 send(deployment.url, [image(999)], 1, Level(name, 1))  # warm-up
                 pd = deployment.server("pd") if connector else None
-                waits = pd_histogram(pd.url, "ready_wait_seconds") if nixl else (0.0, 0.0)
+                waits = pd_histogram(pd.url, "ready_wait_seconds") if nixl else ({}, 0.0)
                 loads = len(loads_in_log(pd)) if pd else 0
                 for c in args.concurrency:
                     level = levels.setdefault((name, c), Level(name, c))
@@ -161,21 +208,19 @@ def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                         flush=True,
                     )
                 if nixl:
-                    count, seconds = pd_histogram(pd.url, "ready_wait_seconds")
-                    ready[name].waits += count - waits[0]
-                    ready[name].wait_s += seconds - waits[1]
+                    buckets, seconds = pd_histogram(pd.url, "ready_wait_seconds")
+                    ready[name].add_waits(waits[0], buckets, seconds - waits[1])
                 if pd:
                     for items, ms in loads_in_log(pd)[loads:]:
-                        ready[name].items_loaded += items
-                        ready[name].load_ms += ms
-                pulled = pd_histogram(pd.url, "pull_seconds")[0] if nixl else 0
+                        ready[name].load_ms += [ms / items] * items
+                pulled = pulls(pd.url) if nixl else 0
                 reuse = repeated.setdefault(name, Level(name, 1))
                 pictures = [
                     image(5000 + i % REPEATED_IMAGES) for i in range(REPEATED_IMAGES * REPEATS)
                 ]
                 send(deployment.url, pictures, 1, reuse)
                 if nixl:
-                    pulls_repeated += int(pd_histogram(pd.url, "pull_seconds")[0] - pulled)
+                    pulls_repeated += int(pulls(pd.url) - pulled)
                 mine = peak_rss.setdefault(name, {})
                 for server, mib in deployment.peak_rss_mib.items():
                     mine[server] = max(mine.get(server, 0), round(mib))
@@ -189,6 +234,10 @@ def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "peak_rss_mib": peak_rss,
         "rounds": args.rounds,
     }
+
+
+def ready_ratio(ready: dict[str, dict[str, float]], stat: str) -> float:
+    return ready["ECExampleConnector"][stat] / max(ready["ECNixlConnector"][stat], 1e-9)
 
 
 def table(result: dict[str, Any]) -> str:
@@ -218,12 +267,20 @@ def table(result: dict[str, Any]) -> str:
         lines.append(f"| {level.connector} | {level.percentiles()['p50']} | {rss} |")
     lines.append("")
     ready = result["embeddings_ready_ms"]
-    ratio = ready["ECExampleConnector"]["total"] / max(ready["ECNixlConnector"]["total"], 1e-9)
     lines += [
-        "Embeddings ready, per item, mean ms (scheduler's wait for the item + the PD worker's "
-        "load into the encoder cache):",
-        *(f"- {name}: {ms['total']} ({ms['wait']} + {ms['load']})" for name, ms in ready.items()),
-        f"- ECExampleConnector / ECNixlConnector: {ratio:.2f}x",
+        "Embeddings ready, per item, ms: the scheduler's wait for the item + the PD worker's "
+        "load into the encoder cache",
+        "",
+        "| connector | p50 | (wait p50 + load p50) | mean | (wait mean + load mean) |",
+        "|---|---|---|---|---|",
+        *(
+            f"| {name} | {ms['p50']} | {ms['wait_p50']} + {ms['load_p50']} | {ms['mean']} "
+            f"| {ms['wait_mean']} + {ms['load_mean']} |"
+            for name, ms in ready.items()
+        ),
+        "",
+        "ECExampleConnector / ECNixlConnector, embeddings ready: "
+        + ", ".join(f"{stat} {ready_ratio(ready, stat):.2f}x" for stat in ("p50", "mean")),
     ]
     if result["pulls_repeated"] is not None:
         lines.append(
