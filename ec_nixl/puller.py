@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from ec_nixl.arena import Arena, Slot
-from ec_nixl.control.messages import release_notification
+from ec_nixl.control.messages import PeerInfo, release_notification
 from ec_nixl.errors import PeerDeadError, PoolFullError, StaleDataError
 from ec_nixl.resolver import Resolution, Resolver
 from ec_nixl.transfer import TransferAgent, tensor_region
@@ -47,7 +47,7 @@ class Puller:
 
     def read(self, resolution: Resolution, deadline: float) -> list[PulledItem]:
         """READ resolved items into fresh local slots, in order, or raise a typed error."""
-        peer = self._meet(resolution)
+        peer = self.meet(resolution.address, resolution.peer)
         slots: list[Slot] = []
         try:
             for item in resolution.items:
@@ -86,16 +86,15 @@ class Puller:
     def free(self, item: PulledItem) -> None:
         self.arena.free(item.slot)
 
-    def _meet(self, resolution: Resolution) -> str:
+    def meet(self, address: str, peer: PeerInfo) -> str:
         """Load the exporter's agent metadata once; drop an older generation of it."""
-        peer = resolution.peer
         with self._lock:
-            previous = self._agent_at.get(resolution.address)
+            previous = self._agent_at.get(address)
             if previous is not None and previous != peer.agent_name:
                 self.agent.remove_peer(previous)
             if not self.agent.has_peer(peer.agent_name):
                 self.agent.add_peer(peer.agent_metadata)
-            self._agent_at[resolution.address] = peer.agent_name
+            self._agent_at[address] = peer.agent_name
         return peer.agent_name
 
 

@@ -142,6 +142,17 @@ class Receiver:
         for item in dropped:
             self.puller.free(item)
 
+    def meet_encoders(self) -> None:
+        """Handshake with every configured encoder and connect NIXL to it now, so that
+        the first pull does not pay for it; one that is not up yet is met by its first pull."""
+        for encoder_id, address in self.encoders.items():
+            try:
+                self.puller.meet(address, self.resolver.peer(address))
+            except ECNixlError as exc:
+                logger.info(
+                    "encoder %s not met at start (%s); its first pull will", encoder_id, exc
+                )
+
     @property
     def held(self) -> list[str]:
         with self._lock:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -87,6 +88,7 @@ class ConsumerWorker:
         self.receiver = Receiver(arena, resolver, config.encoders, model)
         self.address = worker_address(engine_id, rank)
         self._server: grpc.Server = serve_receiver(self.receiver, self.address)
+        threading.Thread(target=self.receiver.meet_encoders, daemon=True).start()
         logger.info("PD worker %d receives pulls on %s", rank, self.address)
 
     def load(

@@ -3,6 +3,7 @@ a real worker service on a local socket and real NIXL pulls behind it."""
 
 from __future__ import annotations
 
+import logging
 import time
 
 import pytest
@@ -283,3 +284,17 @@ def test_a_prefetched_item_no_request_claims_is_dropped_after_a_while(
     producer.export("h-next", item(seed=11))  # the next prefetch sweeps
     wait_for(lambda: "h-unasked" not in receiver[0].held)
     assert prefetching._coordinator.job("h-unasked") is None
+
+
+def test_a_worker_meets_its_encoders_at_start_and_skips_one_that_is_down(producer, caplog):
+    caplog.set_level(logging.INFO, logger="ec_nixl")
+    resolver = Resolver(consumer_id="early")
+    encoders = {"enc0": producer.address, "down": "127.0.0.1:1"}
+    receiver = Receiver(Arena(MiB), resolver, encoders, ModelShape(torch.bfloat16, 1024))
+    try:
+        receiver.meet_encoders()
+        peer = resolver.peer(producer.address)  # cached by the meeting: no new handshake
+        assert receiver.puller.agent.has_peer(peer.agent_name)
+        assert "encoder down not met at start" in caplog.text
+    finally:
+        resolver.close()
