@@ -103,17 +103,19 @@ class PullCoordinator:
         """Pull an item no request has asked for yet; unclaimed ones are dropped after
         PREFETCH_TTL_S (checked whenever another is prefetched)."""
         now = time.monotonic()
-        with self._lock:
+        with self._lock:  # stale ones leave under the lock: no request can claim them after
             stale = [
-                job.mm_hash
+                job
                 for job in self._jobs.values()
                 if job.claimed_at is None and now - job.started_at > PREFETCH_TTL_S
             ]
+            for job in stale:
+                del self._jobs[job.mm_hash]
             if mm_hash not in self._jobs:
                 job = self._jobs[mm_hash] = PullJob(mm_hash, encoder_id, num_embeds=0)
                 job.future = self._pool.submit(self._run, job)
-        for old in stale:
-            self.forget(old, drop=True)
+        for job in stale:
+            self._drop_when_done(job)
 
     def meet(self, encoder_id: str) -> None:
         """Handshake with an encoder once, in the background, to catch a mismatch early:
@@ -140,8 +142,12 @@ class PullCoordinator:
         """Stop tracking an item; with `drop`, workers free it if they hold it."""
         with self._lock:
             job = self._jobs.pop(mm_hash, None)
-        if job is not None and drop and job.future is not None:
-            job.future.add_done_callback(lambda _: self._drop(mm_hash))
+        if job is not None and drop:
+            self._drop_when_done(job)
+
+    def _drop_when_done(self, job: PullJob) -> None:
+        if job.future is not None:
+            job.future.add_done_callback(lambda _: self._drop(job.mm_hash))
 
     def _drop(self, mm_hash: str) -> None:
         for worker in self._workers:

@@ -38,17 +38,11 @@ class Prefetcher:
         self._resolver = resolver
         self._on_export = on_export
         self._stopped = threading.Event()
-        self._threads = [
+        for encoder_id, address in encoders.items():
             threading.Thread(
-                target=self._follow,
-                args=(encoder_id, address),
-                daemon=True,
+                target=self._follow, args=(encoder_id, address), daemon=True,
                 name=f"ec-nixl-prefetch-{encoder_id}",
-            )  # fmt: skip
-            for encoder_id, address in encoders.items()
-        ]
-        for thread in self._threads:
-            thread.start()
+            ).start()  # fmt: skip
 
     def _follow(self, encoder_id: str, address: str) -> None:
         failures = 0

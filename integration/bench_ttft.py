@@ -21,16 +21,14 @@ import re
 import sys
 import tempfile
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from prometheus_client.parser import text_string_to_metric_families
 
-from integration.client import chat_body, image, metric, stream_ttft
+from integration.client import chat_body, image, metric, metric_in, samples, scrape, stream_ttft
 from integration.deploy import CONNECTORS, deploy
 from integration.servers import Server
 from integration.timed_connectors import LOAD_LINE
@@ -163,18 +161,12 @@ def bucket_quantile(buckets: dict[float, float], q: float) -> float:
 
 def pd_histogram(pd_url: str, name: str) -> tuple[dict[float, float], float]:
     """(cumulative bucket counts by upper bound, sum) of one of ec_nixl's histograms at PD."""
-    with urllib.request.urlopen(f"{pd_url}/metrics", timeout=10) as reply:
-        families = text_string_to_metric_families(reply.read().decode())
+    text = scrape(pd_url)
     buckets: dict[float, float] = {}
-    total = 0.0
-    for family in families:
-        for sample in family.samples:
-            if sample.name == f"ec_nixl:{name}_bucket":
-                le = float(sample.labels["le"])
-                buckets[le] = buckets.get(le, 0.0) + sample.value
-            elif sample.name == f"ec_nixl:{name}_sum":
-                total += sample.value
-    return buckets, total
+    for sample in samples(text, f"ec_nixl:{name}_bucket"):
+        le = float(sample.labels["le"])
+        buckets[le] = buckets.get(le, 0.0) + sample.value
+    return buckets, metric_in(text, f"ec_nixl:{name}_sum")
 
 
 def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from typing import Any
 
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 
 from integration.servers import MODEL_NAME
 
@@ -80,14 +81,28 @@ def stream_ttft(url: str, body: dict[str, Any], timeout_s: float = 120) -> tuple
 
 def metric(url: str, name: str, **labels: str) -> float:
     """Sum of the samples of a metric at a Prometheus endpoint whose labels include `labels`."""
+    return metric_in(scrape(url), name, **labels)
+
+
+def scrape(url: str) -> str:
     with urllib.request.urlopen(f"{url}/metrics", timeout=10) as reply:
-        families = text_string_to_metric_families(reply.read().decode())
+        return reply.read().decode()
+
+
+def metric_in(text: str, name: str, **labels: str) -> float:
+    """`metric` on Prometheus text already fetched."""
     return sum(
-        sample.value
-        for family in families
-        for sample in family.samples
-        if sample.name == name and labels.items() <= sample.labels.items()
+        sample.value for sample in samples(text, name) if labels.items() <= sample.labels.items()
     )
+
+
+def samples(text: str, name: str) -> list[Sample]:
+    return [
+        sample
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name
+    ]
 
 
 def main() -> None:

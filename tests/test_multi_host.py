@@ -20,9 +20,8 @@ from pathlib import Path
 
 import pytest
 from conftest import ACROSS_HOSTS, PREFETCHED
-from prometheus_client.parser import text_string_to_metric_families
 
-from integration.client import chat_body
+from integration.client import chat_body, metric_in
 
 ROOT = Path(__file__).resolve().parent.parent
 ROLES = ROOT / "examples" / "multi_node"
@@ -109,8 +108,7 @@ def wait_healthy(urls: list[str], processes, timeout_s: float = 300) -> None:
 def pd_counter(pd: str, name: str) -> float:
     status, text = post_from_proxy_host(f"http://{pd}:8200/metrics", {}, 10)
     assert status == 200, text
-    families = text_string_to_metric_families(text)
-    return sum(s.value for f in families for s in f.samples if s.name == name)
+    return metric_in(text, name)
 
 
 def test_a_request_crosses_three_hosts_and_matches_the_single_instance(hosts, workdirs, reference):

@@ -20,10 +20,7 @@ import random
 import re
 import signal
 import socket
-import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -33,12 +30,12 @@ from conftest import CLEAR, RECOVERED, call_raw
 
 from ec_nixl.control.client import ExportClient
 from ec_nixl.control.security import Security
-from ec_nixl.errors import AuthError, ECNixlError, PeerDeadError
-from ec_nixl.pool import EventKind
+from ec_nixl.errors import AuthError, PeerDeadError
 from integration.client import chat_body, image, metric, post
 from integration.faults import TcpRelay
-from integration.reliability import Outcome, Row, send_all, send_one, write_report
-from integration.servers import PeakRss, Server, free_port, start_proxy, start_vllm, wait_healthy
+from integration.reliability import Outcome, Row, send_all, write_report
+from integration.reliability_rig import PoolWatch, Rig, in_background, results
+from integration.servers import PeakRss, free_port, start_proxy, wait_healthy
 from integration.tiny_vlm import embedding_bytes
 
 POOL_ITEMS = 4
@@ -59,111 +56,6 @@ SETUP = (
 )
 
 ROWS: list[Row] = []
-
-
-@dataclass
-class Rig:
-    encoder: Server
-    pd: Server
-    proxy: Server
-    relay: TcpRelay
-    rss: PeakRss
-    control: str  # E's own control address (PD goes through the relay)
-    encoder_metrics: str
-    security: Security  # what PD presents
-    encoder_config: dict
-    pd_config: dict
-    workdirs: tuple
-    budget_mib: dict[str, float] = field(default_factory=dict)
-    orphaned: tuple[str, dict] | None = None  # exported by an encoder that was then killed
-    _seed: int = 3000
-
-    def fresh_image(self) -> str:
-        self._seed += 1
-        return image(self._seed)
-
-    def pulled(self) -> float:
-        return metric(self.pd.url, "ec_nixl:items_pulled_total")
-
-    def pull_failures(self) -> float:
-        return metric(self.pd.url, "ec_nixl:pull_failures_total")
-
-    def fallbacks(self) -> float:
-        local = metric(self.proxy.url, "ec_nixl_proxy_local_encodes_total")
-        return local + metric(self.pd.url, "ec_nixl:fallbacks_total")
-
-    def evictions(self) -> dict[str, float]:
-        time.sleep(1.5)  # E's endpoint folds new counts in once a second
-        reasons = ("released", "lease expired", "never claimed", "evicted for space")
-        return {
-            r: metric(self.encoder_metrics, "ec_nixl:evictions_total", reason=r) for r in reasons
-        }
-
-    def until_pulled(self, since: float, timeout_s: float = 60.0) -> tuple[float, Outcome]:
-        """Send fresh images through the proxy until one is pulled; seconds since `since`."""
-        pulled, outcome = self.pulled(), Outcome()
-        while time.monotonic() < since + timeout_s:
-            outcome = outcome.add(send_one(self.proxy.url, chat_body(self.fresh_image()), 30))
-            if self.pulled() > pulled:
-                return time.monotonic() - since, outcome
-            time.sleep(0.2)
-        raise AssertionError(f"no pull within {timeout_s:.0f} s")
-
-    def restart(self, name: str) -> Server:
-        """Kill (if alive) and start again on the same ports and configuration."""
-        old = getattr(self, name)
-        old.kill()
-        encoder_dir, pd_dir, logs = self.workdirs
-        if name == "encoder":
-            server = start_vllm(
-                "encoder", workdir=encoder_dir, cpu=0, log_dir=logs, encoder_only=True,
-                ec_transfer_config=self.encoder_config, port=old.port,
-            )  # fmt: skip
-        else:
-            server = start_vllm(
-                "pd", workdir=pd_dir, cpu=1, log_dir=logs,
-                ec_transfer_config=self.pd_config, port=old.port,
-            )  # fmt: skip
-        setattr(self, name, server)
-        self.rss.servers[name] = server
-        wait_healthy([server])
-        return server
-
-    def orphan(self) -> tuple[str, dict]:
-        """An image E has exported, and the params naming it: PD never pulls it."""
-        url = self.fresh_image()
-        return url, post(self.encoder.url, chat_body(url, max_tokens=1))["ec_transfer_params"]
-
-
-class PoolWatch:
-    """Bytes E holds in its export pool, exactly, from its own event stream."""
-
-    def __init__(self, rig: Rig) -> None:
-        self.in_use = self.max_bytes = 0
-        self.items = 0
-        self._client = ExportClient(rig.control, rig.security)
-        self._thread = threading.Thread(target=self._follow, daemon=True)
-        self._thread.start()
-
-    def _follow(self) -> None:
-        try:
-            for event in self._client.watch():
-                sign = 1 if event.kind is EventKind.EXPORTED else -1
-                self.in_use += sign * event.length
-                self.items += sign
-                self.max_bytes = max(self.max_bytes, self.in_use)
-        except ECNixlError:
-            pass  # closed, or the encoder went away
-
-    def wait_empty(self, timeout_s: float) -> float:
-        start = time.monotonic()
-        while self.in_use > 0:
-            assert time.monotonic() - start < timeout_s, f"E still holds {self.in_use} bytes"
-            time.sleep(0.1)
-        return time.monotonic() - start
-
-    def close(self) -> None:
-        self._client.close()
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -210,32 +102,26 @@ def rig(workdirs, reference, tls_certificate):
             "pull_timeout_s": PULL_DEADLINE_S, "token": TOKEN, "tls_ca_file": str(cert),
         },
     }  # fmt: skip
-    encoder = start_vllm(
-        "encoder", workdir=encoder_dir, cpu=0, log_dir=logs, encoder_only=True,
-        ec_transfer_config=encoder_config,
+    rig = Rig(
+        encoder_dir, pd_dir, logs, encoder_config, pd_config, control, relay,
+        f"http://{metrics}", Security(TOKEN, tls_ca_file=cert),
     )  # fmt: skip
-    pd = start_vllm("pd", workdir=pd_dir, cpu=1, log_dir=logs, ec_transfer_config=pd_config)
-    servers = {"encoder": encoder, "pd": pd}
     try:
-        wait_healthy([encoder, pd])
-        proxy = start_proxy(
-            encoders=[encoder.url], pd=pd.url, log_dir=logs, encoder_timeout_s=ENCODER_TIMEOUT_S
-        )
-        servers["proxy"] = proxy
-        wait_healthy([proxy])
-        with PeakRss([encoder, pd]) as rss:
-            security = Security(TOKEN, tls_ca_file=cert)
-            rig = Rig(
-                encoder, pd, proxy, relay, rss, control, f"http://{metrics}", security,
-                encoder_config, pd_config, (encoder_dir, pd_dir, logs),
-            )  # fmt: skip
+        wait_healthy([rig.launch("encoder"), rig.launch("pd")])
+        rig.servers["proxy"] = start_proxy(
+            encoders=[rig.encoder.url], pd=rig.pd.url, log_dir=logs,
+            encoder_timeout_s=ENCODER_TIMEOUT_S,
+        )  # fmt: skip
+        wait_healthy([rig.proxy])
+        with PeakRss([rig.encoder, rig.pd]) as rig.rss:
             rig.until_pulled(time.monotonic())  # warm-up: every path has run once
             time.sleep(0.5)
-            rig.budget_mib = {name: mib + RSS_HEADROOM_MIB for name, mib in rss.peak_mib.items()}
+            rig.budget_mib = {
+                name: mib + RSS_HEADROOM_MIB for name, mib in rig.rss.peak_mib.items()
+            }
             yield rig
-            servers.update(encoder=rig.encoder, pd=rig.pd)
     finally:
-        for server in servers.values():
+        for server in rig.servers.values():
             server.stop()
         relay.close()
 
@@ -383,23 +269,8 @@ def test_garbage_on_the_control_plane_gets_status_codes_and_the_encoder_keeps_se
     assert not outcome.errors
 
 
-def in_background(*calls) -> list[Future]:
-    """Start each call now, each on its own thread."""
-    pool = ThreadPoolExecutor(len(calls))
-    futures = [pool.submit(call) for call in calls]
-    pool.shutdown(wait=False)
-    return futures
-
-
 def traffic(url: str, bodies: list[dict], concurrency: int = 2):
     return partial(send_all, url, bodies, concurrency=concurrency, deadline_s=REQUEST_DEADLINE_S)
-
-
-def results(futures: list[Future]) -> Outcome:
-    outcome = Outcome()
-    for future in futures:
-        outcome = outcome.add(future.result())
-    return outcome
 
 
 def test_a_stalled_encoder_costs_one_deadline_then_service_resumes(rig, record):
