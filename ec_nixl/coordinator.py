@@ -180,7 +180,11 @@ class PullCoordinator:
         self.stats.observe("pull_seconds", elapsed)
         for report in reports:
             self.stats.observe("resolve_seconds", report.resolve_s)
-        logger.info("pulled %s from %s in %.1f ms", job.mm_hash, job.encoder_id, elapsed * 1000)
+        logger.info(
+            "pulled %s from %s in %.1f ms (worker 0: resolve %.1f ms, read %.1f ms)",
+            job.mm_hash, job.encoder_id, elapsed * 1000,
+            reports[0].resolve_s * 1000, reports[0].read_s * 1000,
+        )  # fmt: skip
 
     def _report_incompatible(self, encoder_id: str, exc: HandshakeError) -> None:
         if encoder_id not in self._incompatible:

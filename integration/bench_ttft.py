@@ -1,14 +1,18 @@
 """`ec-nixl bench ttft`: time to first token, ECNixlConnector vs shared storage vs one instance.
 
-Same model, same request stream, one run: for each way of serving (E + PD +
+Same model, same request stream, one run: every way of serving (E + PD +
 proxy with ECNixlConnector, the same with vLLM's ECExampleConnector, and one
-ordinary instance), streams of distinct images at several concurrency levels,
-then a stream that repeats images (cache reuse). The model is the tiny LLaVA
-with LLaVA-1.5-7B's embedding shape by default: 576 x 4096 bf16 = 4.5 MiB per
-image. "Embeddings ready", per item: how long PD's scheduler waited for the
-item (ECNixlConnector's ec_nixl:ready_wait_seconds; shared storage's file is
-there when the request arrives) plus the PD worker's load into the encoder
-cache (logged by integration.timed_connectors for both connectors).
+ordinary instance) is up at once, and each concurrency level's distinct-image
+stream is served in short blocks that take turns between the ways, so the
+drift of a shared machine hits every way alike; then a stream that repeats
+images (cache reuse). TTFT ratios come with a bootstrap confidence interval,
+and the proxy's phase timings say where each TTFT went (encoder, then PD).
+The model is the tiny LLaVA with LLaVA-1.5-7B's embedding shape by default:
+576 x 4096 bf16 = 4.5 MiB per image. "Embeddings ready", per item: how long
+PD's scheduler waited for the item (ECNixlConnector's
+ec_nixl:ready_wait_seconds; shared storage's file is there when the request
+arrives) plus the PD worker's load into the encoder cache (logged by
+integration.timed_connectors for both connectors).
 vLLM's ECCPUConnector runs only where vLLM's V2 model runner does (it needs
 Triton with a backend for the device); where it cannot, the table says so.
 """
@@ -16,12 +20,14 @@ Triton with a backend for the device); where it cannot, the table says so.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import re
 import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +43,11 @@ from integration.tiny_vlm import build, embedding_bytes
 DEFAULT_CONCURRENCY = (1, 2, 4)
 LLAVA_7B_HIDDEN = 4096
 REPEATED_IMAGES, REPEATS = 3, 4
+WARM_UP_REQUESTS = 3
+# vLLM's workers busy-poll for a second after their last step: a pause before each
+# block lets the way that ran before go quiet, so that it does not slow this one.
+QUIET_S = 1.5
+BOOTSTRAP_SAMPLES = 2000
 
 
 @dataclass
@@ -46,6 +57,7 @@ class Level:
     ttft_ms: list[float] = field(default_factory=list)
     errors: int = 0
     wall_s: float = 0.0
+    phases_ms: dict[str, float] = field(default_factory=dict)  # proxy's means, per request
 
     def percentiles(self) -> dict[str, float]:
         if not self.ttft_ms:
@@ -68,7 +80,14 @@ class Level:
             "ttft_ms": self.percentiles(),
             "requests": self.requests,
             "errors": self.errors,
+            "phases_ms": self.phases_ms,
         }
+
+
+def block_size(concurrency: int) -> int:
+    """Requests a way serves before the next takes its turn: enough to keep
+    `concurrency` requests in flight most of the block."""
+    return max(4, 2 * concurrency)
 
 
 def send(url: str, images: list[str], concurrency: int, level: Level) -> None:
@@ -90,6 +109,29 @@ def send(url: str, images: list[str], concurrency: int, level: Level) -> None:
 
 def pulls(pd_url: str) -> float:
     return metric(pd_url, "ec_nixl:items_pulled_total")
+
+
+PHASES = ("encode", "pd_first_chunk")
+
+
+def proxy_phases(proxy_url: str) -> dict[str, tuple[float, float]]:
+    """(sum s, count) of the proxy's timing of each phase of a request."""
+    text = scrape(proxy_url)
+    return {
+        phase: (
+            metric_in(text, f"ec_nixl_proxy_{phase}_seconds_sum"),
+            metric_in(text, f"ec_nixl_proxy_{phase}_seconds_count"),
+        )
+        for phase in PHASES
+    }
+
+
+def phase_means_ms(before: dict, after: dict) -> dict[str, float]:
+    return {
+        phase: round(1000 * (after[phase][0] - before[phase][0]) / count, 1)
+        for phase in PHASES
+        if (count := after[phase][1] - before[phase][1])
+    }
 
 
 def loads_in_log(server: Server) -> list[tuple[int, float]]:
@@ -170,62 +212,80 @@ def pd_histogram(pd_url: str, name: str) -> tuple[dict[float, float], float]:
 
 
 def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    """Every way of serving, `args.rounds` times in alternating order (the box drifts)."""
+    """Every way up at once; each level's stream in blocks that take turns between them."""
     build(workdir / "tiny-llava", text_hidden=args.text_hidden)
-    ways = (*CONNECTORS, None)
-    levels: dict[tuple[str, int], Level] = {}
-    repeated: dict[str, Level] = {}
-    ready = {name: Ready() for name in CONNECTORS}
-    pulls_repeated = 0
-    peak_rss: dict[str, dict[str, int]] = {}
-    for round_ in range(args.rounds):
-        for connector in ways if round_ % 2 == 0 else ways[::-1]:
-            name = connector or "single-instance"
-            nixl = connector == "ECNixlConnector"
-            with deploy(connector, workdir, timed=True) as deployment:
-                send(deployment.url, [image(999)], 1, Level(name, 1))  # warm-up
-                pd = deployment.server("pd") if connector else None
-                waits = pd_histogram(pd.url, "ready_wait_seconds") if nixl else ({}, 0.0)
-                loads = len(loads_in_log(pd)) if pd else 0
-                for c in args.concurrency:
-                    level = levels.setdefault((name, c), Level(name, c))
-                    pictures = [
-                        image(100_000 * round_ + 1000 * c + i) for i in range(args.requests)
-                    ]
-                    send(deployment.url, pictures, c, level)
-                    print(
-                        f"[{name}] round {round_ + 1}, concurrency {c}: TTFT p50 so far "
-                        f"{level.percentiles()['p50']} ms, {level.errors} errors",
-                        file=sys.stderr,
-                        flush=True,
-                    )
-                if nixl:
-                    buckets, seconds = pd_histogram(pd.url, "ready_wait_seconds")
-                    ready[name].add_waits(waits[0], buckets, seconds - waits[1])
-                if pd:
-                    for items, ms in loads_in_log(pd)[loads:]:
-                        ready[name].load_ms += [ms / items] * items
-                pulled = pulls(pd.url) if nixl else 0
-                reuse = repeated.setdefault(name, Level(name, 1))
-                pictures = [
-                    image(5000 + i % REPEATED_IMAGES) for i in range(REPEATED_IMAGES * REPEATS)
-                ]
-                send(deployment.url, pictures, 1, reuse)
-                if nixl:
-                    pulls_repeated += int(pulls(pd.url) - pulled)
-                mine = peak_rss.setdefault(name, {})
-                for server, mib in deployment.peak_rss_mib.items():
-                    mine[server] = max(mine.get(server, 0), round(mib))
-    order = {way or "single-instance": k for k, way in enumerate(ways)}
+    ways = [*CONNECTORS, None]
+    names = [way or "single-instance" for way in ways]
+    seeds = itertools.count(1)
+    levels = {(name, c): Level(name, c) for name in names for c in args.concurrency}
+    with ExitStack() as stack:
+        deployments = {
+            name: stack.enter_context(deploy(way, workdir, timed=True))
+            for name, way in zip(names, ways, strict=True)
+        }
+        for deployment in deployments.values():
+            send(deployment.url, [image(next(seeds)) for _ in range(WARM_UP_REQUESTS)], 1,
+                 Level(deployment.name, 1))  # fmt: skip
+        pd = {name: deployments[name].server("pd") for name in CONNECTORS}
+        nixl_pd = pd["ECNixlConnector"].url
+        waits = pd_histogram(nixl_pd, "ready_wait_seconds")
+        loads = {name: len(loads_in_log(server)) for name, server in pd.items()}
+        for c in args.concurrency:
+            phases = {name: proxy_phases(deployments[name].url) for name in CONNECTORS}
+            blocks = -(-args.requests // block_size(c))
+            for block in range(blocks):
+                turn = block % len(names)
+                for name in names[turn:] + names[:turn]:
+                    time.sleep(QUIET_S)
+                    pictures = [image(next(seeds)) for _ in range(block_size(c))]
+                    send(deployments[name].url, pictures, c, levels[name, c])
+            for name in CONNECTORS:
+                levels[name, c].phases_ms = phase_means_ms(
+                    phases[name], proxy_phases(deployments[name].url)
+                )
+            for name in names:
+                print(
+                    f"[{name}] concurrency {c}: TTFT p50 {levels[name, c].percentiles()['p50']} "
+                    f"ms, {levels[name, c].errors} errors",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        ready = {name: Ready() for name in CONNECTORS}
+        buckets, seconds = pd_histogram(nixl_pd, "ready_wait_seconds")
+        ready["ECNixlConnector"].add_waits(waits[0], buckets, seconds - waits[1])
+        for name, server in pd.items():
+            for items, ms in loads_in_log(server)[loads[name] :]:
+                ready[name].load_ms += [ms / items] * items
+        pulled = pulls(nixl_pd)
+        repeated = [Level(name, 1) for name in names]
+        first = next(seeds)
+        pictures = [image(first + i % REPEATED_IMAGES) for i in range(REPEATED_IMAGES * REPEATS)]
+        for level in repeated:
+            send(deployments[level.connector].url, pictures, 1, level)
+        pulls_repeated = int(pulls(nixl_pd) - pulled)
+        peak_rss = {
+            name: {server: round(mib) for server, mib in deployment.peak_rss_mib.items()}
+            for name, deployment in deployments.items()
+        }
     return {
-        "levels": sorted(levels.values(), key=lambda lv: (order[lv.connector], lv.concurrency)),
-        "repeated": sorted(repeated.values(), key=lambda lv: order[lv.connector]),
+        "levels": list(levels.values()),
+        "repeated": repeated,
         "embedding_bytes": embedding_bytes(args.text_hidden),
         "embeddings_ready_ms": {name: parts.ms() for name, parts in ready.items()},
         "pulls_repeated": pulls_repeated,
         "peak_rss_mib": peak_rss,
-        "rounds": args.rounds,
     }
+
+
+def p50_ratio(baseline: list[float], ours: list[float]) -> tuple[float, float, float]:
+    """baseline p50 / our p50, and a 95% bootstrap interval: above 1 means we are faster."""
+    rng = np.random.default_rng(0)
+    a, b = np.asarray(baseline), np.asarray(ours)
+    ratios = np.median(rng.choice(a, (BOOTSTRAP_SAMPLES, a.size)), axis=1) / np.median(
+        rng.choice(b, (BOOTSTRAP_SAMPLES, b.size)), axis=1
+    )
+    low, high = np.percentile(ratios, [2.5, 97.5])
+    return float(np.median(a) / np.median(b)), float(low), float(high)
 
 
 def ready_ratio(ready: dict[str, dict[str, float]], stat: str) -> float:
@@ -236,24 +296,33 @@ def table(result: dict[str, Any]) -> str:
     lines = [
         f"One image = {result['embedding_bytes'] / (1 << 20):.2f} MiB of embedding.",
         "",
-        "| connector | concurrency | TTFT p50 ms | p90 ms | p99 ms | req/s | requests | errors |",
-        "|---|---|---|---|---|---|---|---|",
+        "| connector | concurrency | TTFT p50 ms | p90 ms | p99 ms | req/s | requests | errors "
+        "| encoder phase ms | PD phase ms |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for level in result["levels"]:
         p = level.percentiles()
         rate = level.requests / level.wall_s if level.wall_s else 0
+        phases = [str(level.phases_ms.get(phase, "-")) for phase in PHASES]
         lines.append(
             f"| {level.connector} | {level.concurrency} | {p['p50']} | {p['p90']} "
-            f"| {p['p99']} | {rate:.2f} | {level.requests} | {level.errors} |"
+            f"| {p['p99']} | {rate:.2f} | {level.requests} | {level.errors} | "
+            + " | ".join(phases)
+            + " |"
         )
-    by = {(lv.connector, lv.concurrency): lv.percentiles()["p50"] for lv in result["levels"]}
-    concurrencies = sorted({lv.concurrency for lv in result["levels"]})
-    ratios = ", ".join(
-        f"c={c}: {by['ECExampleConnector', c] / by['ECNixlConnector', c]:.2f}x"
-        for c in concurrencies
-    )
-    lines += ["", f"TTFT p50, ECExampleConnector / ECNixlConnector: {ratios}", ""]
-    lines += ["| connector | repeated images: TTFT p50 ms | peak RSS MiB |", "|---|---|---|"]
+    by = {(lv.connector, lv.concurrency): lv.ttft_ms for lv in result["levels"]}
+    lines += [
+        "",
+        "Phases (means, from the proxy): encoder = until the encoders answered, PD = from "
+        "forwarding to PD until its first chunk.",
+        "",
+        "TTFT p50, ECExampleConnector / ECNixlConnector (above 1: ECNixlConnector is faster; "
+        "95% bootstrap interval):",
+    ]
+    for c in sorted({lv.concurrency for lv in result["levels"]}):
+        ratio, low, high = p50_ratio(by["ECExampleConnector", c], by["ECNixlConnector", c])
+        lines.append(f"- concurrency {c}: {ratio:.2f}x ({low:.2f}-{high:.2f})")
+    lines += ["", "| connector | repeated images: TTFT p50 ms | peak RSS MiB |", "|---|---|---|"]
     for level in result["repeated"]:
         rss = ", ".join(f"{k} {v}" for k, v in result["peak_rss_mib"][level.connector].items())
         lines.append(f"| {level.connector} | {level.percentiles()['p50']} | {rss} |")
@@ -274,11 +343,10 @@ def table(result: dict[str, Any]) -> str:
         "ECExampleConnector / ECNixlConnector, embeddings ready: "
         + ", ".join(f"{stat} {ready_ratio(ready, stat):.2f}x" for stat in ("p50", "mean")),
     ]
-    if result["pulls_repeated"] is not None:
-        lines.append(
-            f"Repeated stream: {REPEATED_IMAGES} distinct images x {REPEATS}, "
-            f"{result['rounds']} round(s): ECNixlConnector pulled {result['pulls_repeated']} items"
-        )
+    lines.append(
+        f"Repeated stream: {REPEATED_IMAGES} distinct images x {REPEATS}: "
+        f"ECNixlConnector pulled {result['pulls_repeated']} items"
+    )
     if note := cpu_connector_note():
         lines.append(note)
     return "\n".join(lines)
@@ -313,12 +381,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_CONCURRENCY,
         help="comma-separated levels (default 1,2,4)",
     )
-    parser.add_argument("--requests", type=int, default=12, help="requests per level (default 12)")
     parser.add_argument(
-        "--rounds",
+        "--requests",
         type=int,
-        default=1,
-        help="serve every way this many times, alternating the order; samples are pooled",
+        default=48,
+        help="requests per way and level (default 48), served in blocks that take turns",
     )
     parser.add_argument(
         "--text-hidden",

@@ -1,4 +1,4 @@
-"""OpenAI chat requests with images, as a user's client sends them (stdlib only)."""
+"""OpenAI chat requests with images, as a user's client sends them; Prometheus scraping."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import urllib.error
 import urllib.request
 from typing import Any
 
+import numpy as np
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
@@ -19,14 +20,14 @@ from integration.servers import MODEL_NAME
 
 
 def image(seed: int, size: int = 64) -> str:
-    """A distinct PNG for each seed, as a data: URL."""
-    picture = Image.new("RGB", (size, size))
-    picture.putdata(
-        [((seed * 37 + x * 5) % 256, (seed * 91 + y * 3) % 256, (seed * 13 + x * y) % 256)
-         for y in range(size) for x in range(size)]
-    )  # fmt: skip
+    """A PNG of random pixels, a different one for every seed, as a data: URL.
+
+    Every seed must give a new picture: a repeated one is an encoder-cache hit
+    (and a file already on disk for shared storage), which skews a benchmark.
+    """
+    pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
     buffer = io.BytesIO()
-    picture.save(buffer, "PNG")
+    Image.fromarray(pixels).save(buffer, "PNG")
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 

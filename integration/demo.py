@@ -1,10 +1,10 @@
 """The main job: an encoder and a PD instance on this machine, ECNixlConnector vs shared storage.
 
 For each connector, in one run: build the tiny model, start E (encoder only),
-PD and the EPD proxy, send the same image requests one at a time (streamed, so
-TTFT is the time to the first generated token), print each answer and TTFT,
-then shut everything down. The table compares the two connectors; the answers
-must be the same.
+PD and the EPD proxy, send one untimed warm-up request, then the same image
+requests one at a time (streamed, so TTFT is the time to the first generated
+token), print each answer and TTFT, then shut everything down. The table
+compares the two connectors; the answers must be the same.
 
     python -m integration.demo [--requests N] [--json FILE]
 """
@@ -38,6 +38,7 @@ def run_connector(name: str, workdir: Path, requests: int) -> Run:
     run = Run(name)
     with deploy(name, workdir) as deployment:
         run.startup_s = deployment.startup_s
+        stream_ttft(deployment.url, chat_body(image(99)))  # warm-up, untimed: first-use costs
         for i in range(requests):
             ttft, text = stream_ttft(deployment.url, chat_body(image(100 + i)))
             run.ttft_ms.append(ttft * 1000)

@@ -12,7 +12,8 @@ encoder request per image) and their answers merged; encoders are used
 round-robin, and one that fails (or does not answer within the encoder
 timeout) is skipped for a few seconds. If no encoder answers, or all are
 being skipped, PD gets the request without params and encodes locally.
-`/metrics` counts both.
+`/metrics` counts both, and times each request's two phases (encoders, then
+PD's first chunk): where a TTFT goes.
 
     python -m integration.proxy --encoder URL [--encoder URL ...] --pd URL --port N
 """
@@ -39,6 +40,7 @@ PD_TIMEOUT = aiohttp.ClientTimeout(total=600)
 
 MEDIA_PARTS = ("image_url", "image")
 DOWN_FOR_S = 5.0
+PHASE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 2, 5, 10)
 
 
 def split_by_image(body: dict[str, Any]) -> list[dict[str, Any]]:
@@ -92,6 +94,15 @@ class EPDProxy:
         self._local_encodes = prometheus_client.Counter(
             "ec_nixl_proxy_local_encodes", "Requests PD encoded itself: no encoder answered",
             registry=self.registry,
+        )  # fmt: skip
+        self._encode_seconds = prometheus_client.Histogram(
+            "ec_nixl_proxy_encode_seconds", "From a request's arrival to its encoders' answers",
+            buckets=PHASE_BUCKETS, registry=self.registry,
+        )  # fmt: skip
+        self._pd_first_chunk_seconds = prometheus_client.Histogram(
+            "ec_nixl_proxy_pd_first_chunk_seconds",
+            "From forwarding a request to PD to its first chunk (whole answer if not streamed)",
+            buckets=PHASE_BUCKETS, registry=self.registry,
         )  # fmt: skip
 
     async def start(self, app: web.Application) -> None:
@@ -151,7 +162,8 @@ class EPDProxy:
             return web.json_response({"error": "body is not JSON"}, status=400)
         # Only an encoder may say where encoder outputs are: never pass on a client's claim.
         body.pop("ec_transfer_params", None)
-        params = await self.encode(request.path, body)
+        with self._encode_seconds.time():
+            params = await self.encode(request.path, body)
         if params:
             body = {**body, "ec_transfer_params": params}
         try:
@@ -163,19 +175,26 @@ class EPDProxy:
             return web.json_response({"error": f"PD unavailable: {exc!r}"}, status=502)
 
     async def _forward(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        start = time.perf_counter()
         async with self._session.post(
             self.pd + request.path, json=body, timeout=PD_TIMEOUT
         ) as reply:
             if not body.get("stream"):
+                answer = await reply.read()
+                self._pd_first_chunk_seconds.observe(time.perf_counter() - start)
                 return web.Response(
-                    body=await reply.read(), status=reply.status, content_type="application/json"
+                    body=answer, status=reply.status, content_type="application/json"
                 )
             response = web.StreamResponse(
                 status=reply.status, headers={"Content-Type": "text/event-stream"}
             )
             await response.prepare(request)
             request["streaming"] = True
+            first = True
             async for chunk in reply.content.iter_any():
+                if first:
+                    self._pd_first_chunk_seconds.observe(time.perf_counter() - start)
+                    first = False
                 await response.write(chunk)
             await response.write_eof()
             return response

@@ -107,6 +107,14 @@ def test_a_streamed_answer_passes_through_the_proxy_unchanged(cluster, reference
     assert text == reference[PROXIED[3]]
 
 
+def test_the_proxy_times_both_phases_of_each_request(cluster):
+    proxy = cluster["proxy"].url
+    phases = ("ec_nixl_proxy_encode_seconds_count", "ec_nixl_proxy_pd_first_chunk_seconds_count")
+    before = [metric(proxy, phase) for phase in phases]
+    stream_ttft(proxy, chat_body(image(85)))
+    assert [metric(proxy, phase) for phase in phases] == [count + 1 for count in before]
+
+
 def test_pd_alone_encodes_differently_so_the_answers_above_came_from_the_encoder(
     cluster, reference
 ):
@@ -142,24 +150,19 @@ def test_the_encoder_reports_exports_and_evictions_on_its_metrics_endpoint(clust
 
 def test_the_encoder_frees_an_item_as_soon_as_pd_has_pulled_it(cluster):
     client = ExportClient(cluster["control"])
-    events = []
-    watching = threading.Event()
-
-    def watch():
-        for event in client.watch():
-            watching.set()
-            events.append(event)
-            if event.kind is EventKind.EVICTED:
-                return
-
-    # The stream opens with what is held; export something so it has a first event.
-    watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
-    answer(cluster["proxy"].url, image(30))
-    watcher.join(10)
+    events: list = []
+    threading.Thread(target=lambda: events.extend(client.watch()), daemon=True).start()
+    time.sleep(0.5)  # the stream is open before anything is exported
+    url = image(30)  # through enc0 directly: the proxy could pick the other encoder
+    params = post(cluster["encoder"].url, chat_body(url, max_tokens=1))["ec_transfer_params"]
+    post(cluster["pd"].url, chat_body(url, ec_transfer_params=params))
+    (mm_hash,) = params
+    deadline = time.monotonic() + 10
+    while EventKind.EVICTED not in (kinds := [e.kind for e in events if e.mm_hash == mm_hash]):
+        assert time.monotonic() < deadline, f"{mm_hash} still held by the encoder: {kinds}"
+        time.sleep(0.05)
     client.close()
-    kinds = [e.kind for e in events]
-    assert EventKind.EXPORTED in kinds and kinds[-1] is EventKind.EVICTED
+    assert kinds == [EventKind.EXPORTED, EventKind.EVICTED]
 
 
 def test_the_proxy_drops_transfer_params_a_client_made_up(cluster, reference):
