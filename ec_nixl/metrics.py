@@ -15,8 +15,10 @@ from functools import partial
 from typing import Any
 
 PREFIX = "ec_nixl:"
-# Sub-millisecond buckets: a prefetched item's wait is ~0, an item's load a fraction of a ms.
+# Sub-millisecond buckets: an item's load takes a fraction of a ms; a prefetched item's
+# wait is exactly 0 and has a bucket of its own, so that quantiles near 0 stay 0.
 LATENCY_BUCKETS = (
+    0.0,
     0.0001,
     0.0002,
     0.0005,
