@@ -34,20 +34,28 @@ from typing import Any
 
 import numpy as np
 
-from integration.client import chat_body, image, metric, metric_in, samples, scrape, stream_ttft
+from integration.client import chat_body, image, metric, stream_ttft
 from integration.deploy import CONNECTORS, deploy
 from integration.servers import Server
 from integration.timed_connectors import LOAD_LINE
 from integration.tiny_vlm import build, embedding_bytes
+from integration.ttft_measures import (
+    PHASES,
+    Ready,
+    histogram,
+    p50_ratio,
+    phase_means_ms,
+    proxy_phases,
+)
 
 DEFAULT_CONCURRENCY = (1, 2, 4)
 LLAVA_7B_HIDDEN = 4096
 REPEATED_IMAGES, REPEATS = 3, 4
+READY_WAIT = "ec_nixl:ready_wait_seconds"
 WARM_UP_REQUESTS = 3
 # vLLM's workers busy-poll for a second after their last step: a pause before each
 # block lets the way that ran before go quiet, so that it does not slow this one.
 QUIET_S = 1.5
-BOOTSTRAP_SAMPLES = 2000
 
 
 @dataclass
@@ -111,29 +119,6 @@ def pulls(pd_url: str) -> float:
     return metric(pd_url, "ec_nixl:items_pulled_total")
 
 
-PHASES = ("encode", "pd_first_chunk")
-
-
-def proxy_phases(proxy_url: str) -> dict[str, tuple[float, float]]:
-    """(sum s, count) of the proxy's timing of each phase of a request."""
-    text = scrape(proxy_url)
-    return {
-        phase: (
-            metric_in(text, f"ec_nixl_proxy_{phase}_seconds_sum"),
-            metric_in(text, f"ec_nixl_proxy_{phase}_seconds_count"),
-        )
-        for phase in PHASES
-    }
-
-
-def phase_means_ms(before: dict, after: dict) -> dict[str, float]:
-    return {
-        phase: round(1000 * (after[phase][0] - before[phase][0]) / count, 1)
-        for phase in PHASES
-        if (count := after[phase][1] - before[phase][1])
-    }
-
-
 def loads_in_log(server: Server) -> list[tuple[int, float]]:
     """(items, ms) of each load the PD worker logged (integration.timed_connectors)."""
     pattern = LOAD_LINE.replace("{items}", r"(\d+)").replace("{ms:.3f}", r"([\d.]+)")
@@ -153,64 +138,6 @@ def cpu_connector_note() -> str | None:
     return None
 
 
-@dataclass
-class Ready:
-    """What "embeddings ready" is made of, over a connector's distinct-image requests: the
-    scheduler's wait for the item (ECNixlConnector's ready_wait_seconds histogram; nil for
-    shared storage, whose file exists when the request arrives) and the worker's load into
-    the encoder cache (the same log line for both)."""
-
-    wait_buckets: dict[float, float] = field(default_factory=dict)  # le -> cumulative count
-    wait_s: float = 0.0
-    load_ms: list[float] = field(default_factory=list)  # per item
-
-    def add_waits(self, before: dict[float, float], after: dict[float, float], sum_s: float):
-        for le, count in after.items():
-            self.wait_buckets[le] = self.wait_buckets.get(le, 0.0) + count - before.get(le, 0.0)
-        self.wait_s += sum_s
-
-    def ms(self) -> dict[str, float]:
-        waits = self.wait_buckets.get(float("inf"), 0.0)
-        wait_mean = 1000 * self.wait_s / waits if waits else 0.0
-        wait_p50 = 1000 * bucket_quantile(self.wait_buckets, 0.5) if waits else 0.0
-        load_mean = float(np.mean(self.load_ms)) if self.load_ms else 0.0
-        load_p50 = float(np.median(self.load_ms)) if self.load_ms else 0.0
-        return {
-            "p50": round(wait_p50 + load_p50, 3),
-            "wait_p50": round(wait_p50, 3),
-            "load_p50": round(load_p50, 3),
-            "mean": round(wait_mean + load_mean, 3),
-            "wait_mean": round(wait_mean, 3),
-            "load_mean": round(load_mean, 3),
-        }
-
-
-def bucket_quantile(buckets: dict[float, float], q: float) -> float:
-    """A quantile from cumulative histogram buckets, interpolated within its bucket (as
-    Prometheus' histogram_quantile)."""
-    bounds = sorted(buckets)
-    rank = q * buckets[bounds[-1]]
-    lower, below = 0.0, 0.0
-    for le in bounds:
-        if buckets[le] >= rank:
-            if le == float("inf"):
-                return lower
-            inside = buckets[le] - below
-            return lower + (le - lower) * ((rank - below) / inside if inside else 0.0)
-        lower, below = le, buckets[le]
-    return lower
-
-
-def pd_histogram(pd_url: str, name: str) -> tuple[dict[float, float], float]:
-    """(cumulative bucket counts by upper bound, sum) of one of ec_nixl's histograms at PD."""
-    text = scrape(pd_url)
-    buckets: dict[float, float] = {}
-    for sample in samples(text, f"ec_nixl:{name}_bucket"):
-        le = float(sample.labels["le"])
-        buckets[le] = buckets.get(le, 0.0) + sample.value
-    return buckets, metric_in(text, f"ec_nixl:{name}_sum")
-
-
 def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     """Every way up at once; each level's stream in blocks that take turns between them."""
     build(workdir / "tiny-llava", text_hidden=args.text_hidden)
@@ -228,7 +155,7 @@ def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                  Level(deployment.name, 1))  # fmt: skip
         pd = {name: deployments[name].server("pd") for name in CONNECTORS}
         nixl_pd = pd["ECNixlConnector"].url
-        waits = pd_histogram(nixl_pd, "ready_wait_seconds")
+        waits = histogram(nixl_pd, READY_WAIT)
         loads = {name: len(loads_in_log(server)) for name, server in pd.items()}
         for c in args.concurrency:
             phases = {name: proxy_phases(deployments[name].url) for name in CONNECTORS}
@@ -251,8 +178,7 @@ def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                     flush=True,
                 )
         ready = {name: Ready() for name in CONNECTORS}
-        buckets, seconds = pd_histogram(nixl_pd, "ready_wait_seconds")
-        ready["ECNixlConnector"].add_waits(waits[0], buckets, seconds - waits[1])
+        ready["ECNixlConnector"].waits = histogram(nixl_pd, READY_WAIT).since(waits)
         for name, server in pd.items():
             for items, ms in loads_in_log(server)[loads[name] :]:
                 ready[name].load_ms += [ms / items] * items
@@ -275,17 +201,6 @@ def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "pulls_repeated": pulls_repeated,
         "peak_rss_mib": peak_rss,
     }
-
-
-def p50_ratio(baseline: list[float], ours: list[float]) -> tuple[float, float, float]:
-    """baseline p50 / our p50, and a 95% bootstrap interval: above 1 means we are faster."""
-    rng = np.random.default_rng(0)
-    a, b = np.asarray(baseline), np.asarray(ours)
-    ratios = np.median(rng.choice(a, (BOOTSTRAP_SAMPLES, a.size)), axis=1) / np.median(
-        rng.choice(b, (BOOTSTRAP_SAMPLES, b.size)), axis=1
-    )
-    low, high = np.percentile(ratios, [2.5, 97.5])
-    return float(np.median(a) / np.median(b)), float(low), float(high)
 
 
 def ready_ratio(ready: dict[str, dict[str, float]], stat: str) -> float:

@@ -1,0 +1,111 @@
+"""What `ec-nixl bench ttft` reads from the servers' /metrics, and how it sums it up.
+
+Histograms are read whole (cumulative buckets and sum) and differenced between
+two scrapes, so a figure covers exactly the requests sent in between. Ratios
+of TTFT medians come with a bootstrap interval: on a shared machine one run's
+medians move by tens of percent, and a ratio without its spread misleads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from integration.client import metric_in, samples, scrape
+
+BOOTSTRAP_SAMPLES = 2000
+INF = float("inf")
+
+
+@dataclass(frozen=True)
+class Histogram:
+    buckets: dict[float, float] = field(default_factory=dict)  # le -> cumulative count
+    sum_s: float = 0.0
+
+    @property
+    def count(self) -> float:
+        return self.buckets.get(INF, 0.0)
+
+    def since(self, before: Histogram) -> Histogram:
+        """What was observed after `before` was scraped."""
+        return Histogram(
+            {le: n - before.buckets.get(le, 0.0) for le, n in self.buckets.items()},
+            self.sum_s - before.sum_s,
+        )
+
+    def mean_ms(self) -> float:
+        return 1000 * self.sum_s / self.count if self.count else 0.0
+
+    def quantile_ms(self, q: float) -> float:
+        """Interpolated within its bucket, as Prometheus' histogram_quantile."""
+        if not self.count:
+            return 0.0
+        rank = q * self.count
+        lower, below = 0.0, 0.0
+        for le in sorted(self.buckets):
+            if self.buckets[le] >= rank:
+                if le == INF:
+                    return 1000 * lower
+                inside = self.buckets[le] - below
+                return 1000 * (lower + (le - lower) * ((rank - below) / inside if inside else 0))
+            lower, below = le, self.buckets[le]
+        return 1000 * lower
+
+
+def histogram(url: str, name: str) -> Histogram:
+    """A histogram at a Prometheus endpoint, summed over its label sets."""
+    text = scrape(url)
+    buckets: dict[float, float] = {}
+    for sample in samples(text, f"{name}_bucket"):
+        le = float(sample.labels["le"])
+        buckets[le] = buckets.get(le, 0.0) + sample.value
+    return Histogram(buckets, metric_in(text, f"{name}_sum"))
+
+
+PHASES = ("encode", "pd_first_chunk")  # the proxy's ec_nixl_proxy_<phase>_seconds
+
+
+def proxy_phases(proxy_url: str) -> dict[str, Histogram]:
+    return {phase: histogram(proxy_url, f"ec_nixl_proxy_{phase}_seconds") for phase in PHASES}
+
+
+def phase_means_ms(before: dict[str, Histogram], after: dict[str, Histogram]) -> dict[str, float]:
+    """Mean ms per request of each phase between two `proxy_phases` scrapes."""
+    spans = {phase: after[phase].since(before[phase]) for phase in PHASES}
+    return {phase: round(span.mean_ms(), 1) for phase, span in spans.items() if span.count}
+
+
+@dataclass
+class Ready:
+    """What "embeddings ready" is made of, over a connector's distinct-image requests: the
+    scheduler's wait for the item (ECNixlConnector's ready_wait_seconds histogram; nil for
+    shared storage, whose file exists when the request arrives) and the worker's load into
+    the encoder cache (the same log line for both)."""
+
+    waits: Histogram = field(default_factory=Histogram)
+    load_ms: list[float] = field(default_factory=list)  # per item
+
+    def ms(self) -> dict[str, float]:
+        wait_p50, wait_mean = self.waits.quantile_ms(0.5), self.waits.mean_ms()
+        load_mean = float(np.mean(self.load_ms)) if self.load_ms else 0.0
+        load_p50 = float(np.median(self.load_ms)) if self.load_ms else 0.0
+        return {
+            "p50": round(wait_p50 + load_p50, 3),
+            "wait_p50": round(wait_p50, 3),
+            "load_p50": round(load_p50, 3),
+            "mean": round(wait_mean + load_mean, 3),
+            "wait_mean": round(wait_mean, 3),
+            "load_mean": round(load_mean, 3),
+        }
+
+
+def p50_ratio(baseline: list[float], ours: list[float]) -> tuple[float, float, float]:
+    """baseline p50 / our p50, and a 95% bootstrap interval: above 1 means we are faster."""
+    rng = np.random.default_rng(0)
+    a, b = np.asarray(baseline), np.asarray(ours)
+    ratios = np.median(rng.choice(a, (BOOTSTRAP_SAMPLES, a.size)), axis=1) / np.median(
+        rng.choice(b, (BOOTSTRAP_SAMPLES, b.size)), axis=1
+    )
+    low, high = np.percentile(ratios, [2.5, 97.5])
+    return float(np.median(a) / np.median(b)), float(low), float(high)

@@ -1,0 +1,57 @@
+"""How the TTFT benchmark reads and sums up what it measured, against a real /metrics."""
+
+from __future__ import annotations
+
+import prometheus_client
+import pytest
+
+from ec_nixl.metrics import LATENCY_BUCKETS
+from integration.client import image
+from integration.servers import free_port
+from integration.ttft_measures import histogram, p50_ratio
+
+
+@pytest.fixture
+def endpoint():
+    """A Prometheus endpoint with one histogram on ec_nixl's buckets, and its URL."""
+    registry = prometheus_client.CollectorRegistry()
+    waits = prometheus_client.Histogram("waits_seconds", "", buckets=LATENCY_BUCKETS,
+                                        registry=registry)  # fmt: skip
+    port = free_port()
+    server, thread = prometheus_client.start_http_server(port, "127.0.0.1", registry)
+    yield waits, f"http://127.0.0.1:{port}"
+    server.shutdown()
+    thread.join()
+
+
+def test_a_histogram_read_twice_covers_only_what_came_between(endpoint):
+    waits, url = endpoint
+    waits.observe(1.0)
+    before = histogram(url, "waits_seconds")
+    for seconds in (0.002, 0.004):
+        waits.observe(seconds)
+    between = histogram(url, "waits_seconds").since(before)
+    assert between.count == 2
+    assert between.mean_ms() == pytest.approx(3.0)
+
+
+def test_waits_that_were_all_zero_have_a_zero_median(endpoint):
+    """A prefetched item does not wait; interpolating in (0, 0.1 ms] would say 0.05 ms."""
+    waits, url = endpoint
+    for _ in range(3):
+        waits.observe(0.0)
+    waits.observe(0.003)
+    assert histogram(url, "waits_seconds").quantile_ms(0.5) == 0.0
+
+
+def test_the_ttft_ratio_interval_holds_1_for_equal_samples_and_not_for_a_clear_win():
+    samples = [200.0 + (i * 37) % 50 for i in range(48)]
+    ratio, low, high = p50_ratio(samples, samples)
+    assert ratio == 1.0 and low <= 1.0 <= high
+    ratio, low, high = p50_ratio([s * 1.5 for s in samples], samples)
+    assert ratio == pytest.approx(1.5) and low > 1.0
+
+
+def test_every_seed_gives_a_new_image():
+    """A repeated image would be a cache hit, and shared storage's file already on disk."""
+    assert len({image(seed) for seed in range(600)}) == 600
