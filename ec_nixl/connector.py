@@ -6,8 +6,8 @@ Load it with
                            "ec_role": "ec_producer" | "ec_consumer" | "ec_both",
                            "ec_connector_extra_config": {...}}'
 The work happens in `scheduler` (decisions per request), `coordinator`
-(pulls in the background), `prefetch` (pulls before the request, if enabled),
-`worker` (exporter and receiver next to the model).
+(pulls in the background), `watch` (what the encoders announce), `worker`
+(exporter and receiver next to the model).
 """
 
 from __future__ import annotations
@@ -31,10 +31,10 @@ from ec_nixl.connector_config import ConnectorConfig
 from ec_nixl.coordinator import PullCoordinator
 from ec_nixl.errors import ConfigError
 from ec_nixl.metrics import PromMetrics, merge, summary
-from ec_nixl.prefetch import Prefetcher
 from ec_nixl.receiver import ModelShape, WorkerClient
 from ec_nixl.resolver import Resolver
 from ec_nixl.scheduler import ConsumerScheduler, producer_params
+from ec_nixl.watch import ExportWatcher
 from ec_nixl.worker import ConsumerWorker, ProducerWorker, worker_address
 
 if TYPE_CHECKING:
@@ -113,7 +113,7 @@ class ECNixlConnector(ECConnectorBase):
         if parallel.pipeline_parallel_size > 1:
             raise ConfigError("ECNixlConnector does not support pipeline parallelism yet")
         self._consumer: ConsumerScheduler | None = None
-        self._prefetcher: Prefetcher | None = None
+        self._watcher: ExportWatcher | None = None
         self._producer_worker: ProducerWorker | None = None
         self._consumer_worker: ConsumerWorker | None = None
         if role == ECConnectorRole.SCHEDULER and self.config.is_consumer:
@@ -129,9 +129,10 @@ class ECNixlConnector(ECConnectorBase):
         coordinator = PullCoordinator(
             resolver, self.config.encoders, workers, self.config.pull_timeout_s
         )
-        self._consumer = ConsumerScheduler(coordinator, self.config.encoders)
-        if self.config.prefetch:
-            self._prefetcher = Prefetcher(resolver, self.config.encoders, self._consumer.prefetch)
+        self._consumer = ConsumerScheduler(
+            coordinator, self.config.encoders, prefetch=self.config.prefetch
+        )
+        self._watcher = ExportWatcher(resolver, self.config.encoders, self._consumer.on_event)
 
     # ---- worker side -------------------------------------------------------------
 
@@ -225,7 +226,7 @@ class ECNixlConnector(ECConnectorBase):
         return ECNixlPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     def shutdown(self) -> None:
-        for part in (self._prefetcher, self._producer_worker, self._consumer_worker):
+        for part in (self._watcher, self._producer_worker, self._consumer_worker):
             if part is not None:
                 part.close()
         if self._consumer is not None:

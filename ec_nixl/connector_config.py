@@ -33,7 +33,7 @@ class ConnectorConfig:
     encoders: dict[str, str] = field(default_factory=dict)
     receive_bytes: int = DEFAULT_RECEIVE_BYTES
     pull_timeout_s: float = DEFAULT_PULL_TIMEOUT_S
-    # pull what the encoders export before the request asks (this PD is their only consumer)
+    # pull everything the encoders export before a request asks (PD is their only consumer)
     prefetch: bool = False
     # both
     security: Security = field(default_factory=Security)

@@ -5,6 +5,12 @@ pool and the scheduler only looks at its state. Every worker (tensor-parallel
 rank) needs the whole embedding, so each pulls it under a lease of its own. A
 job fails as a whole: workers that did pull drop the item. The scheduler only
 meets encoders itself (a handshake each) to report a model mismatch early.
+
+A job starts in one of three ways: a request names where its item is
+(`start`); a request says its item is still being encoded (`expect`: the pull
+starts when an encoder announces the item, and the wait has the pull's
+deadline); or, with prefetch, an encoder announced an item no request asked
+for yet (`prefetch`).
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import Enum
 
-from ec_nixl.errors import ECNixlError, HandshakeError, RefusedError
+from ec_nixl.errors import DeadlineExceededError, ECNixlError, HandshakeError, RefusedError
 from ec_nixl.metrics import Stats
 from ec_nixl.receiver import WorkerClient
 from ec_nixl.resolver import Resolver
@@ -38,11 +44,12 @@ class PullState(Enum):
 @dataclass
 class PullJob:
     mm_hash: str
-    encoder_id: str
+    encoder_id: str | None  # None: waiting for one of `announcers` to announce the item
     num_embeds: int  # the rows the model expects (0: a prefetch, no request yet)
     started_at: float = field(default_factory=time.monotonic)
     # When a request first asked for the item: a prefetch is claimed later, or never.
     claimed_at: float | None = None
+    announcers: frozenset[str] = frozenset()
     future: Future | None = None
     error: ECNixlError | None = None
     rows: int = 0  # what was pulled
@@ -55,6 +62,10 @@ class PullJob:
         if self.future is None or not self.future.done():
             return PullState.RUNNING
         return PullState.READY
+
+    @property
+    def awaiting(self) -> bool:
+        return self.encoder_id is None and self.error is None
 
 
 class PullCoordinator:
@@ -76,6 +87,7 @@ class PullCoordinator:
         self._pool = ThreadPoolExecutor(MAX_CONCURRENT_PULLS, thread_name_prefix="ec-nixl-pull")
         self._met: set[str] = set()
         self._incompatible: set[str] = set()
+        self._exported: dict[str, str] = {}  # mm_hash -> the encoder that announced it
 
     def start(self, mm_hash: str, encoder_id: str, num_embeds: int) -> PullJob:
         """Start pulling `mm_hash` from `encoder_id` for a request, unless a job for it
@@ -83,8 +95,53 @@ class PullCoordinator:
         with self._lock:
             job = self._jobs.get(mm_hash)
             if job is None:
-                job = self._jobs[mm_hash] = PullJob(mm_hash, encoder_id, num_embeds)
-                job.future = self._pool.submit(self._run, job)
+                job = self._jobs[mm_hash] = PullJob(mm_hash, None, num_embeds)
+            if job.awaiting:
+                self._submit_locked(job, encoder_id)
+        return self._claim(job, num_embeds)
+
+    def expect(self, mm_hash: str, encoder_ids: frozenset[str], num_embeds: int) -> PullJob:
+        """Pull `mm_hash` for a request once one of `encoder_ids` announces it (at once if
+        one has); the request fails over to local encoding if none has by the deadline."""
+        with self._lock:
+            job = self._jobs.get(mm_hash)
+            if job is None:
+                job = self._jobs[mm_hash] = PullJob(mm_hash, None, num_embeds)
+                job.announcers = encoder_ids
+                if self._exported.get(mm_hash) in encoder_ids:
+                    self._submit_locked(job, self._exported[mm_hash])
+        if job.awaiting and time.monotonic() - job.started_at > self._timeout_s:
+            self.stats.count("pull_failures", label=DeadlineExceededError.__name__)
+            self._fail(job, DeadlineExceededError(
+                f"{mm_hash}: none of {', '.join(sorted(encoder_ids))} announced it "
+                f"within {self._timeout_s:.1f} s"
+            ))  # fmt: skip
+        return self._claim(job, num_embeds)
+
+    def announced(self, mm_hash: str, encoder_id: str, *, prefetch: bool) -> None:
+        """An encoder exported `mm_hash`: pull it for a request expecting it from there,
+        or, with `prefetch`, for the request that will come."""
+        with self._lock:
+            self._exported[mm_hash] = encoder_id
+            job = self._jobs.get(mm_hash)
+            if job is not None and job.awaiting and encoder_id in job.announcers:
+                self._submit_locked(job, encoder_id)
+                return
+        if prefetch and job is None:
+            self.prefetch(mm_hash, encoder_id)
+
+    def evicted(self, mm_hash: str, encoder_id: str) -> None:
+        with self._lock:
+            if self._exported.get(mm_hash) == encoder_id:
+                del self._exported[mm_hash]
+
+    def _submit_locked(self, job: PullJob, encoder_id: str) -> None:
+        job.encoder_id = encoder_id
+        job.started_at = time.monotonic()
+        job.future = self._pool.submit(self._run, job)
+
+    def _claim(self, job: PullJob, num_embeds: int) -> PullJob:
+        with self._lock:
             claiming = job.claimed_at is None
             if claiming:
                 job.claimed_at = time.monotonic()
@@ -95,7 +152,8 @@ class PullCoordinator:
             else:
                 self.stats.count("pull_failures", label=RefusedError.__name__)
                 self._fail(job, RefusedError(
-                    f"{mm_hash}: the encoder sent {job.rows} rows, the request needs {num_embeds}"
+                    f"{job.mm_hash}: the encoder sent {job.rows} rows, "
+                    f"the request needs {num_embeds}"
                 ))  # fmt: skip
         return job
 
@@ -112,8 +170,8 @@ class PullCoordinator:
             for job in stale:
                 del self._jobs[job.mm_hash]
             if mm_hash not in self._jobs:
-                job = self._jobs[mm_hash] = PullJob(mm_hash, encoder_id, num_embeds=0)
-                job.future = self._pool.submit(self._run, job)
+                job = self._jobs[mm_hash] = PullJob(mm_hash, None, num_embeds=0)
+                self._submit_locked(job, encoder_id)
         for job in stale:
             self._drop_when_done(job)
 
@@ -197,15 +255,17 @@ class PullCoordinator:
             )  # fmt: skip
 
     def _fail(self, job: PullJob, exc: ECNixlError) -> None:
-        self._drop(job.mm_hash)
+        if job.future is not None:  # some workers may hold it
+            self._drop(job.mm_hash)
         with self._lock:  # a failed prefetch is forgotten: a request will try afresh
             prefetch = job.claimed_at is None and self._jobs.get(job.mm_hash) is job
             if prefetch:
                 del self._jobs[job.mm_hash]
             job.error = exc
+        source = job.encoder_id or " or ".join(sorted(job.announcers))
         if isinstance(exc, HandshakeError):
-            self._report_incompatible(job.encoder_id, exc)
+            self._report_incompatible(source, exc)
         elif prefetch:
-            logger.info("prefetch of %s from %s failed: %s", job.mm_hash, job.encoder_id, exc)
+            logger.info("prefetch of %s from %s failed: %s", job.mm_hash, source, exc)
         else:
-            logger.warning("pull of %s from %s failed: %s", job.mm_hash, job.encoder_id, exc)
+            logger.warning("pull of %s from %s failed: %s", job.mm_hash, source, exc)

@@ -55,7 +55,12 @@ METRICS: dict[str, Metric] = {
     "refused_params": Metric("counter", "Requests whose ec_transfer_params were refused"),
     "pull_seconds": Metric("histogram", "From the scheduler's order to bytes on every worker"),
     "ready_wait_seconds": Metric(
-        "histogram", "From a request asking for an item to every worker holding it (0: prefetched)"
+        "histogram",
+        "From a request asking for an item (or its encoder announcing it, if later) to every "
+        "worker holding it (0: prefetched)",
+    ),
+    "announce_wait_seconds": Metric(
+        "histogram", "From a request asking for an item still being encoded to its announcement"
     ),
     "prefetch_hits": Metric("counter", "Items pulled before their request arrived"),
     "resolve_seconds": Metric("histogram", "One resolve round trip to an encoder"),

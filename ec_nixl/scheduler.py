@@ -4,8 +4,10 @@ Works on vLLM's `Request` objects by their attributes (`request_id`,
 `mm_features[i].identifier` and `.data`, `ec_transfer_params`) without
 importing vLLM, so it is tested with real requests but runs anywhere.
 
-Consumer, per item a request names in its `ec_transfer_params`:
-- start a pull in the background and defer the request until it ends;
+Consumer, per item a request names in its `ec_transfer_params` (or says is
+still being encoded by one of some encoders):
+- start a pull in the background (once the item is announced) and defer the
+  request until it ends;
 - pulled: report the item as available; vLLM then schedules its load;
 - failed: encode locally if the request still carries the media, else fail
   the request with the reason in the log.
@@ -21,15 +23,19 @@ from typing import Any
 
 from ec_nixl.coordinator import PullCoordinator, PullState
 from ec_nixl.errors import RefusedError
+from ec_nixl.pool import EventKind, PoolEvent
 from ec_nixl.transfer_params import make_params, parse_params
 
 logger = logging.getLogger(__name__)
 
 
 class ConsumerScheduler:
-    def __init__(self, coordinator: PullCoordinator, encoders: dict[str, str]) -> None:
+    def __init__(
+        self, coordinator: PullCoordinator, encoders: dict[str, str], *, prefetch: bool = False
+    ) -> None:
         self._coordinator = coordinator
         self._encoders = encoders
+        self._prefetch = prefetch
         self._to_load: list[str] = []
         self._unavailable: set[str] = set()
         # What vLLM's encoder cache holds (allocated and not yet freed): never pulled again.
@@ -42,25 +48,29 @@ class ConsumerScheduler:
     def ensure_available(self, request: Any, num_computed_tokens: int) -> bool:
         """False while any item the request still needs is being pulled."""
         try:
-            where = parse_params(request.ec_transfer_params, self._encoders)
+            sources = parse_params(request.ec_transfer_params, self._encoders)
         except RefusedError as exc:
             self._refuse(request, exc)
             return True  # encode locally, or let the scheduler reach the failure
-        for encoder_id in set(where.values()):
+        for encoder_id in sources.encoders:
             self._coordinator.meet(encoder_id)
-        self._warn_if_unmatched(request, where)
+        self._warn_if_unmatched(request, sources.items)
         pending = False
         for feature in request.mm_features:
             mm_hash = feature.identifier
-            encoder_id = where.get(mm_hash)
+            encoder_id = sources.items.get(mm_hash)
             position = feature.mm_position
             if (
-                encoder_id is None
+                (encoder_id is None and not sources.announcing)
                 or mm_hash in self._resident
                 or position.offset + position.length <= num_computed_tokens  # already used
             ):
                 continue
-            job = self._coordinator.start(mm_hash, encoder_id, position.get_num_embeds())
+            num_embeds = position.get_num_embeds()
+            if encoder_id is None:
+                job = self._coordinator.expect(mm_hash, sources.announcing, num_embeds)
+            else:
+                job = self._coordinator.start(mm_hash, encoder_id, num_embeds)
             if job.state is PullState.RUNNING:
                 pending = True
             elif job.state is PullState.FAILED:
@@ -95,14 +105,21 @@ class ConsumerScheduler:
         if job is not None and job.state is PullState.READY:
             self._to_load.append(mm_hash)
             self._coordinator.forget(mm_hash, drop=False)
-            if job.claimed_at is not None:  # 0 for an item prefetched before its request came
-                wait = max(0.0, job.ready_at - job.claimed_at)
-                self.stats.observe("ready_wait_seconds", wait)
+            if job.claimed_at is not None:
+                # Waiting for the encoder to announce the item is encoding, not transfer.
+                announced = max(job.claimed_at, job.started_at)
+                if job.announcers:
+                    self.stats.observe("announce_wait_seconds", announced - job.claimed_at)
+                self.stats.observe("ready_wait_seconds", max(0.0, job.ready_at - announced))
 
-    def prefetch(self, mm_hash: str, encoder_id: str) -> None:
-        """An encoder exported an item: pull it now, unless vLLM's encoder cache has it."""
-        if mm_hash not in self._resident:
-            self._coordinator.prefetch(mm_hash, encoder_id)
+    def on_event(self, event: PoolEvent, encoder_id: str) -> None:
+        """An encoder exported or dropped an item: a request waiting for it pulls it
+        now; with prefetch, so does one yet to come, unless vLLM's encoder cache has it."""
+        if event.kind is EventKind.EVICTED:
+            self._coordinator.evicted(event.mm_hash, encoder_id)
+        else:
+            prefetch = self._prefetch and event.mm_hash not in self._resident
+            self._coordinator.announced(event.mm_hash, encoder_id, prefetch=prefetch)
 
     def on_freed(self, mm_hashes: list[str]) -> None:
         """vLLM evicted these from its encoder cache: pull them again if asked."""

@@ -15,11 +15,11 @@ from vllm.v1.request import Request
 
 from ec_nixl.arena import Arena
 from ec_nixl.coordinator import PullCoordinator
-from ec_nixl.prefetch import Prefetcher
 from ec_nixl.receiver import ModelShape, Receiver, WorkerClient, serve_receiver
 from ec_nixl.resolver import Resolver
 from ec_nixl.scheduler import ConsumerScheduler, producer_params
-from ec_nixl.transfer_params import make_params
+from ec_nixl.transfer_params import announce_params, make_params
+from ec_nixl.watch import ExportWatcher
 
 
 @pytest.fixture(scope="module")
@@ -34,16 +34,27 @@ def receiver(tmp_path_factory, producer):
     resolver.close()
 
 
-@pytest.fixture
-def scheduler(producer, receiver):
+def make_scheduler(producer, receiver, *, prefetch=False, timeout_s=5.0) -> ConsumerScheduler:
     _, address = receiver
     encoders = {"enc0": producer.address}
     coordinator = PullCoordinator(
-        Resolver(consumer_id="test-scheduler"), encoders, [WorkerClient(address)], timeout_s=5
+        Resolver(consumer_id="test-scheduler"), encoders, [WorkerClient(address)], timeout_s
     )
-    scheduler = ConsumerScheduler(coordinator, encoders)
+    return ConsumerScheduler(coordinator, encoders, prefetch=prefetch)
+
+
+@pytest.fixture
+def scheduler(producer, receiver):
+    scheduler = make_scheduler(producer, receiver)
     yield scheduler
     scheduler.close()
+
+
+def watching(scheduler: ConsumerScheduler, producer) -> ExportWatcher:
+    """The encoder's events reach the scheduler, as in the connector."""
+    return ExportWatcher(
+        Resolver(consumer_id="test-watch"), {"enc0": producer.address}, scheduler.on_event
+    )
 
 
 ROWS = 8  # each test item's placeholder: ROWS x 1024 bf16, what the exports below hold
@@ -130,6 +141,9 @@ def test_an_item_in_the_local_encoder_cache_is_not_pulled_again_until_evicted(sc
         {"h-x": "10.0.0.1:7100"},
         {"h-x": {"encoder_id": ["enc0"]}},
         ["h-x"],
+        {"*": {"encoder_ids": ["elsewhere"]}},
+        {"*": {"encoder_ids": "enc0"}},
+        {"*": {"encoder_ids": []}},
     ],
 )
 def test_forged_params_are_refused_and_the_items_encoded_here_without_any_pull(scheduler, params):
@@ -231,12 +245,72 @@ def test_the_encoder_names_itself_for_every_item_of_a_request():
 
 
 @pytest.fixture
-def prefetching(scheduler, producer):
-    prefetcher = Prefetcher(
-        Resolver(consumer_id="test-prefetch"), {"enc0": producer.address}, scheduler.prefetch
-    )
+def prefetching(producer, receiver):
+    scheduler = make_scheduler(producer, receiver, prefetch=True)
+    watcher = watching(scheduler, producer)
     yield scheduler
-    prefetcher.close()
+    watcher.close()
+    scheduler.close()
+
+
+@pytest.fixture
+def announced(producer, receiver):
+    """Without prefetch: only what a request waits for is pulled."""
+    scheduler = make_scheduler(producer, receiver, timeout_s=1.0)
+    watcher = watching(scheduler, producer)
+    yield scheduler
+    watcher.close()
+    scheduler.close()
+
+
+def test_an_item_still_being_encoded_is_pulled_the_moment_its_encoder_announces_it(
+    announced, producer, receiver
+):
+    req = request("early-to-pd", ["h-coming"], announce_params(["enc0"]))
+    assert not announced.ensure_available(req, 0)  # deferred: nothing to pull yet
+    time.sleep(0.2)  # the encoder is still encoding
+    assert not announced.ensure_available(req, 0)
+    producer.export("h-coming", item(seed=12))
+    settle(announced, req)
+    announced.on_alloc("h-coming")
+    assert announced.take_loads() == ["h-coming"]
+    assert torch.equal(receiver[0].take("h-coming"), item(seed=12).make())
+    waits = announced.stats.take()["observations"]
+    assert waits["announce_wait_seconds"][0] >= 0.2  # encoding, counted apart
+    assert waits["ready_wait_seconds"][0] < 0.2  # the transfer alone
+
+
+def test_an_item_announced_before_its_request_came_is_pulled_at_once(announced, producer, receiver):
+    producer.export("h-before", item(seed=13))
+    time.sleep(0.3)  # the announcement has passed
+    req = request("late-to-pd", ["h-before"], announce_params(["enc0"]))
+    settle(announced, req, timeout_s=0.5)  # well within the 1 s deadline
+    assert announced.has_item("h-before")
+    assert "h-before" in receiver[0].held
+    announced.request_finished(req)
+
+
+def test_an_item_no_encoder_announces_in_time_is_encoded_here(announced):
+    req = request("never-announced", ["h-silent"], announce_params(["enc0"]))
+    assert not announced.ensure_available(req, 0)
+    settle(announced, req, timeout_s=3)  # the 1 s deadline, not forever
+    assert not announced.has_item("h-silent")
+    assert announced.take_unavailable() == set()
+    counters = announced.stats.take()["counters"]
+    assert counters == {"pull_failures|DeadlineExceededError": 1, "fallbacks": 1}
+
+
+def test_an_item_no_encoder_announces_fails_a_request_without_media(announced):
+    req = request("silent-no-media", ["h-silent-2"], announce_params(["enc0"]), media=False)
+    settle(announced, req, timeout_s=3)
+    assert announced.take_unavailable() == {"silent-no-media"}
+
+
+def test_without_prefetch_an_item_no_request_waits_for_is_not_pulled(announced, producer, receiver):
+    producer.export("h-unwanted", item(seed=14))
+    time.sleep(0.3)
+    assert announced._coordinator.job("h-unwanted") is None
+    assert "h-unwanted" not in receiver[0].held
 
 
 def wait_for(predicate, timeout_s: float = 10) -> None:

@@ -71,7 +71,8 @@ class ExportClient:
         return list(self._call(self._stub.RenewLeases, request).expired_lease_ids)
 
     def watch(self) -> Iterator[PoolEvent]:
-        """Events from now on, until the stream ends or the caller stops iterating."""
+        """An EXPORTED event for each item held now, then events as they happen, until the
+        stream ends or the caller stops iterating."""
         kinds = {
             pb.ExportEvent.EXPORTED: EventKind.EXPORTED,
             pb.ExportEvent.EVICTED: EventKind.EVICTED,

@@ -1,14 +1,10 @@
-"""Pull items as soon as an encoder exports them, before their request reaches PD.
+"""Follow each encoder's export events, so PD knows what is ready where without asking.
 
-In the EPD flow the encoder answers the proxy, which then sends the request to
-PD; PD's API server processes the images again (to place and hash them) before
-its scheduler sees the request. That window is long enough for a pull, so a PD
-that follows each encoder's event stream usually has the item in hand when the
-request arrives and schedules it at once.
-
-Every item an encoder exports is pulled, and a pull frees the encoder's copy:
-so prefetch suits a PD that is the only consumer of its encoders (a PD that
-prefetches another PD's item leaves that PD to encode it itself).
+Two things hang on them: a request sent to PD at the same time as to its
+encoder waits for its items to be announced (`ec_transfer_params` "*"), and,
+with `prefetch`, PD pulls every exported item before its request arrives. On
+(re)connecting, an encoder first announces everything it holds, so nothing
+exported while a stream was down is missed.
 """
 
 from __future__ import annotations
@@ -18,7 +14,7 @@ import threading
 from collections.abc import Callable
 
 from ec_nixl.errors import ECNixlError
-from ec_nixl.pool import EventKind
+from ec_nixl.pool import PoolEvent
 from ec_nixl.resolver import Resolver
 
 logger = logging.getLogger(__name__)
@@ -26,22 +22,23 @@ logger = logging.getLogger(__name__)
 RETRY_S = (0.5, 1.0, 2.0, 5.0)  # between attempts to follow a lost stream
 
 
-class Prefetcher:
-    """Follows each encoder's export events; calls `on_export(mm_hash, encoder_id)`."""
+class ExportWatcher:
+    """Calls `on_event(event, encoder_id)` for each event of each encoder, from one
+    thread per encoder."""
 
     def __init__(
         self,
         resolver: Resolver,
         encoders: dict[str, str],
-        on_export: Callable[[str, str], None],
+        on_event: Callable[[PoolEvent, str], None],
     ) -> None:
         self._resolver = resolver
-        self._on_export = on_export
+        self._on_event = on_event
         self._stopped = threading.Event()
         for encoder_id, address in encoders.items():
             threading.Thread(
                 target=self._follow, args=(encoder_id, address), daemon=True,
-                name=f"ec-nixl-prefetch-{encoder_id}",
+                name=f"ec-nixl-watch-{encoder_id}",
             ).start()  # fmt: skip
 
     def _follow(self, encoder_id: str, address: str) -> None:
@@ -50,13 +47,12 @@ class Prefetcher:
             try:
                 for event in self._resolver.client(address).watch():
                     failures = 0
-                    if event.kind is EventKind.EXPORTED:
-                        self._on_export(event.mm_hash, encoder_id)
+                    self._on_event(event, encoder_id)
             except ECNixlError as exc:
                 if failures == 0:
                     logger.info("lost the export events of %s: %s; retrying", encoder_id, exc)
             except Exception:  # a thread boundary: never let one event end the stream
-                logger.exception("prefetch from %s failed", encoder_id)
+                logger.exception("following the events of %s failed", encoder_id)
             self._stopped.wait(RETRY_S[min(failures, len(RETRY_S) - 1)])
             failures += 1
 
