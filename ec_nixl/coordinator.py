@@ -44,12 +44,12 @@ class PullState(Enum):
 @dataclass
 class PullJob:
     mm_hash: str
-    encoder_id: str | None  # None: waiting for one of `announcers` to announce the item
+    encoder_id: str | None  # None: waiting for an encoder to announce the item
     num_embeds: int  # the rows the model expects (0: a prefetch, no request yet)
     started_at: float = field(default_factory=time.monotonic)
     # When a request first asked for the item: a prefetch is claimed later, or never.
     claimed_at: float | None = None
-    announcers: frozenset[str] = frozenset()
+    expected: bool = False  # asked for before any encoder announced it
     future: Future | None = None
     error: ECNixlError | None = None
     rows: int = 0  # what was pulled
@@ -100,31 +100,29 @@ class PullCoordinator:
                 self._submit_locked(job, encoder_id)
         return self._claim(job, num_embeds)
 
-    def expect(self, mm_hash: str, encoder_ids: frozenset[str], num_embeds: int) -> PullJob:
-        """Pull `mm_hash` for a request once one of `encoder_ids` announces it (at once if
-        one has); the request fails over to local encoding if none has by the deadline."""
+    def expect(self, mm_hash: str, num_embeds: int) -> PullJob:
+        """Pull `mm_hash` for a request once an encoder announces it (at once if one has);
+        the request fails over to local encoding if none has by the pull deadline."""
         with self._lock:
             job = self._jobs.get(mm_hash)
             if job is None:
-                job = self._jobs[mm_hash] = PullJob(mm_hash, None, num_embeds)
-                job.announcers = encoder_ids
-                if self._exported.get(mm_hash) in encoder_ids:
+                job = self._jobs[mm_hash] = PullJob(mm_hash, None, num_embeds, expected=True)
+                if mm_hash in self._exported:
                     self._submit_locked(job, self._exported[mm_hash])
         if job.awaiting and time.monotonic() - job.started_at > self._timeout_s:
             self.stats.count("pull_failures", label=DeadlineExceededError.__name__)
             self._fail(job, DeadlineExceededError(
-                f"{mm_hash}: none of {', '.join(sorted(encoder_ids))} announced it "
-                f"within {self._timeout_s:.1f} s"
+                f"{mm_hash}: no encoder announced it within {self._timeout_s:.1f} s"
             ))  # fmt: skip
         return self._claim(job, num_embeds)
 
     def announced(self, mm_hash: str, encoder_id: str, *, prefetch: bool) -> None:
-        """An encoder exported `mm_hash`: pull it for a request expecting it from there,
-        or, with `prefetch`, for the request that will come."""
+        """An encoder exported `mm_hash`: pull it for a request expecting it, or, with
+        `prefetch`, for the request that will come."""
         with self._lock:
             self._exported[mm_hash] = encoder_id
             job = self._jobs.get(mm_hash)
-            if job is not None and job.awaiting and encoder_id in job.announcers:
+            if job is not None and job.awaiting:
                 self._submit_locked(job, encoder_id)
                 return
         if prefetch and job is None:
@@ -262,7 +260,7 @@ class PullCoordinator:
             if prefetch:
                 del self._jobs[job.mm_hash]
             job.error = exc
-        source = job.encoder_id or " or ".join(sorted(job.announcers))
+        source = job.encoder_id or "any encoder"
         if isinstance(exc, HandshakeError):
             self._report_incompatible(source, exc)
         elif prefetch:

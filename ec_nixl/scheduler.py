@@ -5,7 +5,7 @@ Works on vLLM's `Request` objects by their attributes (`request_id`,
 importing vLLM, so it is tested with real requests but runs anywhere.
 
 Consumer, per item a request names in its `ec_transfer_params` (or says is
-still being encoded by one of some encoders):
+still being encoded):
 - start a pull in the background (once the item is announced) and defer the
   request until it ends;
 - pulled: report the item as available; vLLM then schedules its load;
@@ -52,7 +52,7 @@ class ConsumerScheduler:
         except RefusedError as exc:
             self._refuse(request, exc)
             return True  # encode locally, or let the scheduler reach the failure
-        for encoder_id in sources.encoders:
+        for encoder_id in set(sources.items.values()):
             self._coordinator.meet(encoder_id)
         self._warn_if_unmatched(request, sources.items)
         pending = False
@@ -61,14 +61,14 @@ class ConsumerScheduler:
             encoder_id = sources.items.get(mm_hash)
             position = feature.mm_position
             if (
-                (encoder_id is None and not sources.announcing)
+                (encoder_id is None and not sources.announced)
                 or mm_hash in self._resident
                 or position.offset + position.length <= num_computed_tokens  # already used
             ):
                 continue
             num_embeds = position.get_num_embeds()
             if encoder_id is None:
-                job = self._coordinator.expect(mm_hash, sources.announcing, num_embeds)
+                job = self._coordinator.expect(mm_hash, num_embeds)
             else:
                 job = self._coordinator.start(mm_hash, encoder_id, num_embeds)
             if job.state is PullState.RUNNING:
@@ -108,7 +108,7 @@ class ConsumerScheduler:
             if job.claimed_at is not None:
                 # Waiting for the encoder to announce the item is encoding, not transfer.
                 announced = max(job.claimed_at, job.started_at)
-                if job.announcers:
+                if job.expected:
                     self.stats.observe("announce_wait_seconds", announced - job.claimed_at)
                 self.stats.observe("ready_wait_seconds", max(0.0, job.ready_at - announced))
 

@@ -6,9 +6,9 @@ Two forms, from the proxy:
   one request's images to several encoders merges their answers with a plain
   dict union;
 - sent at the same time as the request goes to the encoders (so PD's front end
-  overlaps the encoding), `{"*": {"encoder_ids": ["enc0", ...]}}`: each item not
-  named is being encoded by one of these encoders, and PD waits for it to be
-  announced on that encoder's event stream.
+  overlaps the encoding), `{"*": {"encoder_id": "*"}}`: each item not named is
+  being encoded, and PD waits for one of its encoders to announce it on its
+  event stream.
 An encoder is named by id, never by address: the PD side maps ids to the
 endpoints it was configured with, so a client cannot steer it to an arbitrary
 host. Everything here comes from the client and is checked as hostile input.
@@ -23,8 +23,7 @@ from typing import Any
 from ec_nixl.errors import RefusedError
 
 ENCODER_ID = "encoder_id"
-ANNOUNCED = "*"
-ENCODER_IDS = "encoder_ids"
+ANNOUNCED = "*"  # as an item key: every item not named; as an encoder id: whichever announces it
 MAX_ITEMS = 1024
 MAX_ID_LENGTH = 256
 
@@ -34,19 +33,15 @@ class Sources:
     """Where a request's items come from."""
 
     items: dict[str, str] = field(default_factory=dict)  # mm_hash -> encoder id holding it
-    announcing: frozenset[str] = frozenset()  # encoders still encoding the items not named
-
-    @property
-    def encoders(self) -> set[str]:
-        return set(self.items.values()) | self.announcing
+    announced: bool = False  # the items not named will be announced by an encoder
 
 
 def make_params(encoder_id: str, mm_hashes: Iterable[str]) -> dict[str, dict[str, str]]:
     return {mm_hash: {ENCODER_ID: encoder_id} for mm_hash in mm_hashes}
 
 
-def announce_params(encoder_ids: Iterable[str]) -> dict[str, dict[str, list[str]]]:
-    return {ANNOUNCED: {ENCODER_IDS: sorted(set(encoder_ids))}}
+def announce_params() -> dict[str, dict[str, str]]:
+    return {ANNOUNCED: {ENCODER_ID: ANNOUNCED}}
 
 
 def parse_params(params: Any, known_encoders: Iterable[str]) -> Sources:
@@ -59,29 +54,22 @@ def parse_params(params: Any, known_encoders: Iterable[str]) -> Sources:
         raise RefusedError(f"ec_transfer_params names {len(params)} items; at most {MAX_ITEMS}")
     known = set(known_encoders)
     items: dict[str, str] = {}
-    announcing: frozenset[str] = frozenset()
     for key, entry in params.items():
         if not isinstance(key, str) or not 0 < len(key) <= MAX_ID_LENGTH:
             raise RefusedError(f"ec_transfer_params: bad item key {str(key)[:64]!r}")
-        if key == ANNOUNCED:
-            ids = entry.get(ENCODER_IDS) if isinstance(entry, dict) else None
-            if not isinstance(ids, list) or not ids or len(entry) != 1:
-                raise RefusedError(
-                    f"ec_transfer_params[{ANNOUNCED!r}] must be {{{ENCODER_IDS!r}: [id, ...]}}"
-                )
-            announcing = frozenset(_known(key, encoder_id, known) for encoder_id in ids)
-            continue
         encoder_id = entry.get(ENCODER_ID) if isinstance(entry, dict) else None
         if not isinstance(encoder_id, str) or len(entry) != 1:
             raise RefusedError(f"ec_transfer_params[{key!r}] must be {{{ENCODER_ID!r}: id}}")
-        items[key] = _known(key, encoder_id, known)
-    return Sources(items, announcing)
-
-
-def _known(key: str, encoder_id: Any, known: set[str]) -> str:
-    if not isinstance(encoder_id, str) or encoder_id not in known:
-        raise RefusedError(
-            f"ec_transfer_params[{key!r}] names encoder {str(encoder_id)[:64]!r}, "
-            f"which is not configured (known: {', '.join(sorted(known))})"
-        )
-    return encoder_id
+        if (key == ANNOUNCED) != (encoder_id == ANNOUNCED):
+            raise RefusedError(
+                f"ec_transfer_params: {ANNOUNCED!r} goes with {ANNOUNCED!r} only, "
+                f"got {key[:64]!r}: {encoder_id[:64]!r}"
+            )
+        if key != ANNOUNCED and encoder_id not in known:
+            raise RefusedError(
+                f"ec_transfer_params[{key!r}] names encoder {encoder_id[:64]!r}, "
+                f"which is not configured (known: {', '.join(sorted(known))})"
+            )
+        items[key] = encoder_id
+    announced = items.pop(ANNOUNCED, None) is not None
+    return Sources(items, announced)

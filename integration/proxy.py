@@ -1,4 +1,4 @@
-"""EPD proxy: an OpenAI-compatible front that sends each request to an encoder, then to PD.
+"""EPD proxy: an OpenAI-compatible front that sends each request to an encoder and to PD.
 
 For each chat or completion request:
 1. send it to an encoder instance with `max_tokens` 1 (an encoder-only instance
@@ -7,21 +7,29 @@ For each chat or completion request:
 2. forward the original request to the PD instance with those
    `ec_transfer_params` at the top level of the body; a streamed answer
    passes through chunk by chunk.
+With `--overlap` (PD runs ECNixlConnector) step 2 does not wait for step 1:
+PD gets the request at once, saying that its images are being encoded
+(`{"*": {"encoder_id": "*"}}`), so its front end (HTTP, image processing,
+tokenizing) runs while they are, and its scheduler pulls each item the moment
+an encoder announces it. Should the encoders fail, PD's request is
+cancelled and sent again with what did arrive: PD encodes the rest.
+
 With several encoders, a request's images are spread over them (one
 encoder request per image) and their answers merged; encoders are used
 round-robin, and one that fails (or does not answer within the encoder
 timeout) is skipped for a few seconds. If no encoder answers, or all are
 being skipped, PD gets the request without params and encodes locally.
-`/metrics` counts both, and times each request's two phases (encoders, then
-PD's first chunk): where a TTFT goes.
+`/metrics` counts both, and times each request's two phases (encoders; PD's
+first chunk, which overlap with `--overlap`): where a TTFT goes.
 
-    python -m integration.proxy --encoder URL [--encoder URL ...] --pd URL --port N
+    python -m integration.proxy --encoder URL [--encoder URL ...] --pd URL --port N [--overlap]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import logging
 import time
@@ -30,6 +38,8 @@ from typing import Any
 import aiohttp
 import prometheus_client
 from aiohttp import web
+
+from ec_nixl.transfer_params import announce_params
 
 logger = logging.getLogger("ec_nixl.proxy")
 
@@ -79,9 +89,12 @@ def _keep_only(message: Any, index: int, keep: tuple[int, int]) -> Any:
 
 
 class EPDProxy:
-    def __init__(self, encoders: list[str], pd: str, encoder_timeout_s: float) -> None:
+    def __init__(
+        self, encoders: list[str], pd: str, encoder_timeout_s: float, overlap: bool = False
+    ) -> None:
         self.encoders = encoders
         self.pd = pd
+        self.overlap = overlap
         self._encoder_timeout = aiohttp.ClientTimeout(total=encoder_timeout_s)
         self._turn = itertools.cycle(encoders)
         self._down_until = dict.fromkeys(encoders, 0.0)
@@ -111,12 +124,12 @@ class EPDProxy:
     async def stop(self, app: web.Application) -> None:
         await self._session.close()
 
-    async def encode(self, path: str, body: dict[str, Any]) -> dict[str, Any] | None:
-        """Spread the request's images over the encoders; merged `ec_transfer_params`, or None."""
+    async def encode(self, path: str, body: dict[str, Any]) -> list[dict[str, Any] | None]:
+        """Spread the request's images over the encoders: each share's `ec_transfer_params`
+        ({} for a share without images), None for a share no encoder answered."""
         shares = split_by_image(body) if len(self.encoders) > 1 else [body]
-        answers = await asyncio.gather(*(self._encode_share(path, share) for share in shares))
-        merged = {k: v for answer in answers if answer for k, v in answer.items()}
-        return merged or None
+        with self._encode_seconds.time():
+            return await asyncio.gather(*(self._encode_share(path, share) for share in shares))
 
     def _next_encoder(self) -> str | None:
         """Round-robin over encoders, skipping one that failed in the last DOWN_FOR_S;
@@ -141,7 +154,7 @@ class EPDProxy:
                     encoder + path, json=request, timeout=self._encoder_timeout
                 ) as reply:
                     if reply.status == 200:
-                        return (await reply.json()).get("ec_transfer_params")
+                        return (await reply.json()).get("ec_transfer_params") or {}
                     # The request itself is bad: another encoder would say the same.
                     logger.warning("encoder %s answered %d", encoder, reply.status)
                     return None
@@ -162,19 +175,38 @@ class EPDProxy:
             return web.json_response({"error": "body is not JSON"}, status=400)
         # Only an encoder may say where encoder outputs are: never pass on a client's claim.
         body.pop("ec_transfer_params", None)
-        with self._encode_seconds.time():
-            params = await self.encode(request.path, body)
-        if params:
-            body = {**body, "ec_transfer_params": params}
+        if self.overlap:
+            return await self._overlapped(request, body)
+        answers = await self.encode(request.path, body)
+        return await self._forward(request, with_params(body, answers))
+
+    async def _overlapped(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        pd = asyncio.create_task(
+            self._forward(request, {**body, "ec_transfer_params": announce_params()})
+        )
+        answers = await self.encode(request.path, body)
+        if None not in answers or request.get("streaming"):
+            return await pd
+        # An encoder failed: PD would wait out its deadline for items nobody announces.
+        # Start PD over (cancelling closes the connection: vLLM aborts the request) with
+        # what did arrive; it encodes the rest itself.
+        pd.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await pd
+        return await self._forward(request, with_params(body, answers))
+
+    async def _forward(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
         try:
-            return await self._forward(request, body)
+            return await self._pass_on(request, body)
         except (aiohttp.ClientError, TimeoutError) as exc:
             if request.get("streaming"):  # the status went out with the first chunk
                 raise
             logger.warning("PD failed: %r", exc)
             return web.json_response({"error": f"PD unavailable: {exc!r}"}, status=502)
 
-    async def _forward(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+    async def _pass_on(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        """PD's answer to the client; a stream's status goes out with its first chunk
+        (until then the request can still be sent again)."""
         start = time.perf_counter()
         async with self._session.post(
             self.pd + request.path, json=body, timeout=PD_TIMEOUT
@@ -188,14 +220,14 @@ class EPDProxy:
             response = web.StreamResponse(
                 status=reply.status, headers={"Content-Type": "text/event-stream"}
             )
-            await response.prepare(request)
-            request["streaming"] = True
-            first = True
             async for chunk in reply.content.iter_any():
-                if first:
+                if not request.get("streaming"):
                     self._pd_first_chunk_seconds.observe(time.perf_counter() - start)
-                    first = False
+                    await response.prepare(request)
+                    request["streaming"] = True
                 await response.write(chunk)
+            if not request.get("streaming"):
+                await response.prepare(request)
             await response.write_eof()
             return response
 
@@ -215,8 +247,17 @@ class EPDProxy:
         )
 
 
-def make_app(encoders: list[str], pd: str, encoder_timeout_s: float) -> web.Application:
-    proxy = EPDProxy(encoders, pd, encoder_timeout_s)
+def with_params(body: dict[str, Any], answers: list[dict[str, Any] | None]) -> dict[str, Any]:
+    """The request for PD, carrying the merged `ec_transfer_params` of the encoders that
+    answered; without any, PD encodes the images itself."""
+    merged = {k: v for answer in answers if answer for k, v in answer.items()}
+    return {**body, "ec_transfer_params": merged} if merged else body
+
+
+def make_app(
+    encoders: list[str], pd: str, encoder_timeout_s: float, overlap: bool = False
+) -> web.Application:
+    proxy = EPDProxy(encoders, pd, encoder_timeout_s, overlap)
     app = web.Application(client_max_size=64 << 20)
     app.on_startup.append(proxy.start)
     app.on_cleanup.append(proxy.stop)
@@ -240,11 +281,17 @@ def main() -> None:
         help="give up on an encoder after S seconds (a stalled one), skip it for a while and "
         "try the next; PD encodes locally if none answers (default %(default)s)",
     )  # fmt: skip
+    parser.add_argument(
+        "--overlap", action="store_true",
+        help="send each request to PD at the same time as to the encoders, so PD's front end "
+        "overlaps the encoding and PD pulls each item the moment it is announced; PD must "
+        "run ECNixlConnector (with another connector PD would encode the images itself)",
+    )  # fmt: skip
     args = parser.parse_args()
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    app = make_app(args.encoder, args.pd, args.encoder_timeout)
+    app = make_app(args.encoder, args.pd, args.encoder_timeout, args.overlap)
     web.run_app(app, host=args.host, port=args.port, print=None)
 
 

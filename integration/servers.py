@@ -164,11 +164,15 @@ def start_proxy(
     log_dir: Path,
     port: int | None = None,
     encoder_timeout_s: float | None = None,
+    overlap: bool = False,
 ) -> Server:
+    """The EPD proxy; `overlap` (PD runs ECNixlConnector): PD gets each request at once."""
     port = port or free_port()
     argv = [sys.executable, "-m", "integration.proxy", "--port", str(port), "--pd", pd]
     if encoder_timeout_s is not None:
         argv += ["--encoder-timeout", str(encoder_timeout_s)]
+    if overlap:
+        argv.append("--overlap")
     for encoder in encoders:
         argv += ["--encoder", encoder]
     root = Path(__file__).resolve().parent.parent

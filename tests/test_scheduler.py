@@ -141,9 +141,9 @@ def test_an_item_in_the_local_encoder_cache_is_not_pulled_again_until_evicted(sc
         {"h-x": "10.0.0.1:7100"},
         {"h-x": {"encoder_id": ["enc0"]}},
         ["h-x"],
-        {"*": {"encoder_ids": ["elsewhere"]}},
-        {"*": {"encoder_ids": "enc0"}},
-        {"*": {"encoder_ids": []}},
+        {"*": {"encoder_id": "enc0"}},
+        {"h-x": {"encoder_id": "*"}},
+        {"*": "*"},
     ],
 )
 def test_forged_params_are_refused_and_the_items_encoded_here_without_any_pull(scheduler, params):
@@ -266,7 +266,7 @@ def announced(producer, receiver):
 def test_an_item_still_being_encoded_is_pulled_the_moment_its_encoder_announces_it(
     announced, producer, receiver
 ):
-    req = request("early-to-pd", ["h-coming"], announce_params(["enc0"]))
+    req = request("early-to-pd", ["h-coming"], announce_params())
     assert not announced.ensure_available(req, 0)  # deferred: nothing to pull yet
     time.sleep(0.2)  # the encoder is still encoding
     assert not announced.ensure_available(req, 0)
@@ -283,7 +283,7 @@ def test_an_item_still_being_encoded_is_pulled_the_moment_its_encoder_announces_
 def test_an_item_announced_before_its_request_came_is_pulled_at_once(announced, producer, receiver):
     producer.export("h-before", item(seed=13))
     time.sleep(0.3)  # the announcement has passed
-    req = request("late-to-pd", ["h-before"], announce_params(["enc0"]))
+    req = request("late-to-pd", ["h-before"], announce_params())
     settle(announced, req, timeout_s=0.5)  # well within the 1 s deadline
     assert announced.has_item("h-before")
     assert "h-before" in receiver[0].held
@@ -291,7 +291,7 @@ def test_an_item_announced_before_its_request_came_is_pulled_at_once(announced, 
 
 
 def test_an_item_no_encoder_announces_in_time_is_encoded_here(announced):
-    req = request("never-announced", ["h-silent"], announce_params(["enc0"]))
+    req = request("never-announced", ["h-silent"], announce_params())
     assert not announced.ensure_available(req, 0)
     settle(announced, req, timeout_s=3)  # the 1 s deadline, not forever
     assert not announced.has_item("h-silent")
@@ -301,7 +301,7 @@ def test_an_item_no_encoder_announces_in_time_is_encoded_here(announced):
 
 
 def test_an_item_no_encoder_announces_fails_a_request_without_media(announced):
-    req = request("silent-no-media", ["h-silent-2"], announce_params(["enc0"]), media=False)
+    req = request("silent-no-media", ["h-silent-2"], announce_params(), media=False)
     settle(announced, req, timeout_s=3)
     assert announced.take_unavailable() == {"silent-no-media"}
 

@@ -42,7 +42,8 @@ def start_encoder(name: str, workdir, logs, control: str, metrics: str):
 
 @pytest.fixture(scope="module")
 def cluster(workdirs, reference):
-    """Two encoders (enc0, enc1), one PD, the proxy."""
+    """Two encoders (enc0, enc1), one PD, the proxy sending to PD at once (`proxy`) and
+    one sending to PD after the encoders answered (`sequential_proxy`)."""
     encoder_dir, pd_dir, logs = workdirs
     controls = {name: f"127.0.0.1:{free_port()}" for name in ("enc0", "enc1")}
     metrics = {name: f"127.0.0.1:{free_port()}" for name in controls}
@@ -64,14 +65,17 @@ def cluster(workdirs, reference):
     servers = [*encoders, pd]
     try:
         wait_healthy(servers)
-        proxy = start_proxy(encoders=[e.url for e in encoders], pd=pd.url, log_dir=logs)
-        servers.append(proxy)
-        wait_healthy([proxy])
+        urls = [e.url for e in encoders]
+        proxy = start_proxy(encoders=urls, pd=pd.url, log_dir=logs / "overlap", overlap=True)
+        sequential = start_proxy(encoders=urls, pd=pd.url, log_dir=logs / "sequential")
+        servers += [proxy, sequential]
+        wait_healthy([proxy, sequential])
         yield {
             "encoder": encoders[0],
             "encoder1": encoders[1],
             "pd": pd,
             "proxy": proxy,
+            "sequential_proxy": sequential,
             "control": controls["enc0"],
             "encoder_metrics": f"http://{metrics['enc0']}",
         }
@@ -94,6 +98,18 @@ def test_a_lone_request_on_an_idle_pd_gets_its_pull(cluster, reference):
 def test_answers_through_encoder_and_pd_equal_the_single_instance(cluster, reference):
     for url in PROXIED:
         assert answer(cluster["proxy"].url, url) == reference[url]
+
+
+def test_pd_got_each_request_before_its_image_was_announced_and_waited_for_it(cluster):
+    pd = cluster["pd"].url
+    expected = metric(pd, "ec_nixl:announce_wait_seconds_count")
+    answer(cluster["proxy"].url, image(86))
+    assert metric(pd, "ec_nixl:announce_wait_seconds_count") == expected + 1
+
+
+def test_a_proxy_that_waits_for_the_encoders_gets_the_same_answers(cluster, reference):
+    for url in PROXIED[:2]:
+        assert answer(cluster["sequential_proxy"].url, url) == reference[url]
 
 
 def test_a_request_with_two_images_is_served_by_both_encoders(cluster, reference):
@@ -188,3 +204,12 @@ def test_with_the_encoder_gone_pd_encodes_locally_within_the_deadline(cluster, r
     assert answer(cluster["pd"].url, DIRECT[0])
     for url in AFTER_FAILURE:
         assert answer(cluster["proxy"].url, url) == reference[url]
+
+
+def test_with_every_encoder_gone_the_proxy_has_pd_encode_at_once(cluster):
+    cluster["encoder1"].kill()  # enc0 is gone already
+    url = image(51)
+    start = time.monotonic()
+    through_proxy = answer(cluster["proxy"].url, url)
+    assert time.monotonic() - start < PULL_TIMEOUT_S  # not a wait for an announcement
+    assert through_proxy == answer(cluster["pd"].url, url)

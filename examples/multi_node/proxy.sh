@@ -1,19 +1,23 @@
 #!/usr/bin/env bash
-# Proxy role: the OpenAI endpoint clients use; it sends each request to an encoder, then to PD.
+# Proxy role: the OpenAI endpoint clients use; it sends each request to an encoder and to PD.
 set -euo pipefail
 usage() {
   cat <<'USAGE'
 Usage: proxy.sh [--help]
 
 Starts the EPD proxy: each chat/completions request goes to an encoder
-(max_tokens 1, images spread over the encoders), then to PD with the
-encoders' ec_transfer_params. Configure with environment variables:
+(max_tokens 1, images spread over the encoders) and, at the same time, to PD,
+which pulls each image's embedding the moment an encoder announces it.
+Configure with environment variables:
 
   ENCODER_URLS  encoder HTTP URLs, comma-separated (required)
   PD_URL        the PD instance's HTTP URL (required)
   HOST, PORT    where clients connect        [0.0.0.0, 8000]
   ENCODER_TIMEOUT_S  give up on a silent encoder after this, skip it
                 a few seconds; PD encodes locally [30]
+  OVERLAP       1: PD gets each request at once (its front end runs
+                while the encoders encode); 0: only after the encoders
+                answered, with where their outputs are            [1]
   PYTHON        interpreter with ec_nixl     [repo .venv, else python3]
 USAGE
 }
@@ -25,6 +29,7 @@ source "$here/common.sh"
 
 args=()
 for url in ${ENCODER_URLS//,/ }; do args+=(--encoder "$url"); done
+[[ "${OVERLAP:-1}" == 1 ]] && args+=(--overlap)
 cd "$REPO"
 exec "$PYTHON" -m integration.proxy "${args[@]}" --pd "$PD_URL" --host "${HOST:-0.0.0.0}" \
   --port "${PORT:-8000}" --encoder-timeout "${ENCODER_TIMEOUT_S:-30}"
