@@ -188,6 +188,8 @@ class ECNixlConnector(ECConnectorBase):
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> ECConnectorMetadata:
         metadata = ECNixlConnectorMetadata()
         if self._consumer is not None:
+            if scheduler_output.total_num_scheduled_tokens == 0:
+                self._consumer.idle_step()
             metadata.evicted = list(scheduler_output.free_encoder_mm_hashes)
             self._consumer.on_freed(metadata.evicted)
             metadata.loads = self._consumer.take_loads()

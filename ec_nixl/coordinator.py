@@ -88,6 +88,7 @@ class PullCoordinator:
         self._met: set[str] = set()
         self._incompatible: set[str] = set()
         self._exported: dict[str, str] = {}  # mm_hash -> the encoder that announced it
+        self._landed = threading.Event()  # a pull ended: a request waiting for it may go on
 
     def start(self, mm_hash: str, encoder_id: str, num_embeds: int) -> PullJob:
         """Start pulling `mm_hash` from `encoder_id` for a request, unless a job for it
@@ -137,6 +138,19 @@ class PullCoordinator:
         job.encoder_id = encoder_id
         job.started_at = time.monotonic()
         job.future = self._pool.submit(self._run, job)
+        job.future.add_done_callback(lambda _: self._landed.set())  # once `state` tells
+
+    def park(self, timeout_s: float) -> None:
+        """Block until a pull that a request waits for ends, or `timeout_s`; at once if no
+        request waits for one."""
+        with self._lock:
+            waiting = any(
+                job.claimed_at is not None and job.state is PullState.RUNNING
+                for job in self._jobs.values()
+            )
+        if waiting:
+            self._landed.wait(timeout_s)
+        self._landed.clear()
 
     def _claim(self, job: PullJob, num_embeds: int) -> PullJob:
         with self._lock:

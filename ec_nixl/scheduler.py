@@ -28,6 +28,12 @@ from ec_nixl.transfer_params import make_params, parse_params
 
 logger = logging.getLogger(__name__)
 
+# vLLM steps an engine whose requests all wait for us as fast as it can (an empty
+# step, 1 ms of sleep, again), and every step wakes its workers: on a small host
+# that spin takes the CPU the encoder needs. So an empty step parks until a pull
+# lands, or this long at most: how late such an engine may notice a new request.
+IDLE_PARK_S = 0.01
+
 
 class ConsumerScheduler:
     def __init__(
@@ -124,6 +130,10 @@ class ConsumerScheduler:
     def on_freed(self, mm_hashes: list[str]) -> None:
         """vLLM evicted these from its encoder cache: pull them again if asked."""
         self._resident.difference_update(mm_hashes)
+
+    def idle_step(self) -> None:
+        """vLLM's scheduler found nothing to run this step."""
+        self._coordinator.park(IDLE_PARK_S)
 
     def take_loads(self) -> list[str]:
         loads, self._to_load = self._to_load, []

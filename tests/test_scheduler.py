@@ -4,6 +4,7 @@ a real worker service on a local socket and real NIXL pulls behind it."""
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 import pytest
@@ -372,3 +373,24 @@ def test_a_worker_meets_its_encoders_at_start_and_skips_one_that_is_down(produce
         assert "encoder down not met at start" in caplog.text
     finally:
         resolver.close()
+
+
+def test_an_idle_step_parks_until_the_awaited_pull_lands(announced, producer):
+    req = request("parked", ["h-parked"], announce_params())
+    assert not announced.ensure_available(req, 0)
+    threading.Timer(0.1, producer.export, ("h-parked", item(seed=15))).start()
+    steps, deadline = 0, time.monotonic() + 5
+    while not announced.has_item("h-parked"):
+        assert time.monotonic() < deadline
+        announced.idle_step()
+        announced.ensure_available(req, 0)
+        steps += 1
+    assert steps < 50  # ~100 ms of encoding in 10 ms parks, then woken by the pull
+    announced.request_finished(req)
+
+
+def test_an_idle_step_with_nothing_awaited_does_not_wait(scheduler):
+    start = time.monotonic()
+    for _ in range(100):
+        scheduler.idle_step()
+    assert time.monotonic() - start < 0.5  # 100 parks of 10 ms would take a second
