@@ -7,17 +7,18 @@ stream is served in short blocks that take turns between the ways, so the
 drift of a shared machine hits every way alike; then a stream that repeats
 images (cache reuse). TTFT ratios come with a bootstrap confidence interval,
 and the proxy's phase timings say where each TTFT went (encoder; PD).
-ECNixlConnector's proxy sends each request to PD at the same time as to E
-(`--overlap`: PD's front end runs while E encodes, and PD pulls each item when
-E announces it); shared storage has no announcements, so its proxy sends to PD
-after E answered. The model is the tiny LLaVA with LLaVA-1.5-7B's embedding
-shape by default: 576 x 4096 bf16 = 4.5 MiB per image. "Embeddings ready",
-per item: how long PD's scheduler waited for the item once it existed
-(ECNixlConnector's ec_nixl:ready_wait_seconds, counted from the later of the
-request and E's announcement; shared storage's file is there when the request
-arrives) plus the PD worker's load into the encoder cache (logged by
-integration.timed_connectors for both connectors). The time ECNixlConnector's
-PD spent waiting for E to encode is shown apart (ec_nixl:announce_wait_seconds).
+The proxies send each request to PD after E answered; "ECNixlConnector
+--overlap" is the same E and PD behind a proxy that sends to PD at the same
+time as to E (PD's front end runs while E encodes, and PD pulls each item when
+E announces it; shared storage has no announcements to wait for). The model is
+the tiny LLaVA with LLaVA-1.5-7B's embedding shape by default: 576 x 4096 bf16
+= 4.5 MiB per image. "Embeddings ready", per item: how long PD's scheduler
+waited for the item once it existed (ECNixlConnector's
+ec_nixl:ready_wait_seconds, counted from the later of the request and E's
+announcement; shared storage's file is there when the request arrives) plus
+the PD worker's load into the encoder cache (logged by
+integration.timed_connectors for both connectors). The time PD spent waiting
+for E to encode is shown apart (ec_nixl:announce_wait_seconds).
 vLLM's ECCPUConnector runs only where vLLM's V2 model runner does (it needs
 Triton with a backend for the device); where it cannot, the table says so.
 """
@@ -31,8 +32,9 @@ import re
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,11 +43,12 @@ import numpy as np
 
 from integration.client import chat_body, image, metric, stream_ttft
 from integration.deploy import CONNECTORS, deploy
-from integration.servers import Server
+from integration.servers import Server, start_proxy, wait_healthy
 from integration.timed_connectors import LOAD_LINE
 from integration.tiny_vlm import build, embedding_bytes
 from integration.ttft_measures import (
     PHASES,
+    Histogram,
     Ready,
     histogram,
     p50_ratio,
@@ -58,6 +61,7 @@ LLAVA_7B_HIDDEN = 4096
 REPEATED_IMAGES, REPEATS = 3, 4
 READY_WAIT = "ec_nixl:ready_wait_seconds"
 ANNOUNCE_WAIT = "ec_nixl:announce_wait_seconds"
+OVERLAP = "ECNixlConnector --overlap"  # ECNixlConnector's E and PD, PD sent to at once
 WARM_UP_REQUESTS = 3
 # vLLM's workers busy-poll for a second after their last step: a pause before each
 # block lets the way that ran before go quiet, so that it does not slow this one.
@@ -144,39 +148,62 @@ def cpu_connector_note() -> str | None:
     return None
 
 
+@dataclass
+class PdSide:
+    """What a way's PD did over its distinct-image blocks, from its /metrics and log."""
+
+    ready: Ready = field(default_factory=Ready)
+    announce_waits: Histogram = field(default_factory=Histogram)
+
+    @contextmanager
+    def measuring(self, server: Server) -> Iterator[None]:
+        """Adds what PD did while the body ran."""
+        before = histogram(server.url, READY_WAIT), histogram(server.url, ANNOUNCE_WAIT)
+        loads = len(loads_in_log(server))
+        yield
+        self.ready.waits = self.ready.waits.plus(histogram(server.url, READY_WAIT).since(before[0]))
+        announced = histogram(server.url, ANNOUNCE_WAIT).since(before[1])
+        self.announce_waits = self.announce_waits.plus(announced)
+        for items, ms in loads_in_log(server)[loads:]:
+            self.ready.load_ms += [ms / items] * items
+
+
 def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     """Every way up at once; each level's stream in blocks that take turns between them."""
     build(workdir / "tiny-llava", text_hidden=args.text_hidden)
     ways = [*CONNECTORS, None]
-    names = [way or "single-instance" for way in ways]
     seeds = itertools.count(1)
-    levels = {(name, c): Level(name, c) for name in names for c in args.concurrency}
     with ExitStack() as stack:
-        deployments = {
-            name: stack.enter_context(deploy(way, workdir, timed=True))
-            for name, way in zip(names, ways, strict=True)
-        }
-        for deployment in deployments.values():
-            send(deployment.url, [image(next(seeds)) for _ in range(WARM_UP_REQUESTS)], 1,
-                 Level(deployment.name, 1))  # fmt: skip
+        started = (stack.enter_context(deploy(way, workdir, timed=True)) for way in ways)
+        deployments = {deployment.name: deployment for deployment in started}
+        nixl = deployments["ECNixlConnector"]
+        overlap = start_proxy(
+            encoders=[nixl.server("encoder").url], pd=nixl.server("pd").url,
+            log_dir=workdir / "logs" / "overlap", overlap=True,
+        )  # fmt: skip
+        stack.callback(overlap.stop)
+        wait_healthy([overlap])
+        urls = {name: deployment.url for name, deployment in deployments.items()}
+        urls = {"ECNixlConnector": nixl.url, OVERLAP: overlap.url, **urls}
+        names = list(urls)
         pd = {name: deployments[name].server("pd") for name in CONNECTORS}
-        nixl_pd = pd["ECNixlConnector"].url
-        waits = histogram(nixl_pd, READY_WAIT)
-        announce_waits = histogram(nixl_pd, ANNOUNCE_WAIT)
-        loads = {name: len(loads_in_log(server)) for name, server in pd.items()}
+        pd[OVERLAP] = pd["ECNixlConnector"]
+        levels = {(name, c): Level(name, c) for name in names for c in args.concurrency}
+        sides = {name: PdSide() for name in pd}
+        for name, url in urls.items():
+            send(url, [image(next(seeds)) for _ in range(WARM_UP_REQUESTS)], 1, Level(name, 1))
         for c in args.concurrency:
-            phases = {name: proxy_phases(deployments[name].url) for name in CONNECTORS}
+            phases = {name: proxy_phases(urls[name]) for name in pd}
             blocks = -(-args.requests // block_size(c))
             for block in range(blocks):
                 turn = block % len(names)
                 for name in names[turn:] + names[:turn]:
                     time.sleep(QUIET_S)
                     pictures = [image(next(seeds)) for _ in range(block_size(c))]
-                    send(deployments[name].url, pictures, c, levels[name, c])
-            for name in CONNECTORS:
-                levels[name, c].phases_ms = phase_means_ms(
-                    phases[name], proxy_phases(deployments[name].url)
-                )
+                    with sides[name].measuring(pd[name]) if name in sides else nullcontext():
+                        send(urls[name], pictures, c, levels[name, c])
+            for name in pd:
+                levels[name, c].phases_ms = phase_means_ms(phases[name], proxy_phases(urls[name]))
             for name in names:
                 print(
                     f"[{name}] concurrency {c}: TTFT p50 {levels[name, c].percentiles()['p50']} "
@@ -184,28 +211,24 @@ def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                     file=sys.stderr,
                     flush=True,
                 )
-        ready = {name: Ready() for name in CONNECTORS}
-        ready["ECNixlConnector"].waits = histogram(nixl_pd, READY_WAIT).since(waits)
-        announced = histogram(nixl_pd, ANNOUNCE_WAIT).since(announce_waits)
-        for name, server in pd.items():
-            for items, ms in loads_in_log(server)[loads[name] :]:
-                ready[name].load_ms += [ms / items] * items
-        pulled = pulls(nixl_pd)
         repeated = [Level(name, 1) for name in names]
         first = next(seeds)
         pictures = [image(first + i % REPEATED_IMAGES) for i in range(REPEATED_IMAGES * REPEATS)]
         for level in repeated:
-            send(deployments[level.connector].url, pictures, 1, level)
-        pulls_repeated = int(pulls(nixl_pd) - pulled)
+            pulled = pulls(nixl.server("pd").url)
+            send(urls[level.connector], pictures, 1, level)
+            if level.connector == "ECNixlConnector":
+                pulls_repeated = int(pulls(nixl.server("pd").url) - pulled)
         peak_rss = {
             name: {server: round(mib) for server, mib in deployment.peak_rss_mib.items()}
             for name, deployment in deployments.items()
         }
+    announced = sides[OVERLAP].announce_waits
     return {
         "levels": list(levels.values()),
         "repeated": repeated,
         "embedding_bytes": embedding_bytes(args.text_hidden),
-        "embeddings_ready_ms": {name: parts.ms() for name, parts in ready.items()},
+        "embeddings_ready_ms": {name: side.ready.ms() for name, side in sides.items()},
         "announce_wait_ms": {
             "items": int(announced.count),
             "p50": round(announced.quantile_ms(0.5), 2),
@@ -216,8 +239,8 @@ def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     }
 
 
-def ready_ratio(ready: dict[str, dict[str, float]], stat: str) -> float:
-    return ready["ECExampleConnector"][stat] / max(ready["ECNixlConnector"][stat], 1e-9)
+def ready_ratio(ready: dict[str, dict[str, float]], stat: str, ours: str) -> float:
+    return ready["ECExampleConnector"][stat] / max(ready[ours][stat], 1e-9)
 
 
 def table(result: dict[str, Any]) -> str:
@@ -242,18 +265,22 @@ def table(result: dict[str, Any]) -> str:
     lines += [
         "",
         "Phases (means, from the proxy): encoder = until the encoders answered, PD = from "
-        "forwarding to PD until its first chunk. ECNixlConnector's proxy forwards to PD at "
-        "once: its phases overlap.",
-        "",
-        "TTFT p50, ECExampleConnector / ECNixlConnector (above 1: ECNixlConnector is faster; "
-        "95% bootstrap interval):",
+        f"forwarding to PD until its first chunk ({OVERLAP}: forwarded at once, the phases "
+        "overlap).",
     ]
-    for c in sorted({lv.concurrency for lv in result["levels"]}):
-        ratio, low, high = p50_ratio(by["ECExampleConnector", c], by["ECNixlConnector", c])
-        lines.append(f"- concurrency {c}: {ratio:.2f}x ({low:.2f}-{high:.2f})")
+    for ours in ("ECNixlConnector", OVERLAP):
+        lines += [
+            "",
+            f"TTFT p50, ECExampleConnector / {ours} (above 1: {ours} is faster; 95% bootstrap "
+            "interval):",
+        ]
+        for c in sorted({lv.concurrency for lv in result["levels"]}):
+            ratio, low, high = p50_ratio(by["ECExampleConnector", c], by[ours, c])
+            lines.append(f"- concurrency {c}: {ratio:.2f}x ({low:.2f}-{high:.2f})")
     lines += ["", "| connector | repeated images: TTFT p50 ms | peak RSS MiB |", "|---|---|---|"]
     for level in result["repeated"]:
-        rss = ", ".join(f"{k} {v}" for k, v in result["peak_rss_mib"][level.connector].items())
+        peak = result["peak_rss_mib"].get(level.connector)
+        rss = ", ".join(f"{k} {v}" for k, v in peak.items()) if peak else "(ECNixlConnector's)"
         lines.append(f"| {level.connector} | {level.percentiles()['p50']} | {rss} |")
     lines.append("")
     ready = result["embeddings_ready_ms"]
@@ -269,14 +296,17 @@ def table(result: dict[str, Any]) -> str:
             for name, ms in ready.items()
         ),
         "",
-        "ECExampleConnector / ECNixlConnector, embeddings ready: "
-        + ", ".join(f"{stat} {ready_ratio(ready, stat):.2f}x" for stat in ("p50", "mean")),
+        *(
+            f"ECExampleConnector / {ours}, embeddings ready: "
+            + ", ".join(f"{stat} {ready_ratio(ready, stat, ours):.2f}x" for stat in ("p50", "mean"))
+            for ours in ("ECNixlConnector", OVERLAP)
+        ),
     ]
     announced = result["announce_wait_ms"]
     lines.append(
-        f"ECNixlConnector's PD had {announced['items']} items' requests before E announced "
-        f"them and waited for E to encode them (its front end done): p50 {announced['p50']} "
-        f"ms, mean {announced['mean']} ms; not counted in embeddings ready."
+        f"{OVERLAP}: PD had {announced['items']} items' requests before E announced them and "
+        f"waited for E to encode them (its front end done): p50 {announced['p50']} ms, mean "
+        f"{announced['mean']} ms; not counted in embeddings ready."
     )
     lines.append(
         f"Repeated stream: {REPEATED_IMAGES} distinct images x {REPEATS}: "

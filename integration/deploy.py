@@ -1,9 +1,8 @@
 """Stand up one way of serving the tiny model on this machine, for the demo and benchmarks.
 
-A connector name gives E (encoder only, core 0) + PD (core 1) + the EPD proxy
-(sending to PD at the same time as to E where PD runs ECNixlConnector); None
-gives one ordinary instance on both cores (no disaggregation). While it runs,
-the peak resident memory of each vLLM instance is sampled.
+A connector name gives E (encoder only, core 0) + PD (core 1) + the EPD proxy;
+None gives one ordinary instance on both cores (no disaggregation). While it
+runs, the peak resident memory of each vLLM instance is sampled.
 """
 
 from __future__ import annotations
@@ -75,10 +74,7 @@ def deploy(connector: str | None, workdir: Path, timed: bool = False) -> Iterato
     try:
         startup_s = wait_healthy(servers)
         if connector is not None:
-            overlap = connector == "ECNixlConnector"  # only it can wait for announcements
-            servers.append(start_proxy(
-                encoders=[servers[0].url], pd=servers[1].url, log_dir=logs, overlap=overlap
-            ))  # fmt: skip
+            servers.append(start_proxy(encoders=[servers[0].url], pd=servers[1].url, log_dir=logs))
             wait_healthy(servers[-1:])
         print(f"[{name}] healthy in {startup_s:.1f} s; logs in {logs}", file=sys.stderr, flush=True)
         with PeakRss(servers) as rss:

@@ -34,6 +34,14 @@ class Histogram:
             self.sum_s - before.sum_s,
         )
 
+    def plus(self, other: Histogram) -> Histogram:
+        """Both sets of observations in one (e.g. the spans of several blocks)."""
+        les = self.buckets.keys() | other.buckets.keys()
+        return Histogram(
+            {le: self.buckets.get(le, 0.0) + other.buckets.get(le, 0.0) for le in les},
+            self.sum_s + other.sum_s,
+        )
+
     def mean_ms(self) -> float:
         return 1000 * self.sum_s / self.count if self.count else 0.0
 

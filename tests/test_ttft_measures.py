@@ -35,6 +35,20 @@ def test_a_histogram_read_twice_covers_only_what_came_between(endpoint):
     assert between.mean_ms() == pytest.approx(3.0)
 
 
+def test_the_spans_of_several_blocks_add_up(endpoint):
+    """A way's blocks are interleaved with other ways' on the same PD: only its own count."""
+    waits, url = endpoint
+    spans = []
+    for own, other in ((0.002, 1.0), (0.004, 2.0)):
+        before = histogram(url, "waits_seconds")
+        waits.observe(own)
+        spans.append(histogram(url, "waits_seconds").since(before))
+        waits.observe(other)  # another way's block
+    total = spans[0].plus(spans[1])
+    assert total.count == 2
+    assert total.mean_ms() == pytest.approx(3.0)
+
+
 def test_waits_that_were_all_zero_have_a_zero_median(endpoint):
     """A prefetched item does not wait; interpolating in (0, 0.1 ms] would say 0.05 ms."""
     waits, url = endpoint
