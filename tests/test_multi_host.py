@@ -135,6 +135,7 @@ def test_a_request_crosses_three_hosts_and_matches_the_single_instance(hosts, wo
                 {
                     "ENCODER_URLS": f"http://{e}:8100",
                     "PD_URL": f"http://{pd}:8200",
+                    "OVERLAP": "1",  # PD waits for E's announcement across the hop
                 },
                 ROOT,
                 logs / "proxy.log",

@@ -6,8 +6,9 @@ usage() {
 Usage: proxy.sh [--help]
 
 Starts the EPD proxy: each chat/completions request goes to an encoder
-(max_tokens 1, images spread over the encoders) and, at the same time, to PD,
-which pulls each image's embedding the moment an encoder announces it.
+(max_tokens 1, images spread over the encoders), then to PD with the
+encoders' ec_transfer_params (with OVERLAP=1: to PD at the same time, which
+pulls each image's embedding the moment an encoder announces it).
 Configure with environment variables:
 
   ENCODER_URLS  encoder HTTP URLs, comma-separated (required)
@@ -16,8 +17,9 @@ Configure with environment variables:
   ENCODER_TIMEOUT_S  give up on a silent encoder after this, skip it
                 a few seconds; PD encodes locally [30]
   OVERLAP       1: PD gets each request at once (its front end runs
-                while the encoders encode); 0: only after the encoders
-                answered, with where their outputs are            [1]
+                while the encoders encode; meant for E and PD on separate
+                hosts, no gain measured on one small host); 0: only after
+                the encoders answered, with where their outputs are [0]
   PYTHON        interpreter with ec_nixl     [repo .venv, else python3]
 USAGE
 }
@@ -29,7 +31,7 @@ source "$here/common.sh"
 
 args=()
 for url in ${ENCODER_URLS//,/ }; do args+=(--encoder "$url"); done
-[[ "${OVERLAP:-1}" == 1 ]] && args+=(--overlap)
+[[ "${OVERLAP:-0}" == 1 ]] && args+=(--overlap)
 cd "$REPO"
 exec "$PYTHON" -m integration.proxy "${args[@]}" --pd "$PD_URL" --host "${HOST:-0.0.0.0}" \
   --port "${PORT:-8000}" --encoder-timeout "${ENCODER_TIMEOUT_S:-30}"
