@@ -193,7 +193,14 @@ class EPDProxy:
         pd.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await pd
-        return await self._forward(request, with_params(body, answers))
+        again = with_params(body, answers)
+        response = await self._forward(request, again)
+        if response.status >= 500 and not request.get("streaming"):
+            # vLLM's front end may have sent the image to its engine only with the aborted
+            # request; the engine then refuses this one as retryable ("cache drift").
+            logger.warning("PD refused the request sent again (%d); once more", response.status)
+            response = await self._forward(request, again)
+        return response
 
     async def _forward(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
         try:
