@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from integration.client import chat_body, image, metric, stream_ttft
+from integration.client import chat_body, image, metric, scrape, stream_ttft
 from integration.deploy import CONNECTORS, deploy
 from integration.servers import Server, start_proxy, wait_healthy
 from integration.timed_connectors import LOAD_LINE
@@ -50,7 +50,7 @@ from integration.ttft_measures import (
     PHASES,
     Histogram,
     Ready,
-    histogram,
+    histogram_in,
     p50_ratio,
     phase_means_ms,
     proxy_phases,
@@ -158,11 +158,15 @@ class PdSide:
     @contextmanager
     def measuring(self, server: Server) -> Iterator[None]:
         """Adds what PD did while the body ran."""
-        before = histogram(server.url, READY_WAIT), histogram(server.url, ANNOUNCE_WAIT)
+        before = scrape(server.url)
         loads = len(loads_in_log(server))
         yield
-        self.ready.waits = self.ready.waits.plus(histogram(server.url, READY_WAIT).since(before[0]))
-        announced = histogram(server.url, ANNOUNCE_WAIT).since(before[1])
+        after = scrape(server.url)
+        waits, announced = (
+            histogram_in(after, name).since(histogram_in(before, name))
+            for name in (READY_WAIT, ANNOUNCE_WAIT)
+        )
+        self.ready.waits = self.ready.waits.plus(waits)
         self.announce_waits = self.announce_waits.plus(announced)
         for items, ms in loads_in_log(server)[loads:]:
             self.ready.load_ms += [ms / items] * items
@@ -183,8 +187,12 @@ def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         )  # fmt: skip
         stack.callback(overlap.stop)
         wait_healthy([overlap])
-        urls = {name: deployment.url for name, deployment in deployments.items()}
-        urls = {"ECNixlConnector": nixl.url, OVERLAP: overlap.url, **urls}
+        urls = {
+            "ECNixlConnector": nixl.url,
+            OVERLAP: overlap.url,
+            "ECExampleConnector": deployments["ECExampleConnector"].url,
+            "single-instance": deployments["single-instance"].url,
+        }
         names = list(urls)
         pd = {name: deployments[name].server("pd") for name in CONNECTORS}
         pd[OVERLAP] = pd["ECNixlConnector"]
@@ -211,14 +219,14 @@ def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                     file=sys.stderr,
                     flush=True,
                 )
-        repeated = [Level(name, 1) for name in names]
+        repeated = [Level(name, 1) for name in names]  # ECNixlConnector's first: fresh images
         first = next(seeds)
         pictures = [image(first + i % REPEATED_IMAGES) for i in range(REPEATED_IMAGES * REPEATS)]
-        for level in repeated:
-            pulled = pulls(nixl.server("pd").url)
+        pulled = pulls(pd["ECNixlConnector"].url)
+        send(urls["ECNixlConnector"], pictures, 1, repeated[0])
+        pulls_repeated = int(pulls(pd["ECNixlConnector"].url) - pulled)
+        for level in repeated[1:]:
             send(urls[level.connector], pictures, 1, level)
-            if level.connector == "ECNixlConnector":
-                pulls_repeated = int(pulls(nixl.server("pd").url) - pulled)
         peak_rss = {
             name: {server: round(mib) for server, mib in deployment.peak_rss_mib.items()}
             for name, deployment in deployments.items()

@@ -63,7 +63,11 @@ class Histogram:
 
 def histogram(url: str, name: str) -> Histogram:
     """A histogram at a Prometheus endpoint, summed over its label sets."""
-    text = scrape(url)
+    return histogram_in(scrape(url), name)
+
+
+def histogram_in(text: str, name: str) -> Histogram:
+    """`histogram` on Prometheus text already fetched."""
     buckets: dict[float, float] = {}
     for sample in samples(text, f"{name}_bucket"):
         le = float(sample.labels["le"])
@@ -75,7 +79,8 @@ PHASES = ("encode", "pd_first_chunk")  # the proxy's ec_nixl_proxy_<phase>_secon
 
 
 def proxy_phases(proxy_url: str) -> dict[str, Histogram]:
-    return {phase: histogram(proxy_url, f"ec_nixl_proxy_{phase}_seconds") for phase in PHASES}
+    text = scrape(proxy_url)
+    return {phase: histogram_in(text, f"ec_nixl_proxy_{phase}_seconds") for phase in PHASES}
 
 
 def phase_means_ms(before: dict[str, Histogram], after: dict[str, Histogram]) -> dict[str, float]:

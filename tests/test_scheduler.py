@@ -291,6 +291,24 @@ def test_an_item_announced_before_its_request_came_is_pulled_at_once(announced, 
     announced.request_finished(req)
 
 
+def test_an_item_the_encoder_dropped_since_announcing_it_is_awaited_afresh(
+    announced, producer, receiver
+):
+    producer.export("h-taken", item(seed=16))
+    receiver[0].pull("enc0", ["h-taken"], [ROWS], time.monotonic() + 5)  # frees E's copy
+    receiver[0].drop(["h-taken"])
+    time.sleep(0.3)  # the eviction has been announced too
+    req = request("after-eviction", ["h-taken"], announce_params())
+    assert not announced.ensure_available(req, 0)
+    time.sleep(0.3)
+    assert not announced.ensure_available(req, 0)  # waiting, not failed on what E dropped
+    producer.export("h-taken", item(seed=16))  # E encodes it again
+    settle(announced, req)
+    assert announced.has_item("h-taken")
+    assert "pull_failures" not in str(announced.stats.take()["counters"])
+    announced.request_finished(req)
+
+
 def test_an_item_no_encoder_announces_in_time_is_encoded_here(announced):
     req = request("never-announced", ["h-silent"], announce_params())
     assert not announced.ensure_available(req, 0)
