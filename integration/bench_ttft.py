@@ -17,8 +17,11 @@ waited for the item once it existed (ECNixlConnector's
 ec_nixl:ready_wait_seconds, counted from the later of the request and E's
 announcement; shared storage's file is there when the request arrives) plus
 the PD worker's load into the encoder cache (logged by
-integration.timed_connectors for both connectors). The time PD spent waiting
-for E to encode is shown apart (ec_nixl:announce_wait_seconds).
+integration.timed_connectors for both connectors). "Encoder save", per item:
+the E worker's save of each output in its step (a file in shared storage, or a
+copy into the export pool), logged the same way: with embeddings ready, what a
+connector adds to a request's critical path. The time PD spent waiting for E
+to encode is shown apart (ec_nixl:announce_wait_seconds).
 vLLM's ECCPUConnector runs only where vLLM's V2 model runner does (it needs
 Triton with a backend for the device); where it cannot, the table says so.
 """
@@ -44,7 +47,7 @@ import numpy as np
 from integration.client import chat_body, image, metric, scrape, stream_ttft
 from integration.deploy import CONNECTORS, deploy
 from integration.servers import Server, start_proxy, wait_healthy
-from integration.timed_connectors import LOAD_LINE
+from integration.timed_connectors import LOAD_LINE, SAVE_LINE
 from integration.tiny_vlm import build, embedding_bytes
 from integration.ttft_measures import (
     PHASES,
@@ -129,11 +132,15 @@ def pulls(pd_url: str) -> float:
     return metric(pd_url, "ec_nixl:items_pulled_total")
 
 
-def loads_in_log(server: Server) -> list[tuple[int, float]]:
-    """(items, ms) of each load the PD worker logged (integration.timed_connectors)."""
-    pattern = LOAD_LINE.replace("{items}", r"(\d+)").replace("{ms:.3f}", r"([\d.]+)")
+def timings_in_log(server: Server, line: str) -> list[tuple[int, float]]:
+    """(items, ms) of each `line` (LOAD_LINE, SAVE_LINE) the server's worker logged."""
+    pattern = line.replace("{items}", r"(\d+)").replace("{ms:.3f}", r"([\d.]+)")
     text = server.log_path.read_text(errors="replace")
     return [(int(items), float(ms)) for items, ms in re.findall(pattern, text)]
+
+
+def per_item_ms(timings: list[tuple[int, float]]) -> list[float]:
+    return [ms / items for items, ms in timings for _ in range(items)]
 
 
 def cpu_connector_note() -> str | None:
@@ -149,27 +156,38 @@ def cpu_connector_note() -> str | None:
 
 
 @dataclass
-class PdSide:
-    """What a way's PD did over its distinct-image blocks, from its /metrics and log."""
+class ConnectorSide:
+    """What a way's connector did over its distinct-image blocks, from E's log and PD's
+    /metrics and log."""
 
     ready: Ready = field(default_factory=Ready)
     announce_waits: Histogram = field(default_factory=Histogram)
+    save_ms: list[float] = field(default_factory=list)  # per item, in E's worker
 
     @contextmanager
-    def measuring(self, server: Server) -> Iterator[None]:
-        """Adds what PD did while the body ran."""
-        before = scrape(server.url)
-        loads = len(loads_in_log(server))
+    def measuring(self, encoder: Server, pd: Server) -> Iterator[None]:
+        """Adds what E and PD did while the body ran."""
+        before = scrape(pd.url)
+        saves = len(timings_in_log(encoder, SAVE_LINE))
+        loads = len(timings_in_log(pd, LOAD_LINE))
         yield
-        after = scrape(server.url)
+        after = scrape(pd.url)
         waits, announced = (
             histogram_in(after, name).since(histogram_in(before, name))
             for name in (READY_WAIT, ANNOUNCE_WAIT)
         )
         self.ready.waits = self.ready.waits.plus(waits)
         self.announce_waits = self.announce_waits.plus(announced)
-        for items, ms in loads_in_log(server)[loads:]:
-            self.ready.load_ms += [ms / items] * items
+        self.ready.load_ms += per_item_ms(timings_in_log(pd, LOAD_LINE)[loads:])
+        self.save_ms += per_item_ms(timings_in_log(encoder, SAVE_LINE)[saves:])
+
+    def save(self) -> dict[str, float]:
+        if not self.save_ms:
+            return {"p50": 0.0, "mean": 0.0}
+        return {
+            "p50": round(float(np.median(self.save_ms)), 3),
+            "mean": round(float(np.mean(self.save_ms)), 3),
+        }
 
 
 def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
@@ -194,23 +212,24 @@ def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             "single-instance": deployments["single-instance"].url,
         }
         names = list(urls)
-        pd = {name: deployments[name].server("pd") for name in CONNECTORS}
-        pd[OVERLAP] = pd["ECNixlConnector"]
+        roles = {name: (deployments[name].server("encoder"), deployments[name].server("pd"))
+                 for name in CONNECTORS}  # fmt: skip
+        roles[OVERLAP] = roles["ECNixlConnector"]
         levels = {(name, c): Level(name, c) for name in names for c in args.concurrency}
-        sides = {name: PdSide() for name in pd}
+        sides = {name: ConnectorSide() for name in roles}
         for name, url in urls.items():
             send(url, [image(next(seeds)) for _ in range(WARM_UP_REQUESTS)], 1, Level(name, 1))
         for c in args.concurrency:
-            phases = {name: proxy_phases(urls[name]) for name in pd}
+            phases = {name: proxy_phases(urls[name]) for name in roles}
             blocks = -(-args.requests // block_size(c))
             for block in range(blocks):
                 turn = block % len(names)
                 for name in names[turn:] + names[:turn]:
                     time.sleep(QUIET_S)
                     pictures = [image(next(seeds)) for _ in range(block_size(c))]
-                    with sides[name].measuring(pd[name]) if name in sides else nullcontext():
+                    with sides[name].measuring(*roles[name]) if name in sides else nullcontext():
                         send(urls[name], pictures, c, levels[name, c])
-            for name in pd:
+            for name in roles:
                 levels[name, c].phases_ms = phase_means_ms(phases[name], proxy_phases(urls[name]))
             for name in names:
                 print(
@@ -222,9 +241,10 @@ def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         repeated = [Level(name, 1) for name in names]  # ECNixlConnector's first: fresh images
         first = next(seeds)
         pictures = [image(first + i % REPEATED_IMAGES) for i in range(REPEATED_IMAGES * REPEATS)]
-        pulled = pulls(pd["ECNixlConnector"].url)
+        nixl_pd = nixl.server("pd").url
+        pulled = pulls(nixl_pd)
         send(urls["ECNixlConnector"], pictures, 1, repeated[0])
-        pulls_repeated = int(pulls(pd["ECNixlConnector"].url) - pulled)
+        pulls_repeated = int(pulls(nixl_pd) - pulled)
         for level in repeated[1:]:
             send(urls[level.connector], pictures, 1, level)
         peak_rss = {
@@ -237,6 +257,7 @@ def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "repeated": repeated,
         "embedding_bytes": embedding_bytes(args.text_hidden),
         "embeddings_ready_ms": {name: side.ready.ms() for name, side in sides.items()},
+        "encoder_save_ms": {name: side.save() for name, side in sides.items()},
         "announce_wait_ms": {
             "items": int(announced.count),
             "p50": round(announced.quantile_ms(0.5), 2),
@@ -247,8 +268,9 @@ def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     }
 
 
-def ready_ratio(ready: dict[str, dict[str, float]], stat: str, ours: str) -> float:
-    return ready["ECExampleConnector"][stat] / max(ready[ours][stat], 1e-9)
+def baseline_ratio(figures: dict[str, dict[str, float]], stat: str, ours: str) -> float:
+    """ECExampleConnector's figure over ours: above 1, ours is shorter."""
+    return figures["ECExampleConnector"][stat] / max(figures[ours][stat], 1e-9)
 
 
 def table(result: dict[str, Any]) -> str:
@@ -306,7 +328,31 @@ def table(result: dict[str, Any]) -> str:
         "",
         *(
             f"ECExampleConnector / {ours}, embeddings ready: "
-            + ", ".join(f"{stat} {ready_ratio(ready, stat, ours):.2f}x" for stat in ("p50", "mean"))
+            + ", ".join(f"{stat} {baseline_ratio(ready, stat, ours):.2f}x" for stat in ("p50", "mean"))
+            for ours in ("ECNixlConnector", OVERLAP)
+        ),
+    ]
+    saves = result["encoder_save_ms"]
+    path = {
+        name: {stat: ms[stat] + ready[name][stat] for stat in ("p50", "mean")}
+        for name, ms in saves.items()
+    }
+    lines += [
+        "",
+        "Encoder save, per item, ms (E's worker, in the encoder's step), and what the connector "
+        "adds to a request's critical path (save + embeddings ready):",
+        "",
+        "| connector | save p50 | save mean | save + ready, p50 | save + ready, mean |",
+        "|---|---|---|---|---|",
+        *(
+            f"| {name} | {ms['p50']} | {ms['mean']} | {path[name]['p50']:.3f} "
+            f"| {path[name]['mean']:.3f} |"
+            for name, ms in saves.items()
+        ),
+        "",
+        *(
+            f"ECExampleConnector / {ours}, save + ready: "
+            + ", ".join(f"{stat} {baseline_ratio(path, stat, ours):.2f}x" for stat in ("p50", "mean"))
             for ours in ("ECNixlConnector", OVERLAP)
         ),
     ]
@@ -383,6 +429,7 @@ def run(args: argparse.Namespace) -> int:
             "runs": [lv.summary() for lv in result["levels"]],
             "repeated": [lv.summary() for lv in result["repeated"]],
             "embeddings_ready_ms": result["embeddings_ready_ms"],
+            "encoder_save_ms": result["encoder_save_ms"],
             "pulls_repeated": result["pulls_repeated"],
             "peak_rss_mib": result["peak_rss_mib"],
             "embedding_bytes": result["embedding_bytes"],

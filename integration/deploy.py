@@ -26,22 +26,23 @@ CONNECTORS = ("ECNixlConnector", "ECExampleConnector")
 
 
 def connector_configs(name: str, workdir: Path, timed: bool = False) -> tuple[dict, dict]:
-    """(encoder's, PD's) --ec-transfer-config for a connector; `timed`: PD logs its loads
-    (integration.timed_connectors)."""
+    """(encoder's, PD's) --ec-transfer-config for a connector; `timed`: their workers log
+    each save and load (integration.timed_connectors)."""
     if name == "ECNixlConnector":
         control = f"127.0.0.1:{free_port()}"
         encoder = {"encoder_id": "enc0", "control_address": control}
         pd = {"encoders": {"enc0": control}, "prefetch": True}
     else:
         encoder = pd = {"shared_storage_path": str(workdir / "shared-storage")}
-    pd_config = {"ec_connector": name, "ec_role": "ec_consumer", "ec_connector_extra_config": pd}
-    if timed:
-        pd_config["ec_connector"] = f"Timed{name}"
-        pd_config["ec_connector_module_path"] = "integration.timed_connectors"
-    return (
+    configs = (
         {"ec_connector": name, "ec_role": "ec_producer", "ec_connector_extra_config": encoder},
-        pd_config,
+        {"ec_connector": name, "ec_role": "ec_consumer", "ec_connector_extra_config": pd},
     )
+    if timed:
+        for config in configs:
+            config["ec_connector"] = f"Timed{name}"
+            config["ec_connector_module_path"] = "integration.timed_connectors"
+    return configs
 
 
 @dataclass

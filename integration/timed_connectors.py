@@ -1,7 +1,9 @@
 """Benchmark only: ECNixlConnector and vLLM's ECExampleConnector, unchanged, except
-that the PD worker logs how long it took to put each step's encoder outputs into
-the encoder cache. `ec-nixl bench ttft` reads these lines, so the "embeddings
-ready" of both connectors includes the same step, measured the same way.
+that their workers log the two steps a connector adds to a request's critical
+path: the encoder worker's save of each output (into shared storage, or into
+the export pool), and the PD worker's load of a step's outputs into the encoder
+cache. `ec-nixl bench ttft` reads these lines, so both connectors are measured
+at the same points, the same way.
 
     --ec-transfer-config '{"ec_connector": "TimedECExampleConnector",
                            "ec_connector_module_path": "integration.timed_connectors", ...}'
@@ -19,10 +21,16 @@ from ec_nixl.connector import ECNixlConnector
 # A child of vLLM's logger: the line lands in the server's log with vLLM's own.
 logger = logging.getLogger("vllm.ec_nixl_bench")
 LOAD_LINE = "ec-load {items} items in {ms:.3f} ms"
+SAVE_LINE = "ec-save {items} items in {ms:.3f} ms"
 
 
 def timed(connector: type) -> type:
     class Timed(connector):
+        def save_caches(self, encoder_cache, mm_hash, **kwargs) -> None:
+            start = time.perf_counter()
+            super().save_caches(encoder_cache, mm_hash, **kwargs)
+            logger.info(SAVE_LINE.format(items=1, ms=(time.perf_counter() - start) * 1000))
+
         def start_load_caches(self, encoder_cache, **kwargs) -> None:
             before = len(encoder_cache)
             start = time.perf_counter()
