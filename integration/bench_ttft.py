@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 
 from integration.client import chat_body, image, metric, scrape, stream_ttft
-from integration.deploy import CONNECTORS, deploy
+from integration.deploy import CONNECTORS, QUIET_S, deploy
 from integration.servers import Server, start_proxy, wait_healthy
 from integration.timed_connectors import LOAD_LINE, SAVE_LINE
 from integration.tiny_vlm import build, embedding_bytes
@@ -66,9 +66,6 @@ READY_WAIT = "ec_nixl:ready_wait_seconds"
 ANNOUNCE_WAIT = "ec_nixl:announce_wait_seconds"
 OVERLAP = "ECNixlConnector --overlap"  # ECNixlConnector's E and PD, PD sent to at once
 WARM_UP_REQUESTS = 3
-# vLLM's workers busy-poll for a second after their last step: a pause before each
-# block lets the way that ran before go quiet, so that it does not slow this one.
-QUIET_S = 1.5
 
 
 @dataclass

@@ -1,10 +1,13 @@
 """The main job: an encoder and a PD instance on this machine, ECNixlConnector vs shared storage.
 
-For each connector, in one run: build the tiny model, start E (encoder only),
-PD and the EPD proxy, send one untimed warm-up request, then the same image
-requests one at a time (streamed, so TTFT is the time to the first generated
-token), print each answer and TTFT, then shut everything down. The table
-compares the two connectors; the answers must be the same.
+Build the tiny model; for each connector start E (encoder only), PD and the
+EPD proxy, both pairs up at once; send each one untimed warm-up request, then
+the same image requests one at a time (streamed, so TTFT is the time to the
+first generated token), each image to both connectors in turn (the first
+alternating, each after a pause that lets the other go quiet), so that the
+drift of a shared machine hits both alike; print
+each answer and TTFT, then shut everything down. The table compares the two
+connectors; the answers must be the same.
 
     python -m integration.demo [--requests N] [--json FILE]
 """
@@ -17,11 +20,12 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from integration.client import chat_body, image, stream_ttft
-from integration.deploy import CONNECTORS, deploy
+from integration.deploy import CONNECTORS, QUIET_S, deploy
 from integration.tiny_vlm import build, embedding_bytes
 
 
@@ -34,19 +38,29 @@ class Run:
     peak_rss_mib: dict[str, float] = field(default_factory=dict)
 
 
-def run_connector(name: str, workdir: Path, requests: int) -> Run:
-    run = Run(name)
-    with deploy(name, workdir) as deployment:
-        run.startup_s = deployment.startup_s
-        stream_ttft(deployment.url, chat_body(image(99)))  # warm-up, untimed: first-use costs
+def ask(run: Run, url: str, i: int, requests: int) -> None:
+    ttft, text = stream_ttft(url, chat_body(image(100 + i)))
+    run.ttft_ms.append(ttft * 1000)
+    run.answers.append(text)
+    print(f"[{run.connector}] request {i + 1}/{requests}: TTFT {ttft * 1000:.1f} ms, "
+          f"answer {text!r}", file=sys.stderr, flush=True)  # fmt: skip
+
+
+def serve(workdir: Path, requests: int) -> list[Run]:
+    runs = [Run(name) for name in CONNECTORS]
+    with ExitStack() as stack:
+        deployments = [stack.enter_context(deploy(run.connector, workdir)) for run in runs]
+        for run, deployment in zip(runs, deployments, strict=True):
+            run.startup_s = deployment.startup_s
+            stream_ttft(deployment.url, chat_body(image(99)))  # warm-up, untimed: first-use costs
+        turns = [(run, deployment.url) for run, deployment in zip(runs, deployments, strict=True)]
         for i in range(requests):
-            ttft, text = stream_ttft(deployment.url, chat_body(image(100 + i)))
-            run.ttft_ms.append(ttft * 1000)
-            run.answers.append(text)
-            print(f"[{name}] request {i + 1}/{requests}: TTFT {ttft * 1000:.1f} ms, "
-                  f"answer {text!r}", file=sys.stderr, flush=True)  # fmt: skip
-        run.peak_rss_mib = dict(deployment.peak_rss_mib)
-    return run
+            for run, url in turns[i % 2 :] + turns[: i % 2]:
+                time.sleep(QUIET_S)
+                ask(run, url, i, requests)
+        for run, deployment in zip(runs, deployments, strict=True):
+            run.peak_rss_mib = dict(deployment.peak_rss_mib)
+    return runs
 
 
 def report(runs: list[Run]) -> str:
@@ -86,7 +100,7 @@ def main() -> int:
         print("building the tiny model ...", file=sys.stderr, flush=True)
         build(workdir / "tiny-llava")
         started = time.monotonic()
-        runs = [run_connector(name, workdir, args.requests) for name in CONNECTORS]
+        runs = serve(workdir, args.requests)
     print(report(runs))
     print(f"\n(total {time.monotonic() - started:.0f} s)", file=sys.stderr)
     if args.json:

@@ -23,6 +23,10 @@ from integration.servers import (
 )
 
 CONNECTORS = ("ECNixlConnector", "ECExampleConnector")
+# vLLM's workers busy-poll for a second after their last step, and on 2 cores that
+# starves another deployment's request (measured: ~1 s instead of ~100 ms). Ways
+# that take turns pause this long before each turn, so the one before has gone quiet.
+QUIET_S = 1.5
 
 
 def connector_configs(name: str, workdir: Path, timed: bool = False) -> tuple[dict, dict]:
