@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import re
 import sys
 import tempfile
 import time
@@ -47,16 +46,19 @@ import numpy as np
 from integration.client import chat_body, image, metric, scrape, stream_ttft
 from integration.deploy import CONNECTORS, QUIET_S, deploy
 from integration.servers import Server, start_proxy, wait_healthy
-from integration.timed_connectors import LOAD_LINE, SAVE_LINE
 from integration.tiny_vlm import build, embedding_bytes
 from integration.ttft_measures import (
+    LOAD_LINE,
     PHASES,
+    SAVE_LINE,
     Histogram,
     Ready,
     histogram_in,
     p50_ratio,
+    per_item_ms,
     phase_means_ms,
     proxy_phases,
+    timings_in,
 )
 
 DEFAULT_CONCURRENCY = (1, 2, 4)
@@ -130,14 +132,7 @@ def pulls(pd_url: str) -> float:
 
 
 def timings_in_log(server: Server, line: str) -> list[tuple[int, float]]:
-    """(items, ms) of each `line` (LOAD_LINE, SAVE_LINE) the server's worker logged."""
-    pattern = line.replace("{items}", r"(\d+)").replace("{ms:.3f}", r"([\d.]+)")
-    text = server.log_path.read_text(errors="replace")
-    return [(int(items), float(ms)) for items, ms in re.findall(pattern, text)]
-
-
-def per_item_ms(timings: list[tuple[int, float]]) -> list[float]:
-    return [ms / items for items, ms in timings for _ in range(items)]
+    return timings_in(server.log_path.read_text(errors="replace"), line)
 
 
 def cpu_connector_note() -> str | None:

@@ -17,11 +17,10 @@ import time
 from vllm.distributed.ec_transfer.ec_connector.example_connector import ECExampleConnector
 
 from ec_nixl.connector import ECNixlConnector
+from integration.ttft_measures import LOAD_LINE, SAVE_LINE
 
 # A child of vLLM's logger: the line lands in the server's log with vLLM's own.
 logger = logging.getLogger("vllm.ec_nixl_bench")
-LOAD_LINE = "ec-load {items} items in {ms:.3f} ms"
-SAVE_LINE = "ec-save {items} items in {ms:.3f} ms"
 
 
 def timed(connector: type) -> type:

@@ -8,6 +8,7 @@ medians move by tens of percent, and a ratio without its spread misleads.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -16,6 +17,9 @@ from integration.client import metric_in, samples, scrape
 
 BOOTSTRAP_SAMPLES = 2000
 INF = float("inf")
+# What integration.timed_connectors logs in the E and PD workers, per save and per load.
+SAVE_LINE = "ec-save {items} items in {ms:.3f} ms"
+LOAD_LINE = "ec-load {items} items in {ms:.3f} ms"
 
 
 @dataclass(frozen=True)
@@ -87,6 +91,17 @@ def phase_means_ms(before: dict[str, Histogram], after: dict[str, Histogram]) ->
     """Mean ms per request of each phase between two `proxy_phases` scrapes."""
     spans = {phase: after[phase].since(before[phase]) for phase in PHASES}
     return {phase: round(span.mean_ms(), 1) for phase, span in spans.items() if span.count}
+
+
+def timings_in(log: str, line: str) -> list[tuple[int, float]]:
+    """(items, ms) of each `line` (SAVE_LINE, LOAD_LINE) in a server's log."""
+    pattern = line.replace("{items}", r"(\d+)").replace("{ms:.3f}", r"([\d.]+)")
+    return [(int(items), float(ms)) for items, ms in re.findall(pattern, log)]
+
+
+def per_item_ms(timings: list[tuple[int, float]]) -> list[float]:
+    """A step's time split evenly over its items."""
+    return [ms / items for items, ms in timings for _ in range(items)]
 
 
 @dataclass

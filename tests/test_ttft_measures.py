@@ -8,7 +8,14 @@ import pytest
 from ec_nixl.metrics import LATENCY_BUCKETS
 from integration.client import image
 from integration.servers import free_port
-from integration.ttft_measures import histogram, p50_ratio
+from integration.ttft_measures import (
+    LOAD_LINE,
+    SAVE_LINE,
+    histogram,
+    p50_ratio,
+    per_item_ms,
+    timings_in,
+)
 
 
 @pytest.fixture
@@ -69,3 +76,16 @@ def test_the_ttft_ratio_interval_holds_1_for_equal_samples_and_not_for_a_clear_w
 def test_every_seed_gives_a_new_image():
     """A repeated image would be a cache hit, and shared storage's file already on disk."""
     assert len({image(seed) for seed in range(600)}) == 600
+
+
+def test_save_and_load_times_are_read_from_the_workers_log_lines_per_item():
+    log = "\n".join([
+        "(Worker pid=2) INFO 11-26 20:00:00 [timed_connectors.py:30] "
+        + SAVE_LINE.format(items=1, ms=1.25),
+        "(Worker pid=2) INFO 11-26 20:00:01 [timed_connectors.py:40] "
+        + LOAD_LINE.format(items=2, ms=0.5),
+        "an unrelated line: ec-load of nothing",
+    ])  # fmt: skip
+    assert timings_in(log, SAVE_LINE) == [(1, 1.25)]
+    assert timings_in(log, LOAD_LINE) == [(2, 0.5)]
+    assert per_item_ms(timings_in(log, LOAD_LINE)) == [0.25, 0.25]
