@@ -5,9 +5,9 @@ EPD proxy, both pairs up at once; send each one untimed warm-up request, then
 the same image requests one at a time (streamed, so TTFT is the time to the
 first generated token), each image to both connectors in turn (the first
 alternating, each after a pause that lets the other go quiet), so that the
-drift of a shared machine hits both alike; print
-each answer and TTFT, then shut everything down. The table compares the two
-connectors; the answers must be the same.
+drift of a shared machine hits both alike; print each answer and TTFT, then
+shut everything down. The table compares the two connectors; the answers must
+be the same.
 
     python -m integration.demo [--requests N] [--json FILE]
 """
