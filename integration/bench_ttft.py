@@ -41,25 +41,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from integration.client import chat_body, image, metric, scrape, stream_ttft
 from integration.deploy import CONNECTORS, QUIET_S, deploy
 from integration.servers import Server, start_proxy, wait_healthy
 from integration.tiny_vlm import build, embedding_bytes
 from integration.ttft_measures import (
     LOAD_LINE,
-    PHASES,
     SAVE_LINE,
     Histogram,
+    Level,
     Ready,
     histogram_in,
-    p50_ratio,
+    p50_and_mean,
     per_item_ms,
     phase_means_ms,
     proxy_phases,
     timings_in,
 )
+from integration.ttft_report import document, plot, table
 
 DEFAULT_CONCURRENCY = (1, 2, 4)
 LLAVA_7B_HIDDEN = 4096
@@ -68,40 +67,6 @@ READY_WAIT = "ec_nixl:ready_wait_seconds"
 ANNOUNCE_WAIT = "ec_nixl:announce_wait_seconds"
 OVERLAP = "ECNixlConnector --overlap"  # ECNixlConnector's E and PD, PD sent to at once
 WARM_UP_REQUESTS = 3
-
-
-@dataclass
-class Level:
-    connector: str
-    concurrency: int
-    ttft_ms: list[float] = field(default_factory=list)
-    errors: int = 0
-    wall_s: float = 0.0
-    phases_ms: dict[str, float] = field(default_factory=dict)  # proxy's means, per request
-
-    def percentiles(self) -> dict[str, float]:
-        if not self.ttft_ms:
-            return {"p50": float("nan"), "p90": float("nan"), "p99": float("nan")}
-        p50, p90, p99 = np.percentile(self.ttft_ms, [50, 90, 99])
-        return {
-            "p50": round(float(p50), 2),
-            "p90": round(float(p90), 2),
-            "p99": round(float(p99), 2),
-        }
-
-    @property
-    def requests(self) -> int:
-        return len(self.ttft_ms) + self.errors
-
-    def summary(self) -> dict[str, Any]:
-        return {
-            "connector": self.connector,
-            "concurrency": self.concurrency,
-            "ttft_ms": self.percentiles(),
-            "requests": self.requests,
-            "errors": self.errors,
-            "phases_ms": self.phases_ms,
-        }
 
 
 def block_size(concurrency: int) -> int:
@@ -135,18 +100,6 @@ def timings_in_log(server: Server, line: str) -> list[tuple[int, float]]:
     return timings_in(server.log_path.read_text(errors="replace"), line)
 
 
-def cpu_connector_note() -> str | None:
-    """Why vLLM's ECCPUConnector cannot run here, or None if it can."""
-    from vllm.triton_utils import HAS_TRITON
-
-    if not HAS_TRITON:
-        return (
-            "ECCPUConnector: not run. It needs vLLM's V2 model runner, which needs Triton "
-            "with a backend for this device; this host has none."
-        )
-    return None
-
-
 @dataclass
 class ConnectorSide:
     """What a way's connector did over its distinct-image blocks, from E's log and PD's
@@ -174,12 +127,8 @@ class ConnectorSide:
         self.save_ms += per_item_ms(timings_in_log(encoder, SAVE_LINE)[saves:])
 
     def save(self) -> dict[str, float]:
-        if not self.save_ms:
-            return {"p50": 0.0, "mean": 0.0}
-        return {
-            "p50": round(float(np.median(self.save_ms)), 3),
-            "mean": round(float(np.mean(self.save_ms)), 3),
-        }
+        p50, mean = p50_and_mean(self.save_ms)
+        return {"p50": round(p50, 3), "mean": round(mean, 3)}
 
 
 def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
@@ -251,140 +200,15 @@ def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "embeddings_ready_ms": {name: side.ready.ms() for name, side in sides.items()},
         "encoder_save_ms": {name: side.save() for name, side in sides.items()},
         "announce_wait_ms": {
+            "way": OVERLAP,
             "items": int(announced.count),
             "p50": round(announced.quantile_ms(0.5), 2),
             "mean": round(announced.mean_ms(), 2),
         },
+        "repeated_stream": (REPEATED_IMAGES, REPEATS),
         "pulls_repeated": pulls_repeated,
         "peak_rss_mib": peak_rss,
     }
-
-
-def baseline_ratios(figures: dict[str, dict[str, float]]) -> list[str]:
-    """ECExampleConnector's p50 and mean over each of ours (above 1, ours are shorter)."""
-    return [
-        f"- ECExampleConnector / {ours}: "
-        + ", ".join(
-            f"{stat} {figures['ECExampleConnector'][stat] / max(figures[ours][stat], 1e-9):.2f}x"
-            for stat in ("p50", "mean")
-        )
-        for ours in ("ECNixlConnector", OVERLAP)
-    ]
-
-
-def table(result: dict[str, Any]) -> str:
-    lines = [
-        f"One image = {result['embedding_bytes'] / (1 << 20):.2f} MiB of embedding.",
-        "",
-        "| connector | concurrency | TTFT p50 ms | p90 ms | p99 ms | req/s | requests | errors "
-        "| encoder phase ms | PD phase ms |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for level in result["levels"]:
-        p = level.percentiles()
-        rate = level.requests / level.wall_s if level.wall_s else 0
-        phases = [str(level.phases_ms.get(phase, "-")) for phase in PHASES]
-        lines.append(
-            f"| {level.connector} | {level.concurrency} | {p['p50']} | {p['p90']} "
-            f"| {p['p99']} | {rate:.2f} | {level.requests} | {level.errors} | "
-            + " | ".join(phases)
-            + " |"
-        )
-    by = {(lv.connector, lv.concurrency): lv.ttft_ms for lv in result["levels"]}
-    lines += [
-        "",
-        "Phases (means, from the proxy): encoder = until the encoders answered, PD = from "
-        f"forwarding to PD until its first chunk ({OVERLAP}: forwarded at once, the phases "
-        "overlap).",
-    ]
-    for ours in ("ECNixlConnector", OVERLAP):
-        lines += [
-            "",
-            f"TTFT p50, ECExampleConnector / {ours} (above 1: {ours} is faster; 95% bootstrap "
-            "interval):",
-        ]
-        for c in sorted({lv.concurrency for lv in result["levels"]}):
-            ratio, low, high = p50_ratio(by["ECExampleConnector", c], by[ours, c])
-            lines.append(f"- concurrency {c}: {ratio:.2f}x ({low:.2f}-{high:.2f})")
-    lines += ["", "| connector | repeated images: TTFT p50 ms | peak RSS MiB |", "|---|---|---|"]
-    for level in result["repeated"]:
-        peak = result["peak_rss_mib"].get(level.connector)
-        rss = ", ".join(f"{k} {v}" for k, v in peak.items()) if peak else "(ECNixlConnector's)"
-        lines.append(f"| {level.connector} | {level.percentiles()['p50']} | {rss} |")
-    lines.append("")
-    ready = result["embeddings_ready_ms"]
-    lines += [
-        "Embeddings ready, per item, ms: the scheduler's wait for the item + the PD worker's "
-        "load into the encoder cache",
-        "",
-        "| connector | p50 | (wait p50 + load p50) | mean | (wait mean + load mean) |",
-        "|---|---|---|---|---|",
-        *(
-            f"| {name} | {ms['p50']} | {ms['wait_p50']} + {ms['load_p50']} | {ms['mean']} "
-            f"| {ms['wait_mean']} + {ms['load_mean']} |"
-            for name, ms in ready.items()
-        ),
-        "",
-        "Embeddings ready, shared storage over ours (above 1: ours is shorter):",
-        *baseline_ratios(ready),
-    ]
-    saves = result["encoder_save_ms"]
-    path = {
-        name: {stat: ms[stat] + ready[name][stat] for stat in ("p50", "mean")}
-        for name, ms in saves.items()
-    }
-    lines += [
-        "",
-        "Encoder save, per item, ms (E's worker, in the encoder's step), and what the connector "
-        "adds to a request's critical path (save + embeddings ready):",
-        "",
-        "| connector | save p50 | save mean | save + ready, p50 | save + ready, mean |",
-        "|---|---|---|---|---|",
-        *(
-            f"| {name} | {ms['p50']} | {ms['mean']} | {path[name]['p50']:.3f} "
-            f"| {path[name]['mean']:.3f} |"
-            for name, ms in saves.items()
-        ),
-        "",
-        "Save + ready, shared storage over ours:",
-        *baseline_ratios(path),
-    ]
-    announced = result["announce_wait_ms"]
-    lines.append("")
-    lines.append(
-        f"{OVERLAP}: PD had {announced['items']} items' requests before E announced them and "
-        f"waited for E to encode them (its front end done): p50 {announced['p50']} ms, mean "
-        f"{announced['mean']} ms; not counted in embeddings ready."
-    )
-    lines.append(
-        f"Repeated stream: {REPEATED_IMAGES} distinct images x {REPEATS}: "
-        f"ECNixlConnector pulled {result['pulls_repeated']} items"
-    )
-    if note := cpu_connector_note():
-        lines.append(note)
-    return "\n".join(lines)
-
-
-def plot(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(6, 4))
-    for name in dict.fromkeys(lv.connector for lv in result["levels"]):
-        mine = [lv for lv in result["levels"] if lv.connector == name]
-        p50 = [lv.percentiles()["p50"] for lv in mine]
-        p90 = [lv.percentiles()["p90"] for lv in mine]
-        x = [lv.concurrency for lv in mine]
-        (line,) = axes.plot(x, p50, marker="o", label=f"{name} p50")
-        axes.plot(x, p90, linestyle="--", alpha=0.6, color=line.get_color(), label=f"{name} p90")
-    axes.set_xlabel("concurrent requests")
-    axes.set_ylabel("TTFT (ms)")
-    axes.set_title(f"TTFT, {result['embedding_bytes'] / (1 << 20):.1f} MiB per image")
-    axes.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -419,16 +243,7 @@ def run(args: argparse.Namespace) -> int:
     plot(result, args.plot)
     print(f"plot: {args.plot}", file=sys.stderr)
     if args.json:
-        document = {
-            "runs": [lv.summary() for lv in result["levels"]],
-            "repeated": [lv.summary() for lv in result["repeated"]],
-            "embeddings_ready_ms": result["embeddings_ready_ms"],
-            "encoder_save_ms": result["encoder_save_ms"],
-            "pulls_repeated": result["pulls_repeated"],
-            "peak_rss_mib": result["peak_rss_mib"],
-            "embedding_bytes": result["embedding_bytes"],
-        }
-        args.json.write_text(json.dumps(document, indent=2))
+        args.json.write_text(json.dumps(document(result), indent=2))
     return 0
 
 

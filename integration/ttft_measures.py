@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -93,10 +94,53 @@ def phase_means_ms(before: dict[str, Histogram], after: dict[str, Histogram]) ->
     return {phase: round(span.mean_ms(), 1) for phase, span in spans.items() if span.count}
 
 
+@dataclass
+class Level:
+    """One way's requests at one concurrency level."""
+
+    connector: str
+    concurrency: int
+    ttft_ms: list[float] = field(default_factory=list)
+    errors: int = 0
+    wall_s: float = 0.0
+    phases_ms: dict[str, float] = field(default_factory=dict)  # proxy's means, per request
+
+    def percentiles(self) -> dict[str, float]:
+        if not self.ttft_ms:
+            return {"p50": float("nan"), "p90": float("nan"), "p99": float("nan")}
+        p50, p90, p99 = np.percentile(self.ttft_ms, [50, 90, 99])
+        return {
+            "p50": round(float(p50), 2),
+            "p90": round(float(p90), 2),
+            "p99": round(float(p99), 2),
+        }
+
+    @property
+    def requests(self) -> int:
+        return len(self.ttft_ms) + self.errors
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "connector": self.connector,
+            "concurrency": self.concurrency,
+            "ttft_ms": self.percentiles(),
+            "requests": self.requests,
+            "errors": self.errors,
+            "phases_ms": self.phases_ms,
+        }
+
+
 def timings_in(log: str, line: str) -> list[tuple[int, float]]:
     """(items, ms) of each `line` (SAVE_LINE, LOAD_LINE) in a server's log."""
     pattern = line.replace("{items}", r"(\d+)").replace("{ms:.3f}", r"([\d.]+)")
     return [(int(items), float(ms)) for items, ms in re.findall(pattern, log)]
+
+
+def p50_and_mean(values: list[float]) -> tuple[float, float]:
+    """0, 0 for no values: nothing of the kind happened."""
+    if not values:
+        return 0.0, 0.0
+    return float(np.median(values)), float(np.mean(values))
 
 
 def per_item_ms(timings: list[tuple[int, float]]) -> list[float]:
@@ -116,8 +160,7 @@ class Ready:
 
     def ms(self) -> dict[str, float]:
         wait_p50, wait_mean = self.waits.quantile_ms(0.5), self.waits.mean_ms()
-        load_mean = float(np.mean(self.load_ms)) if self.load_ms else 0.0
-        load_p50 = float(np.median(self.load_ms)) if self.load_ms else 0.0
+        load_p50, load_mean = p50_and_mean(self.load_ms)
         return {
             "p50": round(wait_p50 + load_p50, 3),
             "wait_p50": round(wait_p50, 3),
