@@ -28,19 +28,20 @@ from vllm.distributed.ec_transfer.ec_connector.metrics import (
 )
 
 from ec_nixl.connector_config import ConnectorConfig
+from ec_nixl.control.worker_link import WorkerClient, worker_address
 from ec_nixl.coordinator import PullCoordinator
 from ec_nixl.errors import ConfigError
 from ec_nixl.metrics import PromMetrics, merge, summary
-from ec_nixl.receiver import ModelShape, WorkerClient
 from ec_nixl.resolver import Resolver
 from ec_nixl.scheduler import ConsumerScheduler, producer_params
 from ec_nixl.watch import ExportWatcher
-from ec_nixl.worker import ConsumerWorker, ProducerWorker, worker_address
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.request import Request
+
+    from ec_nixl.worker import ConsumerWorker, ProducerWorker
 
 logger = logging.getLogger(__name__)
 
@@ -132,13 +133,23 @@ class ECNixlConnector(ECConnectorBase):
         self._consumer = ConsumerScheduler(
             coordinator, self.config.encoders, prefetch=self.config.prefetch
         )
-        self._watcher = ExportWatcher(resolver, self.config.encoders, self._consumer.on_event)
+        self._watcher = ExportWatcher(
+            resolver,
+            self.config.encoders,
+            self._consumer.on_event,
+            claim=self.config.prefetch,
+            readers=world_size,
+        )
 
     # ---- worker side -------------------------------------------------------------
 
     def start_worker_services(self) -> None:
+        # Here, not at the top: the worker side loads NIXL, the scheduler's process must not.
         from vllm.distributed import get_tensor_model_parallel_rank
         from vllm.platforms import current_platform
+
+        from ec_nixl.receiver import ModelShape
+        from ec_nixl.worker import ConsumerWorker, ProducerWorker
 
         rank = get_tensor_model_parallel_rank()
         device = torch.device(current_platform.device_type)

@@ -13,7 +13,7 @@ from typing import Any
 from ec_nixl.control.security import Security
 from ec_nixl.errors import ConfigError
 from ec_nixl.pool import DEFAULT_LEASE_S
-from ec_nixl.puller import DEFAULT_PULL_TIMEOUT_S
+from ec_nixl.resolver import DEFAULT_PULL_TIMEOUT_S
 
 ROLES = ("ec_producer", "ec_consumer", "ec_both")
 DEFAULT_POOL_BYTES = 256 << 20

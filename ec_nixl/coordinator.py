@@ -1,10 +1,14 @@
-"""The PD scheduler's side of a pull: order every worker to pull, track the outcome.
+"""The PD scheduler's side of a pull: lease once, order every worker to READ, track it.
 
 vLLM's scheduler must never block, so each pull runs as a job on a small thread
-pool and the scheduler only looks at its state. Every worker (tensor-parallel
-rank) needs the whole embedding, so each pulls it under a lease of its own. A
-job fails as a whole: workers that did pull drop the item. The scheduler only
-meets encoders itself (a handshake each) to report a model mismatch early.
+pool and the scheduler thread only looks at its state (and never waits on the
+network: drops and give-backs run on the pool too). Every worker
+(tensor-parallel rank) needs the whole embedding: the job holds one lease that
+counts each rank as a reader and orders all ranks at once; E frees the lease
+when every rank's READ has completed. The lease is the claim that came with
+the encoder's announcement when there is a usable one (a pull is then one READ
+per rank), else a Resolve. A job fails as a whole: workers that did READ drop
+the item, and the lease goes back.
 
 A job starts in one of three ways: a request names where its item is
 (`start`); a request says its item is still being encoded (`expect`: the pull
@@ -22,10 +26,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import Enum
 
+from ec_nixl.control.messages import Announcement
+from ec_nixl.control.worker_link import PendingPull, PullOrder, PullReport, WorkerClient
 from ec_nixl.errors import DeadlineExceededError, ECNixlError, HandshakeError, RefusedError
 from ec_nixl.metrics import Stats
-from ec_nixl.receiver import WorkerClient
-from ec_nixl.resolver import Resolver
+from ec_nixl.resolver import Resolution, Resolver
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +38,8 @@ logger = logging.getLogger(__name__)
 MAX_CONCURRENT_PULLS = 16
 # A prefetched item whose request has not come by then is not coming to this instance.
 PREFETCH_TTL_S = 30.0
+# A claim with less time left is not used: a READ begun on it could outlive it.
+CLAIM_MARGIN_S = 0.5
 
 
 class PullState(Enum):
@@ -117,27 +124,37 @@ class PullCoordinator:
             ))  # fmt: skip
         return self._claim(job, num_embeds)
 
-    def announced(self, mm_hash: str, encoder_id: str, *, prefetch: bool) -> None:
-        """An encoder exported `mm_hash`: pull it for a request expecting it, or, with
-        `prefetch`, for the request that will come."""
+    def announced(self, announcement: Announcement, encoder_id: str, *, prefetch: bool) -> None:
+        """An encoder exported an item: pull it for a request expecting it, or, with
+        `prefetch`, for the request that will come. A claim the announcement carries
+        spares that pull its Resolve; one no pull takes goes back to the encoder."""
+        mm_hash = announcement.mm_hash
         with self._lock:
             self._exported[mm_hash] = encoder_id
             job = self._jobs.get(mm_hash)
             if job is not None and job.awaiting:
-                self._submit_locked(job, encoder_id)
+                self._submit_locked(job, encoder_id, announcement)
                 return
-        if prefetch and job is None:
-            self.prefetch(mm_hash, encoder_id)
+        if not (prefetch and job is None and self.prefetch(announcement, encoder_id)):
+            self._give_back(announcement, encoder_id)
+
+    def _give_back(self, announcement: Announcement, encoder_id: str) -> None:
+        """An unused claim pins memory at the encoder until it expires: release it now."""
+        if announcement.claim is not None:
+            address = self._encoders[encoder_id]
+            self._pool.submit(self._resolver.release, address, [announcement.claim.lease_id])
 
     def evicted(self, mm_hash: str, encoder_id: str) -> None:
         with self._lock:
             if self._exported.get(mm_hash) == encoder_id:
                 del self._exported[mm_hash]
 
-    def _submit_locked(self, job: PullJob, encoder_id: str) -> None:
+    def _submit_locked(
+        self, job: PullJob, encoder_id: str, announcement: Announcement | None = None
+    ) -> None:
         job.encoder_id = encoder_id
         job.started_at = time.monotonic()
-        job.future = self._pool.submit(self._run, job)
+        job.future = self._pool.submit(self._run, job, announcement)
         job.future.add_done_callback(lambda _: self._landed.set())  # once `state` tells
 
     def park(self, timeout_s: float) -> None:
@@ -169,9 +186,11 @@ class PullCoordinator:
                 ))  # fmt: skip
         return job
 
-    def prefetch(self, mm_hash: str, encoder_id: str) -> None:
-        """Pull an item no request has asked for yet; unclaimed ones are dropped after
-        PREFETCH_TTL_S (checked whenever another is prefetched)."""
+    def prefetch(self, announcement: Announcement, encoder_id: str) -> bool:
+        """Pull an item no request has asked for yet (False: a job for it exists);
+        unclaimed ones are dropped after PREFETCH_TTL_S (checked whenever another is
+        prefetched)."""
+        mm_hash = announcement.mm_hash
         now = time.monotonic()
         with self._lock:  # stale ones leave under the lock: no request can claim them after
             stale = [
@@ -181,11 +200,13 @@ class PullCoordinator:
             ]
             for job in stale:
                 del self._jobs[job.mm_hash]
-            if mm_hash not in self._jobs:
+            started = mm_hash not in self._jobs
+            if started:
                 job = self._jobs[mm_hash] = PullJob(mm_hash, None, num_embeds=0)
-                self._submit_locked(job, encoder_id)
+                self._submit_locked(job, encoder_id, announcement)
         for job in stale:
             self._drop_when_done(job)
+        return started
 
     def meet(self, encoder_id: str) -> None:
         """Handshake with an encoder once, in the background, to catch a mismatch early:
@@ -220,41 +241,62 @@ class PullCoordinator:
             job.future.add_done_callback(lambda _: self._drop(job.mm_hash))
 
     def _drop(self, mm_hash: str) -> None:
+        """Workers forget the item, on the pool: never on the caller's (scheduler) thread."""
         for worker in self._workers:
-            worker.drop([mm_hash])
+            self._pool.submit(worker.drop, [mm_hash])
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
         for worker in self._workers:
             worker.close()
 
-    def _run(self, job: PullJob) -> None:
+    def _run(self, job: PullJob, announcement: Announcement | None) -> None:
         deadline = job.started_at + self._timeout_s
+        resolution = None
         try:
-            reports = [
-                worker.pull(job.encoder_id, [job.mm_hash], [job.num_embeds], deadline)
-                for worker in self._workers
-            ]
-            job.rows = reports[0].rows[0]
-            job.ready_at = time.monotonic()
+            resolution, via = self._lease(job, announcement, deadline)
+            order = PullOrder(
+                job.encoder_id, resolution.items, [job.num_embeds], resolution.valid_until, deadline
+            )
+            reports = _results([worker.pull(order) for worker in self._workers])
         except Exception as exc:  # a thread boundary: whatever fails here fails this pull only
             if not isinstance(exc, ECNixlError):
                 logger.exception("pull of %s failed unexpectedly", job.mm_hash)
                 exc = ECNixlError(f"unexpected {type(exc).__name__}: {exc}")
+            if resolution is not None:
+                self._resolver.abandon(resolution, exc)
             self.stats.count("pull_failures", label=type(exc).__name__)
             self._fail(job, exc)
             return
-        elapsed = time.monotonic() - job.started_at
+        with self._lock:
+            job.rows = resolution.items[0].shape[0]
+            job.ready_at = time.monotonic()
+        elapsed = job.ready_at - job.started_at
         self.stats.count("items_pulled")
         self.stats.count("bytes_pulled", reports[0].bytes)
         self.stats.observe("pull_seconds", elapsed)
-        for report in reports:
-            self.stats.observe("resolve_seconds", report.resolve_s)
         logger.info(
-            "pulled %s from %s in %.1f ms (worker 0: resolve %.1f ms, read %.1f ms)",
-            job.mm_hash, job.encoder_id, elapsed * 1000,
-            reports[0].resolve_s * 1000, reports[0].read_s * 1000,
+            "pulled %s from %s in %.1f ms (%s; READ per rank %s ms)",
+            job.mm_hash, job.encoder_id, elapsed * 1000, via,
+            "/".join(f"{r.read_s * 1000:.1f}" for r in reports),
         )  # fmt: skip
+
+    def _lease(
+        self, job: PullJob, announcement: Announcement | None, deadline: float
+    ) -> tuple[Resolution, str]:
+        """The announcement's claim while it has time left, else a Resolve for every rank;
+        and which it was, for the log."""
+        address = self._encoders[job.encoder_id]
+        if announcement is not None and announcement.claim is not None:
+            claim = self._resolver.checked(address, [announcement.claim], announcement.received_at)
+            if claim.valid_until - time.monotonic() > CLAIM_MARGIN_S:
+                self.stats.count("claimed_pulls")
+                return claim, "claimed when announced"
+        asked = time.monotonic()
+        resolution = self._resolver.resolve(address, [job.mm_hash], deadline, len(self._workers))
+        resolve_s = time.monotonic() - asked
+        self.stats.observe("resolve_seconds", resolve_s)
+        return resolution, f"resolve {resolve_s * 1000:.1f} ms"
 
     def _report_incompatible(self, encoder_id: str, exc: HandshakeError) -> None:
         if encoder_id not in self._incompatible:
@@ -281,3 +323,17 @@ class PullCoordinator:
             logger.info("prefetch of %s from %s failed: %s", job.mm_hash, source, exc)
         else:
             logger.warning("pull of %s from %s failed: %s", job.mm_hash, source, exc)
+
+
+def _results(pending: list[PendingPull]) -> list[PullReport]:
+    """Every rank's report; after all have answered, the first failure if any did fail
+    (ranks that did READ are dropped by the caller)."""
+    reports, failure = [], None
+    for call in pending:
+        try:
+            reports.append(call.result())
+        except ECNixlError as exc:
+            failure = failure or exc
+    if failure is not None:
+        raise failure
+    return reports

@@ -2,8 +2,9 @@
 
 Consumers READ exported slots directly. A READ over UCX only completes while
 this side also drives NIXL, so a progress loop polls NIXL while any lease is
-live and sleeps otherwise; it also takes the release notifications that
-consumers attach to their READs (a release without an extra round trip).
+live and sleeps otherwise; it also takes the notifications that consumers
+attach to their READs: each counts one reader of a lease done (no extra round
+trip).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ec_nixl.arena import Arena
-from ec_nixl.control.messages import dtype_name, parse_release_notification
+from ec_nixl.control.messages import dtype_name, parse_read_notification
 from ec_nixl.control.security import Security
 from ec_nixl.control.server import EventHub, ExportServicer, start_server
 from ec_nixl.metrics import MetricsServer, Stats
@@ -35,7 +36,6 @@ class ExporterConfig:
     capacity_bytes: int = 1 << 30
     device: str = "cpu"
     lease_s: float = DEFAULT_LEASE_S
-    unclaimed_ttl_s: float = DEFAULT_LEASE_S
     compatibility_hash: str = ""
     security: Security = field(default_factory=Security)
     # HOST:PORT for a Prometheus /metrics endpoint of our own; None: no endpoint.
@@ -54,8 +54,8 @@ class Exporter:
         self.pool = ExportPool(
             self.arena,
             lease_s=config.lease_s,
-            unclaimed_ttl_s=config.unclaimed_ttl_s,
             on_event=self._on_event,
+            on_lease_end=self._on_lease_end,
         )
         self.metrics = (
             MetricsServer(self.stats, config.metrics_address) if config.metrics_address else None
@@ -68,7 +68,7 @@ class Exporter:
             epoch=self.epoch,
             compatibility_hash=config.compatibility_hash,
             events=self.events,
-            on_leased=self._leased.set,
+            on_leased=self._on_leased,
         )
         self._server, self.port = start_server(servicer, config.address, config.security)
         self._progress = threading.Thread(
@@ -96,8 +96,16 @@ class Exporter:
             self.stats.count("items_exported")
             self.stats.count("bytes_exported", event.length)
         else:
-            self.stats.count("evictions", label=event.reason)
+            self.stats.count("evictions")
         self.stats.set("pool_bytes_in_use", self.arena.bytes_used)
+
+    def _on_leased(self) -> None:
+        self.stats.set("leases_live", self.pool.live_leases)
+        self._leased.set()  # the progress loop polls NIXL while leases are live
+
+    def _on_lease_end(self, how: str) -> None:
+        self.stats.count("leases_ended", label=how)
+        self.stats.set("leases_live", self.pool.live_leases)
 
     def close(self) -> None:
         if self.metrics is not None:
@@ -116,9 +124,9 @@ class Exporter:
             else:
                 self._stopping.wait(POLL_INTERVAL_S)
             for message in self.agent.progress():
-                lease_ids = parse_release_notification(message)
+                lease_ids = parse_read_notification(message)
                 if lease_ids:
-                    self.pool.release(lease_ids)
+                    self.pool.finish_reads(lease_ids)
             if time.monotonic() >= next_sweep:
                 self.pool.expire()
                 next_sweep = time.monotonic() + EXPIRY_SWEEP_S

@@ -64,11 +64,18 @@ METRICS: dict[str, Metric] = {
     ),
     "prefetch_hits": Metric("counter", "Items pulled before their request arrived"),
     "resolve_seconds": Metric("histogram", "One resolve round trip to an encoder"),
+    "claimed_pulls": Metric(
+        "counter", "Pulls that READ under the claim in the encoder's announcement (no resolve)"
+    ),
     # producer (encoder worker)
     "items_exported": Metric("counter", "Encoder outputs exported for pulling"),
     "bytes_exported": Metric("counter", "Bytes of encoder outputs exported"),
-    "evictions": Metric("counter", "Exported items dropped from the pool, by reason", "reason"),
+    "evictions": Metric("counter", "Exported items evicted to make room for newer ones"),
     "pool_bytes_in_use": Metric("gauge", "Bytes of the export pool in use"),
+    "leases_ended": Metric(
+        "counter", "Leases ended: every reader's READ done, released, or expired", "how"
+    ),
+    "leases_live": Metric("gauge", "Leases (claims included) pinning exported items now"),
 }
 
 

@@ -1,13 +1,14 @@
-"""The export pool: encoder outputs held in a registered arena for consumers to pull.
+"""The export pool: a cache of encoder outputs in a registered arena for consumers to pull.
 
-An exported item lives in an arena slot until one of these happens:
-- every consumer that leased it has released its lease (the normal end);
-- nobody claimed it within `unclaimed_ttl_s` (the request never reached PD);
-- it is unleased and the arena needs its room for a newer export (LRU order).
-A leased item is never evicted: a lease is a promise that its bytes stay put
-until the consumer releases it or the lease expires. Expiry protects the
-exporter from consumers that died; the consumer detects an expired lease on its
-side and throws the bytes away (see `Puller`).
+An exported item stays in its arena slot after it was read, so a second PD (or
+the same PD after vLLM evicted it) can still pull it; it leaves only when the
+arena needs its room for a newer export, least recently used first, and never
+while leased. A lease is a promise that the bytes stay put until it ends: it
+covers `readers` READs (one per tensor-parallel rank of one consumer) and ends
+when each of them has reported completion (`finish_reads`, from the READ's
+notification), when the consumer gives it up (`release`) or when it expires.
+Expiry protects the exporter from consumers that died; the consumer detects an
+expired lease on its side and throws the bytes away (see `Puller`).
 """
 
 from __future__ import annotations
@@ -38,7 +39,6 @@ class PoolEvent:
     kind: EventKind
     mm_hash: str
     length: int
-    reason: str = ""
 
 
 @dataclass
@@ -48,34 +48,33 @@ class ExportedItem:
     dtype: torch.dtype
     shape: tuple[int, ...]
     nbytes: int
-    unclaimed_until: float
     leases: set[int] = field(default_factory=set)
-    claimed: bool = False
 
 
-@dataclass(frozen=True)
+@dataclass
 class Lease:
     lease_id: int
     item: ExportedItem
     expires_at: float
+    readers: int  # READs still to report before the lease ends by itself
 
 
 class ExportPool:
-    """Items by mm_hash over an arena, with leases, expiry and LRU eviction."""
+    """Items by mm_hash over an arena, with reader-counted leases, expiry and LRU eviction."""
 
     def __init__(
         self,
         arena: Arena,
         *,
         lease_s: float = DEFAULT_LEASE_S,
-        unclaimed_ttl_s: float = DEFAULT_LEASE_S,
         on_event: Callable[[PoolEvent], None] | None = None,
+        on_lease_end: Callable[[str], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.arena = arena
         self.lease_s = lease_s
-        self.unclaimed_ttl_s = unclaimed_ttl_s
         self._on_event = on_event or (lambda event: None)
+        self._on_lease_end = on_lease_end or (lambda how: None)  # "read", "released", "expired"
         self._clock = clock
         self._lock = threading.Lock()
         self._items: OrderedDict[str, ExportedItem] = OrderedDict()  # LRU first
@@ -110,15 +109,17 @@ class ExportPool:
                 dtype=tensor.dtype,
                 shape=tuple(tensor.shape),
                 nbytes=nbytes,
-                unclaimed_until=self._clock() + self.unclaimed_ttl_s,
             )
             self.arena.view(slot, tensor.dtype, item.shape).copy_(tensor)
             self._items[mm_hash] = item
             self._on_event(PoolEvent(EventKind.EXPORTED, mm_hash, nbytes))
             return item
 
-    def lease(self, mm_hashes: Iterable[str], lease_s: float | None = None) -> list[Lease]:
-        """Lease every item, or none: raises NotFoundError naming the missing hashes."""
+    def lease(
+        self, mm_hashes: Iterable[str], lease_s: float | None = None, readers: int = 1
+    ) -> list[Lease]:
+        """Lease every item for `readers` READs, or none: raises NotFoundError naming the
+        missing hashes."""
         mm_hashes = list(mm_hashes)
         with self._lock:
             now = self._clock()
@@ -131,19 +132,29 @@ class ExportPool:
             for mm_hash in mm_hashes:
                 item = self._items[mm_hash]
                 self._items.move_to_end(mm_hash)
-                lease = Lease(self._new_lease_id(), item, expires_at)
+                lease = Lease(self._new_lease_id(), item, expires_at, readers)
                 item.leases.add(lease.lease_id)
-                item.claimed = True
                 self._leases[lease.lease_id] = lease
                 leases.append(lease)
             return leases
 
     def release(self, lease_ids: Iterable[int]) -> int:
-        """End leases; returns how many were live. Unknown ids are ignored."""
+        """End leases the consumer gives up; returns how many were live. Unknown ids are
+        ignored."""
         with self._lock:
             released = sum(self._end_lease_locked(i, "released") for i in lease_ids)
             self._expire_locked(self._clock())
             return released
+
+    def finish_reads(self, lease_ids: Iterable[int]) -> None:
+        """One READ under each lease completed; a lease ends with its last reader."""
+        with self._lock:
+            for lease_id in lease_ids:
+                lease = self._leases.get(lease_id)
+                if lease is not None:
+                    lease.readers -= 1
+                    if lease.readers <= 0:
+                        self._end_lease_locked(lease_id, "read")
 
     def renew(self, lease_ids: Iterable[int], lease_s: float | None = None) -> list[int]:
         """Extend live leases; returns the ids that no longer exist."""
@@ -157,11 +168,11 @@ class ExportPool:
                 if lease is None:
                     gone.append(lease_id)
                 else:
-                    self._leases[lease_id] = Lease(lease_id, lease.item, expires_at)
+                    lease.expires_at = expires_at
             return gone
 
     def expire(self) -> None:
-        """End expired leases and unclaimed items; the exporter calls this periodically."""
+        """End expired leases; the exporter calls this periodically."""
         with self._lock:
             self._expire_locked(self._clock())
 
@@ -189,26 +200,20 @@ class ExportPool:
                     f"cannot export {mm_hash} ({nbytes} bytes): the arena holds "
                     f"{self.arena.bytes_used} of {self.arena.capacity} bytes, all leased"
                 )
-            self._drop_locked(victim, "evicted for space")
+            del self._items[victim.mm_hash]
+            self.arena.free(victim.slot)
+            self._on_event(PoolEvent(EventKind.EVICTED, victim.mm_hash, victim.nbytes))
         return slot
 
-    def _end_lease_locked(self, lease_id: int, reason: str) -> bool:
+    def _end_lease_locked(self, lease_id: int, how: str) -> bool:
+        """The item stays cached: only the room it needs for a newer export evicts it."""
         lease = self._leases.pop(lease_id, None)
         if lease is None:
             return False
-        item = lease.item
-        item.leases.discard(lease_id)
-        if not item.leases and self._items.get(item.mm_hash) is item:
-            self._drop_locked(item, reason)
+        lease.item.leases.discard(lease_id)
+        self._on_lease_end(how)
         return True
 
     def _expire_locked(self, now: float) -> None:
         for lease in [lease for lease in self._leases.values() if lease.expires_at <= now]:
-            self._end_lease_locked(lease.lease_id, "lease expired")
-        for item in [i for i in self._items.values() if not i.claimed and i.unclaimed_until <= now]:
-            self._drop_locked(item, "never claimed")
-
-    def _drop_locked(self, item: ExportedItem, reason: str) -> None:
-        del self._items[item.mm_hash]
-        self.arena.free(item.slot)
-        self._on_event(PoolEvent(EventKind.EVICTED, item.mm_hash, item.nbytes, reason))
+            self._end_lease_locked(lease.lease_id, "expired")

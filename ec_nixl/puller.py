@@ -18,14 +18,13 @@ from dataclasses import dataclass
 import torch
 
 from ec_nixl.arena import Arena, Slot
-from ec_nixl.control.messages import PeerInfo, release_notification
+from ec_nixl.control.messages import PeerInfo, read_notification
 from ec_nixl.errors import PeerDeadError, PoolFullError, StaleDataError
-from ec_nixl.resolver import Resolution, Resolver
-from ec_nixl.transfer import TransferAgent, tensor_region
+from ec_nixl.region import tensor_region
+from ec_nixl.resolver import DEFAULT_PULL_TIMEOUT_S, Resolution, Resolver
+from ec_nixl.transfer import TransferAgent
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_PULL_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -47,6 +46,10 @@ class Puller:
 
     def read(self, resolution: Resolution, deadline: float) -> list[PulledItem]:
         """READ resolved items into fresh local slots, in order, or raise a typed error."""
+        if time.monotonic() >= resolution.valid_until:
+            raise StaleDataError(
+                f"leases at {resolution.address} ended before the READ began; not reading"
+            )
         peer = self.meet(resolution.address, resolution.peer)
         slots: list[Slot] = []
         try:
@@ -67,7 +70,7 @@ class Puller:
                 [item.region for item in resolution.items],
                 [tensor_region(p.tensor) for p in pulled],
                 deadline=min(deadline, resolution.valid_until),
-                notification=release_notification(resolution.lease_ids),
+                notification=read_notification(resolution.lease_ids),
             )
             if time.monotonic() > resolution.valid_until:
                 raise StaleDataError(

@@ -1,10 +1,11 @@
 """Where are the items? Handshakes, leases and descriptor checks; no data moves here.
 
-A resolver talks to exporters over gRPC only, so it can live where no NIXL
-agent does (the PD scheduler) and hand its `Resolution`s to the processes that
-READ (the PD workers). A lease is valid for `lease_remaining` from the moment
-we asked, which is where `valid_until` comes from: a READ that finishes later
-may have read memory the exporter reused.
+A resolver talks to exporters over gRPC only, so it lives where no NIXL agent
+does (the PD scheduler) and hands its `Resolution`s to the processes that READ
+(the PD workers), which check them again against their own handshake. A lease
+is valid for `lease_remaining` from the moment we asked (or, for a claim, from
+when its announcement arrived), which is where `valid_until` comes from: a READ
+that finishes later may have read memory the exporter reused.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ from ec_nixl.control.security import Security
 from ec_nixl.errors import DeadlineExceededError, ECNixlError, PeerDeadError, RefusedError
 
 logger = logging.getLogger(__name__)
+
+# One pull's deadline, first call to last byte.
+DEFAULT_PULL_TIMEOUT_S = 10.0
 
 
 @dataclass
@@ -52,20 +56,26 @@ class Resolver:
         self._clients: dict[str, ExportClient] = {}
         self._peers: dict[str, PeerInfo] = {}
 
-    def resolve(self, address: str, mm_hashes: Sequence[str], deadline: float) -> Resolution:
-        """Lease the items at `address` and check their descriptors."""
+    def resolve(
+        self, address: str, mm_hashes: Sequence[str], deadline: float, readers: int = 1
+    ) -> Resolution:
+        """Lease the items at `address` for `readers` READs and check their descriptors."""
         asked_at = time.monotonic()
-        client = self.client(address)
-        peer = self.peer(address)
-        items = client.resolve(mm_hashes, self.consumer_id, timeout_s=deadline - asked_at)
+        items = self.client(address).resolve(
+            mm_hashes, self.consumer_id, timeout_s=deadline - asked_at, readers=readers
+        )
+        return self.checked(address, items, asked_at)
+
+    def checked(self, address: str, items: list[RemoteItem], since: float) -> Resolution:
+        """Descriptors leased at `since` (a Resolve, an announcement's claim), checked
+        against what the exporter's handshake said; on refusal the leases go back."""
         resolution = Resolution(
-            address, peer, items, asked_at + min(i.lease_remaining_s for i in items)
+            address, self.peer(address), items, since + min(i.lease_remaining_s for i in items)
         )
         try:
-            if any(i.epoch != peer.epoch or i.agent_name != peer.agent_name for i in items):
+            if any(i.epoch != resolution.peer.epoch for i in items):
                 resolution.peer = self.peer(address, refresh=True)  # the exporter restarted
-            for item in items:
-                _check(item, resolution.peer)
+            check_descriptors(items, resolution.peer)
         except BaseException as exc:
             self.abandon(resolution, exc)
             raise
@@ -79,13 +89,21 @@ class Resolver:
         if isinstance(exc, DeadlineExceededError):
             return
         if isinstance(exc, PeerDeadError):
-            with self._lock:
-                self._peers.pop(resolution.address, None)
+            self.forget_peer(resolution.address)
             return
+        self.release(resolution.address, resolution.lease_ids)
+
+    def release(self, address: str, lease_ids: list[int]) -> None:
+        """Give leases back (best effort: they expire anyway)."""
         try:
-            self.client(resolution.address).release(resolution.lease_ids, timeout_s=1.0)
-        except ECNixlError as release_exc:
-            logger.warning("could not release leases at %s: %s", resolution.address, release_exc)
+            self.client(address).release(lease_ids, timeout_s=1.0)
+        except ECNixlError as exc:
+            logger.warning("could not release leases at %s: %s", address, exc)
+
+    def forget_peer(self, address: str) -> None:
+        """The exporter at `address` died: the next call meets it afresh."""
+        with self._lock:
+            self._peers.pop(address, None)
 
     def client(self, address: str) -> ExportClient:
         with self._lock:
@@ -112,10 +130,13 @@ class Resolver:
             self._clients.clear()
 
 
-def _check(item: RemoteItem, peer: PeerInfo) -> None:
-    if item.agent_name != peer.agent_name or item.epoch != peer.epoch:
-        raise RefusedError(f"{item.mm_hash}: descriptor from another exporter generation")
-    if not any(region.contains(item.region) for region in peer.regions):
-        raise RefusedError(
-            f"{item.mm_hash}: descriptor {item.region} lies outside the exporter's memory"
-        )
+def check_descriptors(items: Sequence[RemoteItem], peer: PeerInfo) -> None:
+    """Refuse, before any READ, a descriptor of another exporter generation or one
+    pointing outside the exporter's registered memory."""
+    for item in items:
+        if item.agent_name != peer.agent_name or item.epoch != peer.epoch:
+            raise RefusedError(f"{item.mm_hash}: descriptor from another exporter generation")
+        if not any(region.contains(item.region) for region in peer.regions):
+            raise RefusedError(
+                f"{item.mm_hash}: descriptor {item.region} lies outside the exporter's memory"
+            )

@@ -21,9 +21,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from ec_nixl.control.messages import Announcement
 from ec_nixl.coordinator import PullCoordinator, PullState
 from ec_nixl.errors import RefusedError
-from ec_nixl.pool import EventKind, PoolEvent
+from ec_nixl.pool import EventKind
 from ec_nixl.transfer_params import make_params, parse_params
 
 logger = logging.getLogger(__name__)
@@ -118,14 +119,14 @@ class ConsumerScheduler:
                     self.stats.observe("announce_wait_seconds", announced - job.claimed_at)
                 self.stats.observe("ready_wait_seconds", max(0.0, job.ready_at - announced))
 
-    def on_event(self, event: PoolEvent, encoder_id: str) -> None:
+    def on_event(self, event: Announcement, encoder_id: str) -> None:
         """An encoder exported or dropped an item: a request waiting for it pulls it
         now; with prefetch, so does one yet to come, unless vLLM's encoder cache has it."""
         if event.kind is EventKind.EVICTED:
             self._coordinator.evicted(event.mm_hash, encoder_id)
         else:
             prefetch = self._prefetch and event.mm_hash not in self._resident
-            self._coordinator.announced(event.mm_hash, encoder_id, prefetch=prefetch)
+            self._coordinator.announced(event, encoder_id, prefetch=prefetch)
 
     def on_freed(self, mm_hashes: list[str]) -> None:
         """vLLM evicted these from its encoder cache: pull them again if asked."""

@@ -15,7 +15,6 @@ import socket
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from nixl._api import nixl_agent, nixl_agent_config, nixl_thread_sync_t
@@ -29,40 +28,13 @@ from nixl._bindings import (
 )
 
 from ec_nixl.errors import DeadlineExceededError, PeerDeadError, RefusedError
+from ec_nixl.region import Region, tensor_region
 
 logger = logging.getLogger(__name__)
 
 # How long a waiting reader sleeps between polls: short enough to add little
 # latency, long enough to leave the CPU to the other side on a small host.
 POLL_INTERVAL_S = 50e-6
-
-
-@dataclass(frozen=True)
-class Region:
-    """A contiguous byte range in some process's registered memory."""
-
-    address: int
-    length: int
-    device: str  # "cpu" or "cuda"
-    device_id: int
-
-    def contains(self, other: Region) -> bool:
-        return (
-            self.device == other.device
-            and self.device_id == other.device_id
-            and self.address <= other.address
-            and other.address + other.length <= self.address + self.length
-        )
-
-
-def tensor_region(tensor: torch.Tensor) -> Region:
-    device = tensor.device
-    return Region(
-        address=tensor.data_ptr(),
-        length=tensor.numel() * tensor.element_size(),
-        device=device.type,
-        device_id=device.index or 0,
-    )
 
 
 def _mem_type(device: str) -> str:

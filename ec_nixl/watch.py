@@ -2,9 +2,11 @@
 
 Two things hang on them: a request sent to PD at the same time as to its
 encoder waits for its items to be announced (`ec_transfer_params` "*"), and,
-with `prefetch`, PD pulls every exported item before its request arrives. On
-(re)connecting, an encoder first announces everything it holds, so nothing
-exported while a stream was down is missed.
+with `prefetch`, PD pulls every exported item before its request arrives. A
+prefetching PD asks for claims: each announcement then carries a lease for all
+of its ranks, and the pull is one READ per rank. On (re)connecting, an encoder
+first announces everything it holds, so nothing exported while a stream was
+down is missed.
 """
 
 from __future__ import annotations
@@ -13,8 +15,8 @@ import logging
 import threading
 from collections.abc import Callable
 
+from ec_nixl.control.messages import Announcement
 from ec_nixl.errors import ECNixlError
-from ec_nixl.pool import PoolEvent
 from ec_nixl.resolver import Resolver
 
 logger = logging.getLogger(__name__)
@@ -24,16 +26,21 @@ RETRY_S = (0.5, 1.0, 2.0, 5.0)  # between attempts to follow a lost stream
 
 class ExportWatcher:
     """Calls `on_event(event, encoder_id)` for each event of each encoder, from one
-    thread per encoder."""
+    thread per encoder; with `claim`, announcements carry leases for `readers` READs."""
 
     def __init__(
         self,
         resolver: Resolver,
         encoders: dict[str, str],
-        on_event: Callable[[PoolEvent, str], None],
+        on_event: Callable[[Announcement, str], None],
+        *,
+        claim: bool = False,
+        readers: int = 1,
     ) -> None:
         self._resolver = resolver
         self._on_event = on_event
+        self._claim = claim
+        self._readers = readers
         self._stopped = threading.Event()
         for encoder_id, address in encoders.items():
             threading.Thread(
@@ -45,7 +52,11 @@ class ExportWatcher:
         failures = 0
         while not self._stopped.is_set():
             try:
-                for event in self._resolver.client(address).watch():
+                client = self._resolver.client(address)
+                consumer = self._resolver.consumer_id
+                for event in client.watch(consumer, claim=self._claim, readers=self._readers):
+                    if self._stopped.is_set():
+                        return
                     failures = 0
                     self._on_event(event, encoder_id)
             except ECNixlError as exc:

@@ -6,15 +6,15 @@ exports outputs that this step reuses from the encoder cache (vLLM does not
 re-encode those, so `save` never sees them). Only rank 0 exports: every
 tensor-parallel rank holds the same encoder output.
 
-Consumer (PD instance): owns a Receiver (which pulls from the configured
-encoders under leases of this rank's own) and serves the worker service on a
-local socket that its scheduler finds from the engine id and rank.
+Consumer (PD instance): owns a Receiver (which READs from the configured
+encoders under the leases its scheduler took for every rank) and serves the
+worker service on a local socket that its scheduler finds from the engine id
+and rank.
 """
 
 from __future__ import annotations
 
 import logging
-import tempfile
 import threading
 from collections.abc import Iterable
 from pathlib import Path
@@ -24,17 +24,13 @@ import torch
 
 from ec_nixl.arena import Arena
 from ec_nixl.connector_config import ConnectorConfig
+from ec_nixl.control.worker_link import serve_worker, worker_address
 from ec_nixl.errors import ECNixlError
 from ec_nixl.exporter import Exporter, ExporterConfig
-from ec_nixl.receiver import ModelShape, Receiver, serve_receiver
+from ec_nixl.receiver import ModelShape, Receiver
 from ec_nixl.resolver import Resolver
 
 logger = logging.getLogger(__name__)
-
-
-def worker_address(engine_id: str, rank: int) -> str:
-    """The local socket of a PD worker's service; both sides derive it the same way."""
-    return f"unix:{Path(tempfile.gettempdir()) / f'ec-nixl-{engine_id}-{rank}.sock'}"
 
 
 class ProducerWorker:
@@ -45,7 +41,6 @@ class ProducerWorker:
                 capacity_bytes=config.pool_bytes,
                 device=str(device),
                 lease_s=config.lease_s,
-                unclaimed_ttl_s=config.lease_s,
                 compatibility_hash=fingerprint,
                 security=config.security,
                 metrics_address=config.metrics_address,
@@ -87,7 +82,7 @@ class ConsumerWorker:
         arena = Arena(config.receive_bytes, device)
         self.receiver = Receiver(arena, resolver, config.encoders, model)
         self.address = worker_address(engine_id, rank)
-        self._server: grpc.Server = serve_receiver(self.receiver, self.address)
+        self._server: grpc.Server = serve_worker(self.receiver, self.address)
         threading.Thread(target=self.receiver.meet_encoders, daemon=True).start()
         logger.info("PD worker %d receives pulls on %s", rank, self.address)
 

@@ -97,12 +97,20 @@ class Rig:
         local = metric(self.proxy.url, "ec_nixl_proxy_local_encodes_total")
         return local + metric(self.pd.url, "ec_nixl:fallbacks_total")
 
-    def evictions(self) -> dict[str, float]:
+    def leases_ended(self) -> dict[str, float]:
         time.sleep(1.5)  # E's endpoint folds new counts in once a second
-        reasons = ("released", "lease expired", "never claimed", "evicted for space")
         return {
-            r: metric(self.encoder_metrics, "ec_nixl:evictions_total", reason=r) for r in reasons
+            how: metric(self.encoder_metrics, "ec_nixl:leases_ended_total", how=how)
+            for how in ("read", "released", "expired")
         }
+
+    def wait_unleased(self, timeout_s: float) -> float:
+        """Seconds until E pins nothing for anyone (its cached items stay, unpinned)."""
+        start = time.monotonic()
+        while metric(self.encoder_metrics, "ec_nixl:leases_live") > 0:
+            assert time.monotonic() - start < timeout_s, "E still holds leases"
+            time.sleep(0.2)
+        return time.monotonic() - start
 
     def until_pulled(self, since: float, timeout_s: float = 60.0) -> tuple[float, Outcome]:
         """Send fresh images through the proxy until one is pulled; seconds since `since`."""
@@ -133,13 +141,6 @@ class PoolWatch:
                 self.max_bytes = max(self.max_bytes, self.in_use)
         except ECNixlError:
             pass  # closed, or the encoder went away
-
-    def wait_empty(self, timeout_s: float) -> float:
-        start = time.monotonic()
-        while self.in_use > 0:
-            assert time.monotonic() - start < timeout_s, f"E still holds {self.in_use} bytes"
-            time.sleep(0.1)
-        return time.monotonic() - start
 
     def close(self) -> None:
         self._client.close()

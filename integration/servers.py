@@ -137,9 +137,11 @@ def start_vllm(
     ec_transfer_config: dict[str, Any] | None = None,
     encoder_only: bool = False,
     port: int | None = None,
+    tensor_parallel: int = 1,
 ) -> Server:
     """An OpenAI server for `MODEL_NAME`, resolved relative to `workdir` (vLLM's
-    mm_hash includes the --model string, so E and PD must use the same one)."""
+    mm_hash includes the --model string, so E and PD must use the same one).
+    `cpu` binds its OpenMP threads: one core, or one per rank ("0|1")."""
     port = port or free_port()
     argv = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
@@ -149,6 +151,8 @@ def start_vllm(
         "--enforce-eager", "--max-num-seqs", "8",
         "--limit-mm-per-prompt", json.dumps({"image": 2}),
     ]  # fmt: skip
+    if tensor_parallel > 1:
+        argv += ["--tensor-parallel-size", str(tensor_parallel)]
     if encoder_only:
         argv.append("--mm-encoder-only")
     if ec_transfer_config is not None:

@@ -12,6 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from ec_nixl.control.client import ExportClient
 from ec_nixl.control.messages import PROTOCOL_VERSION
 from ec_nixl.control.security import Security
+from ec_nixl.control.server import MAX_READERS
 from ec_nixl.errors import AuthError, HandshakeError, NotFoundError, PeerDeadError, RefusedError
 from ec_nixl.exporter import Exporter, ExporterConfig
 from ec_nixl.pool import EventKind
@@ -89,7 +90,12 @@ def test_resolve_describes_the_item_and_release_is_idempotent(exporter, client):
     assert 0 < item.lease_remaining_s <= exporter.pool.lease_s
     assert client.release([item.lease_id]) == 1
     assert client.release([item.lease_id]) == 0
-    assert "described" not in exporter.pool
+    assert "described" in exporter.pool  # a cache: released items stay until room is needed
+
+
+def test_resolve_refuses_a_lease_for_more_readers_than_any_consumer_has(client):
+    with pytest.raises(RefusedError, match="readers"):
+        client.resolve(["described"], "pd-0", readers=MAX_READERS + 1)
 
 
 def test_renew_reports_leases_that_already_ended(exporter, client):
@@ -123,20 +129,49 @@ def test_health_check_is_serving_without_a_token(exporter):
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
-def test_event_stream_starts_with_what_is_held_then_follows_changes(exporter, client):
-    exporter.export("held-before-watch", embedding())
-    stream = client.watch()
-    first = next(e for e in stream if e.mm_hash == "held-before-watch")
-    assert first.kind is EventKind.EXPORTED
-    [item] = client.resolve(["held-before-watch"], "pd-0")
-    client.release([item.lease_id])
-    exporter.export("exported-while-watching", embedding())
-    later = [next(stream), next(stream)]
-    stream.close()
-    assert [(e.kind, e.mm_hash) for e in later] == [
+def test_event_stream_starts_with_what_is_held_then_follows_changes():
+    exporter = Exporter(ExporterConfig(capacity_bytes=16 << 10))  # room for 4 embeddings
+    client = ExportClient(exporter.address)
+    try:
+        exporter.export("held-before-watch", embedding())
+        stream = client.watch()
+        first = next(stream)
+        assert (first.kind, first.mm_hash) == (EventKind.EXPORTED, "held-before-watch")
+        for n in range(4):  # the fourth needs the room of the least recently used
+            exporter.export(f"exported-while-watching-{n}", embedding())
+        later = [next(stream) for _ in range(5)]
+        stream.close()
+    finally:
+        client.close()
+        exporter.close()
+    assert [(e.kind, e.mm_hash) for e in later[3:]] == [
         (EventKind.EVICTED, "held-before-watch"),
-        (EventKind.EXPORTED, "exported-while-watching"),
+        (EventKind.EXPORTED, "exported-while-watching-3"),
     ]
+
+
+def test_a_watcher_that_asks_for_claims_gets_a_lease_for_its_readers_with_each_export(
+    exporter, client
+):
+    stream = client.watch("pd-claims", claim=True, readers=2)
+    exporter.export("claimed", embedding(3.0))
+    event = next(e for e in stream if e.mm_hash == "claimed")
+    stream.close()
+    assert event.kind is EventKind.EXPORTED and event.claim is not None
+    assert (event.claim.mm_hash, event.claim.shape) == ("claimed", (16, 32))
+    assert 0 < event.claim.lease_remaining_s <= exporter.pool.lease_s
+    exporter.pool.finish_reads([event.claim.lease_id])  # one rank's READ notification
+    assert exporter.pool.renew([event.claim.lease_id]) == []  # still held for the other
+    exporter.pool.finish_reads([event.claim.lease_id])
+    assert exporter.pool.renew([event.claim.lease_id]) == [event.claim.lease_id]
+
+
+def test_a_plain_watcher_gets_announcements_without_claims(exporter, client):
+    stream = client.watch("pd-plain")
+    exporter.export("unclaimed", embedding())
+    event = next(e for e in stream if e.mm_hash == "unclaimed")
+    stream.close()
+    assert event.claim is None
 
 
 def test_tls_with_a_generated_certificate(tls_certificate):

@@ -1,4 +1,5 @@
-"""Export pool lifecycle: leases pin items, release and expiry free them, eviction is LRU."""
+"""Export pool lifecycle: a cache of items; leases pin them for their readers until the last
+READ, a release or expiry; only a newer export's need for room evicts, LRU first."""
 
 import pytest
 import torch
@@ -47,45 +48,50 @@ def test_reexport_of_a_held_hash_keeps_the_held_bytes():
     assert pool.arena.view(first.slot, torch.float32, first.shape)[0] == 1.0
 
 
-def test_release_frees_the_slot_and_a_second_release_is_harmless():
+def leased(pool: ExportPool, name: str) -> bool:
+    """Whether a newer export could evict `name` now."""
+    return bool(pool._items[name].leases)
+
+
+def test_a_released_item_stays_cached_unleased_and_a_second_release_is_harmless():
     pool, _, events = make_pool()
     pool.export("h", item())
     [lease] = pool.lease(["h"])
     assert pool.release([lease.lease_id]) == 1
-    assert "h" not in pool and pool.arena.bytes_used == 0
+    assert "h" in pool and not leased(pool, "h") and pool.live_leases == 0
     assert pool.release([lease.lease_id]) == 0
-    assert events[-1].kind is EventKind.EVICTED and events[-1].reason == "released"
+    assert [e.kind for e in events] == [EventKind.EXPORTED]
 
 
-def test_item_stays_until_every_lease_is_released():
+def test_a_lease_for_several_readers_ends_when_the_last_read_is_done():
+    pool, _, _ = make_pool()
+    pool.export("h", item())
+    [lease] = pool.lease(["h"], readers=2)
+    pool.finish_reads([lease.lease_id])
+    assert leased(pool, "h")
+    pool.finish_reads([lease.lease_id])
+    assert not leased(pool, "h") and pool.live_leases == 0
+    pool.finish_reads([lease.lease_id])  # a late or forged notification is ignored
+    assert "h" in pool
+
+
+def test_an_item_stays_leased_until_every_lease_has_ended():
     pool, _, _ = make_pool()
     pool.export("h", item())
     [a], [b] = pool.lease(["h"]), pool.lease(["h"])
     pool.release([a.lease_id])
-    assert "h" in pool
-    pool.release([b.lease_id])
-    assert "h" not in pool
+    assert leased(pool, "h")
+    pool.finish_reads([b.lease_id])
+    assert not leased(pool, "h")
 
 
-def test_lease_expiry_frees_without_a_release():
-    pool, clock, events = make_pool(lease_s=5.0)
+def test_an_expired_lease_ends_without_a_release():
+    pool, clock, _ = make_pool(lease_s=5.0)
     pool.export("h", item())
-    pool.lease(["h"])
+    pool.lease(["h"], readers=2)
     clock.now = 5.0
     pool.expire()
-    assert "h" not in pool and pool.live_leases == 0
-    assert events[-1].reason == "lease expired"
-
-
-def test_unclaimed_items_expire():
-    pool, clock, _ = make_pool(unclaimed_ttl_s=2.0)
-    pool.export("h", item())
-    clock.now = 1.9
-    pool.expire()
-    assert "h" in pool
-    clock.now = 2.0
-    pool.expire()
-    assert "h" not in pool
+    assert pool.live_leases == 0 and not leased(pool, "h")
 
 
 def test_renew_extends_live_leases_and_reports_ended_ones():
@@ -96,7 +102,7 @@ def test_renew_extends_live_leases_and_reports_ended_ones():
     assert pool.renew([lease.lease_id, 12345]) == [12345]
     clock.now = 8.0
     pool.expire()
-    assert "h" in pool
+    assert leased(pool, "h")
 
 
 def test_lease_is_all_or_nothing_and_names_what_is_missing():
@@ -112,10 +118,13 @@ def test_eviction_takes_the_least_recently_used_unleased_item():
     pool, _, events = make_pool(capacity=12 * KiB)
     for name in ("a", "b", "c"):
         pool.export(name, item())
-    pool.lease(["a"])  # leased: never evicted, and now most recently used
+    [lease] = pool.lease(["a"])  # leased: never evicted, and now most recently used
     pool.export("d", item())
     assert "b" not in pool and {"a", "c", "d"} <= {n for n in "abcd" if n in pool}
-    assert events[-2].reason == "evicted for space"
+    assert (events[-2].kind, events[-2].mm_hash) == (EventKind.EVICTED, "b")
+    pool.release([lease.lease_id])  # read items stay, in the order they were last used
+    pool.export("e", item())
+    assert "c" not in pool and {"a", "d", "e"} <= {n for n in "acde" if n in pool}
 
 
 def test_a_full_pool_of_leased_items_refuses_with_a_clear_error():

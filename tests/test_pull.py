@@ -18,12 +18,13 @@ from ec_nixl.errors import (
     NotFoundError,
     PeerDeadError,
     RefusedError,
+    StaleDataError,
 )
 from ec_nixl.exporter import ExporterConfig
 from ec_nixl.exporter_process import ExporterProcess, TensorSpec
 from ec_nixl.puller import Puller, pull
+from ec_nixl.region import Region
 from ec_nixl.resolver import Resolver
-from ec_nixl.transfer import Region
 
 # Failures must surface well within this, whatever the peer does.
 DEADLINE_S = 2.0
@@ -69,13 +70,42 @@ def test_several_items_arrive_in_one_pull_in_the_order_asked(producer, resolver,
         puller.free(item)
 
 
-def test_a_pull_releases_its_lease_and_frees_the_exporter_slot(producer, resolver, puller):
-    producer.export("released", spec(seed=7))
-    [item] = pull(resolver, puller, producer.address, ["released"])
+def test_a_pull_ends_its_lease_and_the_item_stays_for_the_next_consumer(producer, resolver, puller):
+    producer.export("read-once", spec(seed=7))
+    [item] = pull(resolver, puller, producer.address, ["read-once"])
     puller.free(item)
     assert wait_until(lambda: producer.stats()["live_leases"] == 0)
-    with pytest.raises(NotFoundError):
-        pull(resolver, puller, producer.address, ["released"])
+    [again] = pull(resolver, puller, producer.address, ["read-once"])
+    assert torch.equal(again.tensor, spec(seed=7).make())
+    puller.free(again)
+
+
+def test_a_lease_for_two_ranks_ends_only_when_both_have_read(producer, resolver, puller):
+    producer.export("two-ranks", spec(seed=8))
+    resolution = resolver.resolve(
+        producer.address, ["two-ranks"], time.monotonic() + DEADLINE_S, readers=2
+    )
+    other_rank = Puller(Arena(8 * MiB))
+    [first] = puller.read(resolution, time.monotonic() + DEADLINE_S)
+    time.sleep(0.2)  # the exporter took the first READ's notification by now
+    assert producer.stats()["live_leases"] == 1
+    [second] = other_rank.read(resolution, time.monotonic() + DEADLINE_S)
+    assert wait_until(lambda: producer.stats()["live_leases"] == 0)
+    assert torch.equal(first.tensor, second.tensor)
+    puller.free(first)
+
+
+def test_a_read_that_lost_its_lease_to_an_eviction_is_thrown_away(resolver, puller):
+    with ExporterProcess(ExporterConfig(capacity_bytes=1 * MiB, lease_s=0.3)) as producer:
+        producer.export("evicted", spec((512, 1024), seed=9))  # the whole arena
+        deadline = time.monotonic() + DEADLINE_S
+        resolution = resolver.resolve(producer.address, ["evicted"], deadline)
+        time.sleep(0.5)  # the lease expired: the slot may now be reused ...
+        producer.export("newer", spec((512, 1024), seed=10))  # ... and is
+        used = puller.arena.bytes_used
+        with pytest.raises(StaleDataError):
+            puller.read(resolution, deadline)
+        assert puller.arena.bytes_used == used
 
 
 def test_unknown_mm_hash_fails_with_not_found_and_keeps_the_local_arena_empty(
@@ -156,14 +186,12 @@ def test_two_producers_exporting_the_same_mm_hash_never_mix(resolver, puller):
             puller.free(item)
 
 
-def test_lease_expiry_frees_the_item_without_a_release(resolver):
+def test_lease_expiry_ends_an_abandoned_lease_without_a_release(resolver):
     with ExporterProcess(ExporterConfig(capacity_bytes=4 * MiB, lease_s=0.3)) as producer:
         producer.export("abandoned", spec(seed=31))
         resolver.resolve(producer.address, ["abandoned"], time.monotonic() + DEADLINE_S)
         assert producer.stats()["live_leases"] == 1
-        assert wait_until(
-            lambda: producer.stats() == {"items": 0, "bytes_used": 0, "live_leases": 0}
-        )
+        assert wait_until(lambda: producer.stats()["live_leases"] == 0)
 
 
 def test_descriptor_outside_the_exporters_memory_is_refused_before_any_read(

@@ -1,5 +1,6 @@
 """The PD scheduler's decisions, with real vLLM Requests, a real exporter process,
-a real worker service on a local socket and real NIXL pulls behind it."""
+and two worker ranks (tensor parallel 2), each a real worker service on a local
+socket with real NIXL READs behind it."""
 
 from __future__ import annotations
 
@@ -15,47 +16,60 @@ from vllm.sampling_params import SamplingParams
 from vllm.v1.request import Request
 
 from ec_nixl.arena import Arena
+from ec_nixl.control.worker_link import WorkerClient, serve_worker
 from ec_nixl.coordinator import PullCoordinator
-from ec_nixl.receiver import ModelShape, Receiver, WorkerClient, serve_receiver
+from ec_nixl.receiver import ModelShape, Receiver
 from ec_nixl.resolver import Resolver
 from ec_nixl.scheduler import ConsumerScheduler, producer_params
 from ec_nixl.transfer_params import announce_params, make_params
 from ec_nixl.watch import ExportWatcher
 
 
-@pytest.fixture(scope="module")
-def receiver(tmp_path_factory, producer):
-    resolver = Resolver(consumer_id="test-worker")
+def serve_rank(tmp_path_factory, producer, rank: int):
+    resolver = Resolver(consumer_id=f"test-worker-{rank}")
     model = ModelShape(torch.bfloat16, embed_size=1024)
     receiver = Receiver(Arena(32 * MiB), resolver, {"enc0": producer.address}, model)
-    address = f"unix:{tmp_path_factory.mktemp('sock') / 'worker.sock'}"
-    server = serve_receiver(receiver, address)
+    address = f"unix:{tmp_path_factory.mktemp('sock') / f'worker-{rank}.sock'}"
+    server = serve_worker(receiver, address)
     yield receiver, address
     server.stop(grace=0)
     resolver.close()
 
 
-def make_scheduler(producer, receiver, *, prefetch=False, timeout_s=5.0) -> ConsumerScheduler:
-    _, address = receiver
+@pytest.fixture(scope="module")
+def receiver(tmp_path_factory, producer):
+    """Rank 0: (its Receiver, its socket)."""
+    yield from serve_rank(tmp_path_factory, producer, 0)
+
+
+@pytest.fixture(scope="module")
+def other_rank(tmp_path_factory, producer):
+    yield from serve_rank(tmp_path_factory, producer, 1)
+
+
+def make_scheduler(
+    producer, receiver, other_rank, *, prefetch=False, timeout_s=5.0, **resolver_args
+) -> ConsumerScheduler:
     encoders = {"enc0": producer.address}
-    coordinator = PullCoordinator(
-        Resolver(consumer_id="test-scheduler"), encoders, [WorkerClient(address)], timeout_s
-    )
+    workers = [WorkerClient(rank[1]) for rank in (receiver, other_rank)]
+    resolver = Resolver(consumer_id="test-scheduler", **resolver_args)
+    coordinator = PullCoordinator(resolver, encoders, workers, timeout_s)
     return ConsumerScheduler(coordinator, encoders, prefetch=prefetch)
 
 
 @pytest.fixture
-def scheduler(producer, receiver):
-    scheduler = make_scheduler(producer, receiver)
+def scheduler(producer, receiver, other_rank):
+    scheduler = make_scheduler(producer, receiver, other_rank)
     yield scheduler
     scheduler.close()
 
 
-def watching(scheduler: ConsumerScheduler, producer) -> ExportWatcher:
-    """The encoder's events reach the scheduler, as in the connector."""
-    return ExportWatcher(
-        Resolver(consumer_id="test-watch"), {"enc0": producer.address}, scheduler.on_event
-    )
+def watching(scheduler: ConsumerScheduler, producer, *, claim: bool = False) -> ExportWatcher:
+    """The encoder's events reach the scheduler, as in the connector (which asks for
+    claims for its two ranks when it prefetches)."""
+    resolver = Resolver(consumer_id="test-watch")
+    encoders = {"enc0": producer.address}
+    return ExportWatcher(resolver, encoders, scheduler.on_event, claim=claim, readers=2)
 
 
 ROWS = 8  # each test item's placeholder: ROWS x 1024 bf16, what the exports below hold
@@ -85,6 +99,13 @@ def request(request_id: str, hashes: list[str], params=None, media: bool = True)
     )
 
 
+def wait_for(predicate, timeout_s: float = 10) -> None:
+    end = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.01)
+
+
 def settle(scheduler: ConsumerScheduler, req: Request, timeout_s: float = 10) -> None:
     end = time.monotonic() + timeout_s
     while not scheduler.ensure_available(req, 0):
@@ -98,7 +119,9 @@ def test_a_request_without_params_needs_no_pull(scheduler):
     assert not scheduler.has_item("h-plain")
 
 
-def test_a_named_item_defers_the_request_until_every_worker_holds_it(scheduler, producer, receiver):
+def test_a_named_item_defers_the_request_until_every_worker_holds_it(
+    scheduler, producer, receiver, other_rank
+):
     producer.export("h-pulled", item(seed=1))
     req = request("pulled", ["h-pulled"], make_params("enc0", ["h-pulled"]))
     assert not scheduler.ensure_available(req, 0)  # deferred while the pull runs
@@ -106,7 +129,29 @@ def test_a_named_item_defers_the_request_until_every_worker_holds_it(scheduler, 
     assert scheduler.has_item("h-pulled")
     scheduler.on_alloc("h-pulled")
     assert scheduler.take_loads() == ["h-pulled"]
-    assert torch.equal(receiver[0].take("h-pulled"), item(seed=1).make())
+    for rank in (receiver, other_rank):
+        assert torch.equal(rank[0].take("h-pulled"), item(seed=1).make())
+    # One lease for both ranks, ended by their two READs; E keeps the item cached.
+    counters = scheduler.stats.take()["counters"]
+    assert counters["items_pulled"] == 1 and "pull_failures" not in str(counters)
+    wait_for(lambda: producer.stats()["live_leases"] == 0)
+
+
+def test_a_rank_that_cannot_read_fails_the_pull_everywhere_and_the_lease_goes_back(
+    scheduler, producer, receiver, other_rank
+):
+    producer.export("h-one-rank-full", item(seed=18))
+    arena = other_rank[0].puller.arena
+    filler = arena.allocate(arena.capacity - arena.bytes_used)  # rank 1 has no room
+    try:
+        req = request("one-full", ["h-one-rank-full"], make_params("enc0", ["h-one-rank-full"]))
+        settle(scheduler, req)
+    finally:
+        arena.free(filler)
+    assert not scheduler.has_item("h-one-rank-full")
+    assert scheduler.stats.take()["counters"]["pull_failures|PoolFullError"] == 1
+    wait_for(lambda: "h-one-rank-full" not in receiver[0].held)  # rank 0 drops its copy
+    wait_for(lambda: producer.stats()["live_leases"] == 0)  # given back, not left to expire
 
 
 def test_a_pulled_item_is_lent_to_the_encoder_cache_uncopied_until_vllm_evicts_it(
@@ -216,11 +261,8 @@ def test_an_item_the_request_has_already_consumed_is_not_pulled(scheduler, produ
     assert scheduler._coordinator.job("h-consumed") is None
 
 
-def test_an_encoder_serving_another_model_is_reported_once(producer, receiver, caplog):
-    encoders = {"enc0": producer.address}
-    resolver = Resolver(consumer_id="other-model", compatibility_hash="model=another")
-    coordinator = PullCoordinator(resolver, encoders, [WorkerClient(receiver[1])], timeout_s=5)
-    scheduler = ConsumerScheduler(coordinator, encoders)
+def test_an_encoder_serving_another_model_is_reported_once(producer, receiver, other_rank, caplog):
+    scheduler = make_scheduler(producer, receiver, other_rank, compatibility_hash="model=another")
     try:
         for i in range(3):
             # E hashed with its own model string: none of its hashes match ours.
@@ -246,18 +288,19 @@ def test_the_encoder_names_itself_for_every_item_of_a_request():
 
 
 @pytest.fixture
-def prefetching(producer, receiver):
-    scheduler = make_scheduler(producer, receiver, prefetch=True)
-    watcher = watching(scheduler, producer)
+def prefetching(producer, receiver, other_rank):
+    """As the connector runs with prefetch: announcements carry claims for both ranks."""
+    scheduler = make_scheduler(producer, receiver, other_rank, prefetch=True)
+    watcher = watching(scheduler, producer, claim=True)
     yield scheduler
     watcher.close()
     scheduler.close()
 
 
 @pytest.fixture
-def announced(producer, receiver):
+def announced(producer, receiver, other_rank):
     """Without prefetch: only what a request waits for is pulled."""
-    scheduler = make_scheduler(producer, receiver, timeout_s=1.0)
+    scheduler = make_scheduler(producer, receiver, other_rank, timeout_s=1.0)
     watcher = watching(scheduler, producer)
     yield scheduler
     watcher.close()
@@ -291,12 +334,10 @@ def test_an_item_announced_before_its_request_came_is_pulled_at_once(announced, 
     announced.request_finished(req)
 
 
-def test_an_item_the_encoder_dropped_since_announcing_it_is_awaited_afresh(
-    announced, producer, receiver
-):
+def test_an_item_the_encoder_dropped_since_announcing_it_is_awaited_afresh(announced, producer):
     producer.export("h-taken", item(seed=16))
-    receiver[0].pull("enc0", ["h-taken"], [ROWS], time.monotonic() + 5)  # frees E's copy
-    receiver[0].drop(["h-taken"])
+    wait_for(lambda: producer.stats()["live_leases"] == 0)
+    producer.export("h-filler", spec((32 * MiB,), seed=17))  # E's whole pool: evicts the rest
     time.sleep(0.3)  # the eviction has been announced too
     req = request("after-eviction", ["h-taken"], announce_params())
     assert not announced.ensure_available(req, 0)
@@ -332,19 +373,12 @@ def test_without_prefetch_an_item_no_request_waits_for_is_not_pulled(announced, 
     assert "h-unwanted" not in receiver[0].held
 
 
-def wait_for(predicate, timeout_s: float = 10) -> None:
-    end = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < end, "timed out"
-        time.sleep(0.01)
-
-
 def test_with_prefetch_an_exported_item_is_pulled_before_its_request_comes(
-    prefetching, producer, receiver
+    prefetching, producer, receiver, other_rank
 ):
     producer.export("h-early", item(seed=8))
     wait_for(lambda: prefetching.has_item("h-early"))
-    assert "h-early" in receiver[0].held
+    assert "h-early" in receiver[0].held and "h-early" in other_rank[0].held
     req = request("early", ["h-early"], make_params("enc0", ["h-early"]))
     assert prefetching.ensure_available(req, 0)  # scheduled at once
     prefetching.on_alloc("h-early")
@@ -353,6 +387,23 @@ def test_with_prefetch_an_exported_item_is_pulled_before_its_request_comes(
     data = prefetching.stats.take()
     assert data["counters"]["prefetch_hits"] == 1
     assert data["observations"]["ready_wait_seconds"][0] < 0.5
+    # Each announcement's claim was the lease (E's cached items are announced, and
+    # prefetched, too): one READ per rank, no resolve.
+    assert data["counters"]["claimed_pulls"] == data["counters"]["items_pulled"] >= 1
+    assert "resolve_seconds" not in data["observations"]
+    wait_for(lambda: producer.stats()["live_leases"] == 0)
+
+
+def test_a_claim_that_lapsed_before_its_pull_is_resolved_afresh(
+    prefetching, producer, other_rank, monkeypatch
+):
+    monkeypatch.setattr("ec_nixl.coordinator.CLAIM_MARGIN_S", 3600.0)  # every claim "lapsed"
+    producer.export("h-lapsed", item(seed=19))
+    wait_for(lambda: prefetching.has_item("h-lapsed"))
+    assert "h-lapsed" in other_rank[0].held
+    data = prefetching.stats.take()
+    assert "claimed_pulls" not in data["counters"]
+    assert len(data["observations"]["resolve_seconds"]) == data["counters"]["items_pulled"]
 
 
 def test_a_prefetched_item_with_other_rows_than_its_request_needs_is_encoded_here(

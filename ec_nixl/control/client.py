@@ -6,16 +6,20 @@ grpc.RpcError.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 
 import grpc
 
-from ec_nixl.control.messages import PROTOCOL_VERSION, PeerInfo, RemoteItem
+from ec_nixl.control.messages import PROTOCOL_VERSION, Announcement, PeerInfo, RemoteItem
 from ec_nixl.control.security import Security
 from ec_nixl.control.status import translate
-from ec_nixl.pool import EventKind, PoolEvent
+from ec_nixl.errors import RefusedError
+from ec_nixl.pool import EventKind
 from ec_nixl.v1 import export_pb2 as pb
 from ec_nixl.v1 import export_pb2_grpc as pb_grpc
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_RPC_TIMEOUT_S = 5.0
 # After a dropped connection gRPC reconnects with exponential backoff; its default
@@ -55,9 +59,13 @@ class ExportClient:
         return PeerInfo.from_pb(self._call(self._stub.Handshake, request))
 
     def resolve(
-        self, mm_hashes: Sequence[str], consumer_id: str, timeout_s: float | None = None
+        self,
+        mm_hashes: Sequence[str],
+        consumer_id: str,
+        timeout_s: float | None = None,
+        readers: int = 1,
     ) -> list[RemoteItem]:
-        request = pb.ResolveRequest(mm_hashes=mm_hashes, consumer_id=consumer_id)
+        request = pb.ResolveRequest(mm_hashes=mm_hashes, consumer_id=consumer_id, readers=readers)
         reply: pb.ResolveResponse = self._call(self._stub.Resolve, request, timeout_s)
         return [RemoteItem.from_pb(item) for item in reply.items]
 
@@ -70,22 +78,35 @@ class ExportClient:
         request = pb.RenewLeasesRequest(lease_ids=lease_ids, lease_ms=int(lease_s * 1000))
         return list(self._call(self._stub.RenewLeases, request).expired_lease_ids)
 
-    def watch(self) -> Iterator[PoolEvent]:
+    def watch(
+        self, consumer_id: str = "", *, claim: bool = False, readers: int = 1
+    ) -> Iterator[Announcement]:
         """An EXPORTED event for each item held now, then events as they happen, until the
-        stream ends or the caller stops iterating."""
+        stream ends or the caller stops iterating. With `claim`, each EXPORTED event
+        carries a lease for `readers` READs by this consumer."""
         kinds = {
             pb.ExportEvent.EXPORTED: EventKind.EXPORTED,
             pb.ExportEvent.EVICTED: EventKind.EVICTED,
         }
-        stream = self._stub.WatchEvents(pb.WatchEventsRequest(), metadata=self._metadata)
+        request = pb.WatchEventsRequest(consumer_id=consumer_id, claim=claim, readers=readers)
+        stream = self._stub.WatchEvents(request, metadata=self._metadata)
         try:
             for event in stream:
-                yield PoolEvent(kinds[event.kind], event.mm_hash, event.length)
+                yield self._announcement(kinds[event.kind], event)
         except grpc.RpcError as exc:
             if exc.code() != grpc.StatusCode.CANCELLED:
                 raise translate(exc, f"exporter {self.address}") from exc
         finally:
             stream.cancel()
+
+    def _announcement(self, kind: EventKind, event: pb.ExportEvent) -> Announcement:
+        claim = None
+        if event.HasField("claim"):
+            try:
+                claim = RemoteItem.from_pb(event.claim)
+            except RefusedError as exc:  # its lease expires on its own
+                logger.warning("exporter %s announced a bad claim: %s", self.address, exc)
+        return Announcement(kind, event.mm_hash, event.length, claim)
 
     def _call(self, method, request, timeout_s: float | None = None):
         try:

@@ -7,16 +7,21 @@ servicer touch generated protobuf classes.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from math import prod
 
 import torch
 
 from ec_nixl.errors import HandshakeError, RefusedError
-from ec_nixl.transfer import Region
+from ec_nixl.pool import EventKind
+from ec_nixl.region import Region
 from ec_nixl.v1 import export_pb2 as pb
 
-PROTOCOL_VERSION = 1
+# 1: handshake, resolve, release, renew, watch.
+# 2: leases count readers (one per consumer rank); a watcher may ask for claims,
+#    leased descriptors sent with each announcement; items stay cached after reads.
+PROTOCOL_VERSION = 2
 
 # Embeddings are floating point; anything else in a descriptor is refused.
 DTYPES: dict[str, torch.dtype] = {
@@ -118,6 +123,18 @@ class RemoteItem:
         )
 
 
+@dataclass(frozen=True)
+class Announcement:
+    """One event of an exporter's stream as a consumer received it; an EXPORTED event
+    carries a `claim` when the consumer asked for claims."""
+
+    kind: EventKind
+    mm_hash: str
+    length: int
+    claim: RemoteItem | None = None
+    received_at: float = field(default_factory=time.monotonic)
+
+
 def region_to_pb(region: Region) -> pb.MemoryRegion:
     return pb.MemoryRegion(
         address=region.address,
@@ -131,20 +148,20 @@ def region_from_pb(region: pb.MemoryRegion) -> Region:
     return Region(region.address, region.length, region.device, region.device_id)
 
 
-# A consumer's READ carries this NIXL notification; on arrival the exporter
-# releases the leases, so a successful pull needs no release round trip.
-RELEASE_PREFIX = b"ec-nixl-release:"
+# A consumer's READ carries this NIXL notification; on arrival the exporter counts
+# one reader of each lease done, so a successful pull needs no release round trip.
+READ_DONE_PREFIX = b"ec-nixl-read:"
 
 
-def release_notification(lease_ids: list[int]) -> bytes:
-    return RELEASE_PREFIX + ",".join(map(str, lease_ids)).encode()
+def read_notification(lease_ids: list[int]) -> bytes:
+    return READ_DONE_PREFIX + ",".join(map(str, lease_ids)).encode()
 
 
-def parse_release_notification(message: bytes) -> list[int]:
-    """Lease ids in a release notification; [] for anything else (it is peer input)."""
-    if not message.startswith(RELEASE_PREFIX):
+def parse_read_notification(message: bytes) -> list[int]:
+    """Lease ids in a read notification; [] for anything else (it is peer input)."""
+    if not message.startswith(READ_DONE_PREFIX):
         return []
     try:
-        return [int(x) for x in message[len(RELEASE_PREFIX) :].split(b",")]
+        return [int(x) for x in message[len(READ_DONE_PREFIX) :].split(b",")]
     except ValueError:
         return []

@@ -7,6 +7,7 @@ life of their lease.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import threading
@@ -29,6 +30,7 @@ logger = logging.getLogger(__name__)
 
 SERVICE_NAME = "ec_nixl.v1.ExportService"
 MAX_ITEMS_PER_CALL = 1024
+MAX_READERS = 64  # tensor-parallel ranks of one consumer
 MAX_LEASE_MS = 10 * 60 * 1000
 MAX_MESSAGE_BYTES = 4 << 20
 MAX_WATCHERS = 8
@@ -109,8 +111,9 @@ class ExportServicer(pb_grpc.ExportServiceServicer):
                 f"resolve takes 1 to {MAX_ITEMS_PER_CALL} mm_hashes, got {len(hashes)}",
             )
         _check_lease_ms(request.lease_ms, context)
+        _check_readers(request.readers, context)
         try:
-            leases = self._pool.lease(hashes, request.lease_ms / 1000 or None)
+            leases = self._pool.lease(hashes, request.lease_ms / 1000 or None, request.readers or 1)
         except NotFoundError as exc:
             context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
         self._on_leased()
@@ -128,16 +131,31 @@ class ExportServicer(pb_grpc.ExportServiceServicer):
         )
 
     def WatchEvents(self, request: pb.WatchEventsRequest, context: grpc.ServicerContext):
+        _check_readers(request.readers, context)
         q = self._events.subscribe()
         if q is None:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"at most {MAX_WATCHERS} watchers")
+        readers = request.readers or 1
         try:
-            yield from map(self._event_pb, self._pool.snapshot())
-            yield from self._stream(q, context)
+            for event in itertools.chain(self._pool.snapshot(), self._stream(q, context)):
+                message = self._event_pb(event)
+                if request.claim and event.kind is EventKind.EXPORTED:
+                    self._claim(message, readers)
+                yield message
         finally:
             self._events.unsubscribe(q)
 
-    def _stream(self, q: queue.Queue, context: grpc.ServicerContext) -> Iterator[pb.ExportEvent]:
+    def _claim(self, message: pb.ExportEvent, readers: int) -> None:
+        """Lease the announced item for the watcher, unless it was evicted meanwhile
+        (its EVICTED event follows)."""
+        try:
+            [lease] = self._pool.lease([message.mm_hash], readers=readers)
+        except NotFoundError:
+            return
+        self._on_leased()
+        message.claim.CopyFrom(self._describe(lease))
+
+    def _stream(self, q: queue.Queue, context: grpc.ServicerContext) -> Iterator[PoolEvent]:
         while context.is_active():
             try:
                 event = q.get(timeout=0.5)
@@ -145,7 +163,7 @@ class ExportServicer(pb_grpc.ExportServiceServicer):
                 continue
             if event is None:
                 return
-            yield self._event_pb(event)
+            yield event
 
     def _event_pb(self, event: PoolEvent) -> pb.ExportEvent:
         kinds = {
@@ -176,6 +194,11 @@ def _check_lease_ms(lease_ms: int, context: grpc.ServicerContext) -> None:
         context.abort(
             grpc.StatusCode.INVALID_ARGUMENT, f"lease_ms {lease_ms} exceeds {MAX_LEASE_MS}"
         )
+
+
+def _check_readers(readers: int, context: grpc.ServicerContext) -> None:
+    if readers > MAX_READERS:
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"readers {readers} exceeds {MAX_READERS}")
 
 
 def start_server(

@@ -48,14 +48,16 @@ class HandshakeResponse(_message.Message):
     def __init__(self, protocol_version: _Optional[int] = ..., compatibility_hash: _Optional[str] = ..., agent_name: _Optional[str] = ..., agent_metadata: _Optional[bytes] = ..., agent_metadata_sha256: _Optional[bytes] = ..., epoch: _Optional[int] = ..., regions: _Optional[_Iterable[_Union[MemoryRegion, _Mapping]]] = ...) -> None: ...
 
 class ResolveRequest(_message.Message):
-    __slots__ = ("mm_hashes", "consumer_id", "lease_ms")
+    __slots__ = ("mm_hashes", "consumer_id", "lease_ms", "readers")
     MM_HASHES_FIELD_NUMBER: _ClassVar[int]
     CONSUMER_ID_FIELD_NUMBER: _ClassVar[int]
     LEASE_MS_FIELD_NUMBER: _ClassVar[int]
+    READERS_FIELD_NUMBER: _ClassVar[int]
     mm_hashes: _containers.RepeatedScalarFieldContainer[str]
     consumer_id: str
     lease_ms: int
-    def __init__(self, mm_hashes: _Optional[_Iterable[str]] = ..., consumer_id: _Optional[str] = ..., lease_ms: _Optional[int] = ...) -> None: ...
+    readers: int
+    def __init__(self, mm_hashes: _Optional[_Iterable[str]] = ..., consumer_id: _Optional[str] = ..., lease_ms: _Optional[int] = ..., readers: _Optional[int] = ...) -> None: ...
 
 class ItemDescriptor(_message.Message):
     __slots__ = ("mm_hash", "agent_name", "epoch", "address", "length", "device", "device_id", "dtype", "shape", "lease_id", "lease_remaining_ms")
@@ -118,11 +120,17 @@ class RenewLeasesResponse(_message.Message):
     def __init__(self, expired_lease_ids: _Optional[_Iterable[int]] = ..., lease_remaining_ms: _Optional[int] = ...) -> None: ...
 
 class WatchEventsRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("consumer_id", "claim", "readers")
+    CONSUMER_ID_FIELD_NUMBER: _ClassVar[int]
+    CLAIM_FIELD_NUMBER: _ClassVar[int]
+    READERS_FIELD_NUMBER: _ClassVar[int]
+    consumer_id: str
+    claim: bool
+    readers: int
+    def __init__(self, consumer_id: _Optional[str] = ..., claim: _Optional[bool] = ..., readers: _Optional[int] = ...) -> None: ...
 
 class ExportEvent(_message.Message):
-    __slots__ = ("kind", "mm_hash", "length", "epoch")
+    __slots__ = ("kind", "mm_hash", "length", "epoch", "claim")
     class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         KIND_UNSPECIFIED: _ClassVar[ExportEvent.Kind]
@@ -135,8 +143,10 @@ class ExportEvent(_message.Message):
     MM_HASH_FIELD_NUMBER: _ClassVar[int]
     LENGTH_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
+    CLAIM_FIELD_NUMBER: _ClassVar[int]
     kind: ExportEvent.Kind
     mm_hash: str
     length: int
     epoch: int
-    def __init__(self, kind: _Optional[_Union[ExportEvent.Kind, str]] = ..., mm_hash: _Optional[str] = ..., length: _Optional[int] = ..., epoch: _Optional[int] = ...) -> None: ...
+    claim: ItemDescriptor
+    def __init__(self, kind: _Optional[_Union[ExportEvent.Kind, str]] = ..., mm_hash: _Optional[str] = ..., length: _Optional[int] = ..., epoch: _Optional[int] = ..., claim: _Optional[_Union[ItemDescriptor, _Mapping]] = ...) -> None: ...

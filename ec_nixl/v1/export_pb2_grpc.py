@@ -74,9 +74,10 @@ class ExportServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Resolve(self, request, context):
-        """Look up exported items and lease them: the memory stays put until the
-        lease is released or expires. All-or-nothing: an unknown mm_hash fails the
-        call with NOT_FOUND and leases nothing.
+        """Look up exported items and lease them: the memory stays put until every
+        reader's READ has completed, the lease is released, or it expires.
+        All-or-nothing: an unknown mm_hash fails the call with NOT_FOUND and leases
+        nothing. For items a consumer was not told about, or whose claim lapsed.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -100,7 +101,9 @@ class ExportServiceServicer:
     def WatchEvents(self, request, context):
         """What is held now (as EXPORTED events), then items exported and evicted
         from then on, so a consumer can keep a local directory and answer "is it
-        there?" without a round trip. An item may be announced twice.
+        there?" without a round trip. An item may be announced twice. A watcher
+        that asks for claims gets, with each EXPORTED event, a leased descriptor:
+        everything it needs to READ the item at once, no Resolve.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

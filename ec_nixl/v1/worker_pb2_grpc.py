@@ -50,10 +50,9 @@ class WorkerServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Pull(self, request, context):
-        """Resolve the items at the encoder, READ them into the worker's receive
-        arena and hold them until the scheduler schedules them (they are then
-        loaded into the encoder cache) or drops them. Failures come back as
-        status codes.
+        """READ the leased items into the worker's receive arena and hold them until
+        the scheduler schedules them (they are then loaded into the encoder cache)
+        or drops them. Failures come back as status codes.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
