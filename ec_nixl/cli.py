@@ -20,7 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     benches = bench.add_subparsers(dest="bench", required=True)
     bench_transfer = benches.add_parser(
         "transfer",
-        help="NIXL pull vs safetensors via /tmp vs memcpy, between two processes",
+        help="NIXL pull (announced, cold) vs safetensors via /tmp vs memcpy, two processes",
         description=transfer.__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

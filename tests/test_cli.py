@@ -4,7 +4,7 @@ import json
 import subprocess
 import sys
 
-METHODS = {"nixl", "shared_storage", "memcpy"}
+METHODS = {"nixl_announced", "nixl", "shared_storage", "memcpy"}
 
 
 def ec_nixl(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
