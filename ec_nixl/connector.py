@@ -33,7 +33,7 @@ from ec_nixl.coordinator import PullCoordinator
 from ec_nixl.errors import ConfigError
 from ec_nixl.metrics import PromMetrics, merge, summary
 from ec_nixl.resolver import Resolver
-from ec_nixl.scheduler import ConsumerScheduler, producer_params
+from ec_nixl.scheduler import ConsumerScheduler, ProducerScheduler
 from ec_nixl.watch import ExportWatcher
 
 if TYPE_CHECKING:
@@ -52,8 +52,9 @@ class ECNixlConnectorMetadata(ECConnectorMetadata):
     # items vLLM evicted from it (their slots are freed)
     loads: list[str] = field(default_factory=list)
     evicted: list[str] = field(default_factory=list)
-    # producer: items this step uses; export those served from the encoder cache
-    uses: list[str] = field(default_factory=list)
+    # producer: items this step uses (export those served from the encoder cache), each
+    # with the PD it is meant for ("": none named), which gets a claim with its announcement
+    uses: dict[str, str] = field(default_factory=dict)
 
 
 class ECNixlConnectorStats(ECConnectorStats):
@@ -114,15 +115,18 @@ class ECNixlConnector(ECConnectorBase):
         if parallel.pipeline_parallel_size > 1:
             raise ConfigError("ECNixlConnector does not support pipeline parallelism yet")
         self._consumer: ConsumerScheduler | None = None
+        self._producer: ProducerScheduler | None = None
         self._watcher: ExportWatcher | None = None
         self._producer_worker: ProducerWorker | None = None
         self._consumer_worker: ConsumerWorker | None = None
         if role == ECConnectorRole.SCHEDULER and self.config.is_consumer:
             self._start_consumer(parallel.tensor_parallel_size)
+        if role == ECConnectorRole.SCHEDULER and self.config.is_producer:
+            self._producer = ProducerScheduler(self.config.encoder_id)
 
     def _start_consumer(self, world_size: int) -> None:
         resolver = Resolver(
-            consumer_id=f"pd-{self._engine_id}",
+            consumer_id=self.config.consumer_id or f"pd-{self._engine_id}",
             compatibility_hash=self._fingerprint,
             security=self.config.security,
         )
@@ -166,7 +170,10 @@ class ECNixlConnector(ECConnectorBase):
 
     def save_caches(self, encoder_cache: dict[str, torch.Tensor], mm_hash: str, **kwargs) -> None:
         if self._producer_worker is not None:
-            self._producer_worker.save(encoder_cache, mm_hash)
+            metadata = self._connector_metadata  # bound while the encoder runs
+            bound = isinstance(metadata, ECNixlConnectorMetadata)
+            target = metadata.uses.get(mm_hash, "") if bound else ""
+            self._producer_worker.save(encoder_cache, mm_hash, target)
 
     def start_save_caches(self, **kwargs: Any) -> None:
         if self._producer_worker is not None and (cache := kwargs.get("encoder_cache")):
@@ -188,6 +195,8 @@ class ECNixlConnector(ECConnectorBase):
         return self._consumer is not None and self._consumer.has_item(identifier)
 
     def ensure_cache_available(self, request: Request, num_computed_tokens: int) -> bool:
+        if self._producer is not None:
+            self._producer.note(request)
         return self._consumer is None or self._consumer.ensure_available(
             request, num_computed_tokens
         )
@@ -204,12 +213,8 @@ class ECNixlConnector(ECConnectorBase):
             metadata.evicted = list(scheduler_output.free_encoder_mm_hashes)
             self._consumer.on_freed(metadata.evicted)
             metadata.loads = self._consumer.take_loads()
-        if self.config.is_producer:
-            metadata.uses = [
-                feature.identifier
-                for request in scheduler_output.scheduled_new_reqs
-                for feature in request.mm_features
-            ]
+        if self._producer is not None:
+            metadata.uses = self._producer.uses(scheduler_output.scheduled_new_reqs)
         return metadata
 
     def take_unavailable_requests(self) -> set[str]:
@@ -218,8 +223,8 @@ class ECNixlConnector(ECConnectorBase):
     def request_finished(self, request: Request) -> tuple[bool, dict[str, Any] | None]:
         if self._consumer is not None:
             self._consumer.request_finished(request)
-        if self.config.is_producer:
-            return False, producer_params(self.config.encoder_id, request)
+        if self._producer is not None:
+            return False, self._producer.finished(request)
         return False, None
 
     def get_ec_connector_stats(self) -> ECConnectorStats | None:

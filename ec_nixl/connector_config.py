@@ -31,6 +31,8 @@ class ConnectorConfig:
     metrics_address: str | None = None
     # consumer: encoder id -> HOST:PORT, the only endpoints it will ever contact
     encoders: dict[str, str] = field(default_factory=dict)
+    # the name this PD goes by at its encoders (a proxy names it to route items to it)
+    consumer_id: str | None = None
     receive_bytes: int = DEFAULT_RECEIVE_BYTES
     pull_timeout_s: float = DEFAULT_PULL_TIMEOUT_S
     # pull everything the encoders export before a request asks (PD is their only consumer)
@@ -148,6 +150,7 @@ _PRODUCER = {
 }
 _CONSUMER = {
     "encoders": _encoders,
+    "consumer_id": _identifier,
     "receive_bytes": _positive_int,
     "pull_timeout_s": _positive_float,
     "prefetch": _bool,

@@ -22,7 +22,7 @@ from ec_nixl.control.messages import dtype_name, parse_read_notification
 from ec_nixl.control.security import Security
 from ec_nixl.control.server import EventHub, ExportServicer, start_server
 from ec_nixl.metrics import MetricsServer, Stats
-from ec_nixl.pool import DEFAULT_LEASE_S, EventKind, ExportedItem, ExportPool, PoolEvent
+from ec_nixl.pool import DEFAULT_LEASE_S, EventKind, ExportedItem, ExportPool, Lease, PoolEvent
 from ec_nixl.transfer import POLL_INTERVAL_S, TransferAgent
 
 logger = logging.getLogger(__name__)
@@ -85,13 +85,16 @@ class Exporter:
             self.arena.device,
         )
 
-    def export(self, mm_hash: str, tensor: torch.Tensor) -> ExportedItem:
-        """Copy `tensor` into the arena under `mm_hash`; RefusedError for a non-float dtype."""
+    def export(self, mm_hash: str, tensor: torch.Tensor, target: str = "") -> ExportedItem:
+        """Copy `tensor` into the arena under `mm_hash` (announced with a claim for
+        consumer `target`, if given); RefusedError for a non-float dtype."""
         dtype_name(tensor.dtype)
-        return self.pool.export(mm_hash, tensor)
+        return self.pool.export(mm_hash, tensor, target)
 
     def _on_event(self, event: PoolEvent) -> None:
         self.events.publish(event)
+        if event.again:
+            return
         if event.kind is EventKind.EXPORTED:
             self.stats.count("items_exported")
             self.stats.count("bytes_exported", event.length)
@@ -103,8 +106,10 @@ class Exporter:
         self.stats.set("leases_live", self.pool.live_leases)
         self._leased.set()  # the progress loop polls NIXL while leases are live
 
-    def _on_lease_end(self, how: str) -> None:
+    def _on_lease_end(self, lease: Lease, how: str) -> None:
         self.stats.count("leases_ended", label=how)
+        if how == "read":
+            self.stats.count("items_read", label=lease.consumer or "unnamed")
         self.stats.set("leases_live", self.pool.live_leases)
 
     def close(self) -> None:

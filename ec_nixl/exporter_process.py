@@ -57,8 +57,8 @@ def _serve(conn, config: ExporterConfig) -> None:
                 conn.send(("ok", None))
                 return
             if command == "export":
-                mm_hash, spec = args
-                exporter.export(mm_hash, tensor(spec))
+                mm_hash, spec, target = args
+                exporter.export(mm_hash, tensor(spec), target)
                 reply = None
             elif command == "save":
                 from safetensors.torch import save_file
@@ -107,8 +107,9 @@ class ExporterProcess:
     def pid(self) -> int:
         return self.process.pid
 
-    def export(self, mm_hash: str, spec: TensorSpec) -> None:
-        self._command("export", mm_hash, spec)
+    def export(self, mm_hash: str, spec: TensorSpec, target: str = "") -> None:
+        """Export (for consumer `target`, if given: it gets a claim with the announcement)."""
+        self._command("export", mm_hash, spec, target)
 
     def save_safetensors(self, path: Path, spec: TensorSpec) -> None:
         self._command("save", path, spec)

@@ -76,6 +76,9 @@ METRICS: dict[str, Metric] = {
         "counter", "Leases ended: every reader's READ done, released, or expired", "how"
     ),
     "leases_live": Metric("gauge", "Leases (claims included) pinning exported items now"),
+    "items_read": Metric(
+        "counter", "Items read by every rank of a consumer, by consumer_id", "consumer"
+    ),
 }
 
 

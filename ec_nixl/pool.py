@@ -39,6 +39,8 @@ class PoolEvent:
     kind: EventKind
     mm_hash: str
     length: int
+    target: str = ""  # EXPORTED for this consumer: its watcher gets a claim with it
+    again: bool = False  # EXPORTED: an item already held, announced again for `target`
 
 
 @dataclass
@@ -57,6 +59,7 @@ class Lease:
     item: ExportedItem
     expires_at: float
     readers: int  # READs still to report before the lease ends by itself
+    consumer: str = ""  # who asked for it, as it named itself
 
 
 class ExportPool:
@@ -68,13 +71,14 @@ class ExportPool:
         *,
         lease_s: float = DEFAULT_LEASE_S,
         on_event: Callable[[PoolEvent], None] | None = None,
-        on_lease_end: Callable[[str], None] | None = None,
+        on_lease_end: Callable[[Lease, str], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.arena = arena
         self.lease_s = lease_s
         self._on_event = on_event or (lambda event: None)
-        self._on_lease_end = on_lease_end or (lambda how: None)  # "read", "released", "expired"
+        # with how it ended: "read" (by its last reader), "released" or "expired"
+        self._on_lease_end = on_lease_end or (lambda lease, how: None)
         self._clock = clock
         self._lock = threading.Lock()
         self._items: OrderedDict[str, ExportedItem] = OrderedDict()  # LRU first
@@ -90,17 +94,22 @@ class ExportPool:
     def live_leases(self) -> int:
         return len(self._leases)
 
-    def export(self, mm_hash: str, tensor: torch.Tensor) -> ExportedItem:
-        """Copy `tensor` into a slot and publish it under `mm_hash`.
+    def export(self, mm_hash: str, tensor: torch.Tensor, target: str = "") -> ExportedItem:
+        """Copy `tensor` into a slot and publish it under `mm_hash`, for `target` (a
+        consumer id) if given.
 
-        Exporting a hash already held keeps the held bytes: a consumer may be
-        reading them, and equal hashes mean equal content.
+        Exporting a hash already held keeps the held bytes (a consumer may be
+        reading them, and equal hashes mean equal content); with a target it is
+        announced again, for that consumer.
         """
         nbytes = tensor.numel() * tensor.element_size()
         with self._lock:
             self._expire_locked(self._clock())
             if (held := self._items.get(mm_hash)) is not None:
                 self._items.move_to_end(mm_hash)
+                if target:
+                    again = PoolEvent(EventKind.EXPORTED, mm_hash, held.nbytes, target, again=True)
+                    self._on_event(again)
                 return held
             slot = self._allocate_locked(mm_hash, nbytes)
             item = ExportedItem(
@@ -112,14 +121,18 @@ class ExportPool:
             )
             self.arena.view(slot, tensor.dtype, item.shape).copy_(tensor)
             self._items[mm_hash] = item
-            self._on_event(PoolEvent(EventKind.EXPORTED, mm_hash, nbytes))
+            self._on_event(PoolEvent(EventKind.EXPORTED, mm_hash, nbytes, target))
             return item
 
     def lease(
-        self, mm_hashes: Iterable[str], lease_s: float | None = None, readers: int = 1
+        self,
+        mm_hashes: Iterable[str],
+        lease_s: float | None = None,
+        readers: int = 1,
+        consumer: str = "",
     ) -> list[Lease]:
-        """Lease every item for `readers` READs, or none: raises NotFoundError naming the
-        missing hashes."""
+        """Lease every item for `readers` READs by `consumer`, or none: raises
+        NotFoundError naming the missing hashes."""
         mm_hashes = list(mm_hashes)
         with self._lock:
             now = self._clock()
@@ -132,7 +145,7 @@ class ExportPool:
             for mm_hash in mm_hashes:
                 item = self._items[mm_hash]
                 self._items.move_to_end(mm_hash)
-                lease = Lease(self._new_lease_id(), item, expires_at, readers)
+                lease = Lease(self._new_lease_id(), item, expires_at, readers, consumer)
                 item.leases.add(lease.lease_id)
                 self._leases[lease.lease_id] = lease
                 leases.append(lease)
@@ -211,7 +224,7 @@ class ExportPool:
         if lease is None:
             return False
         lease.item.leases.discard(lease_id)
-        self._on_lease_end(how)
+        self._on_lease_end(lease, how)
         return True
 
     def _expire_locked(self, now: float) -> None:

@@ -19,13 +19,14 @@ media, the request fails), as after a failed pull.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from typing import Any
 
 from ec_nixl.control.messages import Announcement
 from ec_nixl.coordinator import PullCoordinator, PullState
 from ec_nixl.errors import RefusedError
 from ec_nixl.pool import EventKind
-from ec_nixl.transfer_params import make_params, parse_params
+from ec_nixl.transfer_params import make_params, parse_consumer, parse_params
 
 logger = logging.getLogger(__name__)
 
@@ -121,11 +122,14 @@ class ConsumerScheduler:
 
     def on_event(self, event: Announcement, encoder_id: str) -> None:
         """An encoder exported or dropped an item: a request waiting for it pulls it
-        now; with prefetch, so does one yet to come, unless vLLM's encoder cache has it."""
+        now; so does one yet to come when the item was announced with a claim for this
+        PD (its request is routed here) or with prefetch, unless vLLM's encoder cache
+        has it."""
         if event.kind is EventKind.EVICTED:
             self._coordinator.evicted(event.mm_hash, encoder_id)
         else:
-            prefetch = self._prefetch and event.mm_hash not in self._resident
+            eager = self._prefetch or event.claim is not None
+            prefetch = eager and event.mm_hash not in self._resident
             self._coordinator.announced(event, encoder_id, prefetch=prefetch)
 
     def on_freed(self, mm_hashes: list[str]) -> None:
@@ -175,7 +179,37 @@ class ConsumerScheduler:
             self.stats.count("failed_requests")
 
 
-def producer_params(encoder_id: str, request: Any) -> dict[str, dict[str, str]] | None:
-    """What the encoder's response tells the proxy: where each item of the request is."""
-    hashes = [feature.identifier for feature in request.mm_features]
-    return make_params(encoder_id, hashes) if hashes else None
+class ProducerScheduler:
+    """The encoder's scheduler side: which PD each request's items are meant for (the
+    proxy says so in the request's `ec_transfer_params`), and where the items are (the
+    response's). Every call runs on vLLM's scheduler thread."""
+
+    def __init__(self, encoder_id: str) -> None:
+        self.encoder_id = encoder_id
+        self._consumers: dict[str, str] = {}  # request id -> the PD it is meant for ("": any)
+
+    def note(self, request: Any) -> None:
+        """A request is about to be scheduled: remember whom its items are for."""
+        if request.request_id in self._consumers:
+            return
+        try:
+            consumer = parse_consumer(request.ec_transfer_params)
+        except RefusedError as exc:
+            logger.warning("request %s: %s; announcing its items to no PD in particular",
+                           request.request_id, exc)  # fmt: skip
+            consumer = ""
+        self._consumers[request.request_id] = consumer
+
+    def uses(self, new_requests: Iterable[Any]) -> dict[str, str]:
+        """mm_hash -> the PD to claim it for ("": none named), over this step's new requests."""
+        return {
+            feature.identifier: self._consumers.get(request.req_id, "")
+            for request in new_requests
+            for feature in request.mm_features
+        }
+
+    def finished(self, request: Any) -> dict[str, dict[str, str]] | None:
+        """What the encoder's response tells the proxy: where each item of the request is."""
+        self._consumers.pop(request.request_id, None)
+        hashes = [feature.identifier for feature in request.mm_features]
+        return make_params(self.encoder_id, hashes) if hashes else None

@@ -9,9 +9,12 @@ Two forms, from the proxy:
   overlaps the encoding), `{"*": {"encoder_id": "*"}}`: each item not named is
   being encoded, and PD waits for one of its encoders to announce it on its
   event stream.
-An encoder is named by id, never by address: the PD side maps ids to the
-endpoints it was configured with, so a client cannot steer it to an arbitrary
-host. Everything here comes from the client and is checked as hostile input.
+The request an encoder gets may carry `{"consumer_id": "pd0"}`: the PD that will
+serve it, which the encoder then announces the request's items to with a claim
+(PD prefetches them; other PDs do not). An encoder is named by id, never by
+address: the PD side maps ids to the endpoints it was configured with, so a
+client cannot steer it to an arbitrary host. Everything here comes from the
+client and is checked as hostile input.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import Any
 from ec_nixl.errors import RefusedError
 
 ENCODER_ID = "encoder_id"
+CONSUMER_ID = "consumer_id"
 ANNOUNCED = "*"  # as an item key: every item not named; as an encoder id: whichever announces it
 MAX_ITEMS = 1024
 MAX_ID_LENGTH = 256
@@ -73,3 +77,26 @@ def parse_params(params: Any, known_encoders: Iterable[str]) -> Sources:
         items[key] = encoder_id
     announced = items.pop(ANNOUNCED, None) is not None
     return Sources(items, announced)
+
+
+def consumer_params(consumer_id: str) -> dict[str, str]:
+    """What the proxy tells an encoder: the PD that will serve this request."""
+    return {CONSUMER_ID: consumer_id}
+
+
+def parse_consumer(params: Any) -> str:
+    """The PD an encoder's request is meant for ("" for none), or RefusedError."""
+    if params is None:
+        return ""
+    consumer = params.get(CONSUMER_ID) if isinstance(params, dict) else None
+    if (
+        not isinstance(consumer, str)
+        or len(params) != 1
+        or not 0 < len(consumer) <= MAX_ID_LENGTH
+        or not consumer.replace("-", "").replace("_", "").isalnum()
+    ):
+        raise RefusedError(
+            f"an encoder's ec_transfer_params must be {{{CONSUMER_ID!r}: name}} "
+            f"(letters, digits, '-', '_'), got {str(params)[:64]!r}"
+        )
+    return consumer

@@ -3,7 +3,8 @@
 Producer (encoder instance): owns the Exporter, whose arena lives on the
 worker's device; `save` copies each fresh encoder output into it, `republish`
 exports outputs that this step reuses from the encoder cache (vLLM does not
-re-encode those, so `save` never sees them). Only rank 0 exports: every
+re-encode those, so `save` never sees them). An item meant for a named PD is
+announced to it with a claim. Only rank 0 exports: every
 tensor-parallel rank holds the same encoder output.
 
 Consumer (PD instance): owns a Receiver (which READs from the configured
@@ -48,17 +49,19 @@ class ProducerWorker:
         )
         logger.info("encoder %s exports on %s", config.encoder_id, self.exporter.address)
 
-    def save(self, encoder_cache: dict[str, torch.Tensor], mm_hash: str) -> None:
+    def save(self, encoder_cache: dict[str, torch.Tensor], mm_hash: str, target: str) -> None:
         try:
-            self.exporter.export(mm_hash, encoder_cache[mm_hash])
+            self.exporter.export(mm_hash, encoder_cache[mm_hash], target)
         except ECNixlError as exc:
             # The PD side gets NOT_FOUND and encodes locally.
             logger.warning("not exporting %s: %s", mm_hash, exc)
 
-    def republish(self, encoder_cache: dict[str, torch.Tensor], mm_hashes: Iterable[str]) -> None:
-        for mm_hash in mm_hashes:
-            if mm_hash in encoder_cache and mm_hash not in self.exporter.pool:
-                self.save(encoder_cache, mm_hash)
+    def republish(self, encoder_cache: dict[str, torch.Tensor], uses: dict[str, str]) -> None:
+        """Items served from the encoder cache: exported if not held, announced again to
+        the PD they are meant for if held."""
+        for mm_hash, target in uses.items():
+            if mm_hash in encoder_cache and (target or mm_hash not in self.exporter.pool):
+                self.save(encoder_cache, mm_hash, target)
 
     def close(self) -> None:
         self.exporter.close()

@@ -14,6 +14,12 @@ tokenizing) runs while they are, and its scheduler pulls each item the moment
 an encoder announces it. Should the encoders fail, PD's request is
 cancelled and sent again with what did arrive: PD encodes the rest.
 
+With several PDs, requests go to them in turn. A PD named `NAME=URL` (its
+`consumer_id`) is told to its encoders: each encoder request carries
+`{"consumer_id": NAME}`, so the encoder announces the request's items to
+that PD with a claim and it prefetches them (one READ each); other PDs do
+not pull them.
+
 With several encoders, a request's images are spread over them (one
 encoder request per image) and their answers merged; encoders are used
 round-robin, and one that fails (or does not answer within the encoder
@@ -22,7 +28,8 @@ being skipped, PD gets the request without params and encodes locally.
 `/metrics` counts both, and times each request's two phases (encoders; PD's
 first chunk, which overlap with `--overlap`): where a TTFT goes.
 
-    python -m integration.proxy --encoder URL [--encoder URL ...] --pd URL --port N [--overlap]
+    python -m integration.proxy --encoder URL [--encoder URL ...] --pd [NAME=]URL [--pd ...]
+        --port N [--overlap]
 """
 
 from __future__ import annotations
@@ -33,13 +40,14 @@ import contextlib
 import itertools
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 import prometheus_client
 from aiohttp import web
 
-from ec_nixl.transfer_params import announce_params
+from ec_nixl.transfer_params import announce_params, consumer_params
 
 logger = logging.getLogger("ec_nixl.proxy")
 
@@ -88,12 +96,25 @@ def _keep_only(message: Any, index: int, keep: tuple[int, int]) -> Any:
     return {**message, "content": content}
 
 
+@dataclass(frozen=True)
+class PD:
+    url: str
+    name: str = ""  # its consumer_id: told to the encoders so they claim items for it
+
+    @classmethod
+    def parse(cls, text: str) -> PD:
+        """`URL` or `NAME=URL`."""
+        name, sep, url = text.partition("=")
+        return cls(url, name) if sep and not name.startswith("http") else cls(text)
+
+
 class EPDProxy:
     def __init__(
-        self, encoders: list[str], pd: str, encoder_timeout_s: float, overlap: bool = False
+        self, encoders: list[str], pds: list[PD], encoder_timeout_s: float, overlap: bool = False
     ) -> None:
         self.encoders = encoders
-        self.pd = pd
+        self.pds = pds
+        self._next_pd = itertools.cycle(pds)
         self.overlap = overlap
         self._encoder_timeout = aiohttp.ClientTimeout(total=encoder_timeout_s)
         self._turn = itertools.cycle(encoders)
@@ -124,9 +145,12 @@ class EPDProxy:
     async def stop(self, app: web.Application) -> None:
         await self._session.close()
 
-    async def encode(self, path: str, body: dict[str, Any]) -> list[dict[str, Any] | None]:
-        """Spread the request's images over the encoders: each share's `ec_transfer_params`
-        ({} for a share without images), None for a share no encoder answered."""
+    async def encode(self, path: str, body: dict[str, Any], pd: PD) -> list[dict[str, Any] | None]:
+        """Spread the request's images over the encoders, telling them which PD will
+        serve it: each share's `ec_transfer_params` ({} for a share without images),
+        None for a share no encoder answered."""
+        if pd.name:
+            body = {**body, "ec_transfer_params": consumer_params(pd.name)}
         shares = split_by_image(body) if len(self.encoders) > 1 else [body]
         with self._encode_seconds.time():
             return await asyncio.gather(*(self._encode_share(path, share) for share in shares))
@@ -175,48 +199,55 @@ class EPDProxy:
             return web.json_response({"error": "body is not JSON"}, status=400)
         # Only an encoder may say where encoder outputs are: never pass on a client's claim.
         body.pop("ec_transfer_params", None)
+        pd = next(self._next_pd)
         if self.overlap:
-            return await self._overlapped(request, body)
-        answers = await self.encode(request.path, body)
-        return await self._forward(request, with_params(body, answers))
+            return await self._overlapped(request, body, pd)
+        answers = await self.encode(request.path, body, pd)
+        return await self._forward(request, with_params(body, answers), pd)
 
-    async def _overlapped(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
-        pd = asyncio.create_task(
-            self._forward(request, {**body, "ec_transfer_params": announce_params()})
+    async def _overlapped(
+        self, request: web.Request, body: dict[str, Any], pd: PD
+    ) -> web.StreamResponse:
+        first = asyncio.create_task(
+            self._forward(request, {**body, "ec_transfer_params": announce_params()}, pd)
         )
-        answers = await self.encode(request.path, body)
+        answers = await self.encode(request.path, body, pd)
         if None not in answers or request.get("streaming"):
-            return await pd
+            return await first
         # An encoder failed: PD would wait out its deadline for items nobody announces.
         # Start PD over (cancelling closes the connection: vLLM aborts the request) with
         # what did arrive; it encodes the rest itself.
-        pd.cancel()
+        first.cancel()
         with contextlib.suppress(asyncio.CancelledError):
-            await pd
+            await first
         again = with_params(body, answers)
-        response = await self._forward(request, again)
+        response = await self._forward(request, again, pd)
         if response.status >= 500 and not request.get("streaming"):
             # vLLM's front end may have sent the image to its engine only with the aborted
             # request; the engine then refuses this one as retryable ("cache drift").
             logger.warning("PD refused the request sent again (%d); once more", response.status)
-            response = await self._forward(request, again)
+            response = await self._forward(request, again, pd)
         return response
 
-    async def _forward(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+    async def _forward(
+        self, request: web.Request, body: dict[str, Any], pd: PD
+    ) -> web.StreamResponse:
         try:
-            return await self._pass_on(request, body)
+            return await self._pass_on(request, body, pd)
         except (aiohttp.ClientError, TimeoutError) as exc:
             if request.get("streaming"):  # the status went out with the first chunk
                 raise
             logger.warning("PD failed: %r", exc)
             return web.json_response({"error": f"PD unavailable: {exc!r}"}, status=502)
 
-    async def _pass_on(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+    async def _pass_on(
+        self, request: web.Request, body: dict[str, Any], pd: PD
+    ) -> web.StreamResponse:
         """PD's answer to the client; a stream's status goes out with its first chunk
         (until then the request can still be sent again)."""
         start = time.perf_counter()
         async with self._session.post(
-            self.pd + request.path, json=body, timeout=PD_TIMEOUT
+            pd.url + request.path, json=body, timeout=PD_TIMEOUT
         ) as reply:
             if not body.get("stream"):
                 answer = await reply.read()
@@ -239,13 +270,17 @@ class EPDProxy:
             return response
 
     async def health(self, request: web.Request) -> web.Response:
+        """Healthy while every PD is."""
         try:
-            async with self._session.get(
-                self.pd + "/health", timeout=self._encoder_timeout
-            ) as reply:
-                return web.Response(status=reply.status)
+            for pd in self.pds:
+                async with self._session.get(
+                    pd.url + "/health", timeout=self._encoder_timeout
+                ) as reply:
+                    if reply.status != 200:
+                        return web.Response(status=reply.status)
         except (aiohttp.ClientError, TimeoutError):
             return web.Response(status=503)
+        return web.Response(status=200)
 
     async def metrics(self, request: web.Request) -> web.Response:
         return web.Response(
@@ -262,9 +297,9 @@ def with_params(body: dict[str, Any], answers: list[dict[str, Any] | None]) -> d
 
 
 def make_app(
-    encoders: list[str], pd: str, encoder_timeout_s: float, overlap: bool = False
+    encoders: list[str], pds: list[PD], encoder_timeout_s: float, overlap: bool = False
 ) -> web.Application:
-    proxy = EPDProxy(encoders, pd, encoder_timeout_s, overlap)
+    proxy = EPDProxy(encoders, pds, encoder_timeout_s, overlap)
     app = web.Application(client_max_size=64 << 20)
     app.on_startup.append(proxy.start)
     app.on_cleanup.append(proxy.stop)
@@ -280,7 +315,12 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--encoder", action="append", required=True, help="encoder instance URL")
-    parser.add_argument("--pd", required=True, help="prefill/decode instance URL")
+    parser.add_argument(
+        "--pd", action="append", required=True, type=PD.parse, metavar="[NAME=]URL",
+        help="prefill/decode instance; requests go to each in turn. NAME (the PD's "
+        "consumer_id) is told to the encoders, which then hand that PD each of its "
+        "requests' items with a claim (it prefetches them; other PDs do not pull them)",
+    )  # fmt: skip
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument(

@@ -164,15 +164,18 @@ def start_vllm(
 def start_proxy(
     *,
     encoders: list[str],
-    pd: str,
+    pd: str | list[str],
     log_dir: Path,
     port: int | None = None,
     encoder_timeout_s: float | None = None,
     overlap: bool = False,
 ) -> Server:
-    """The EPD proxy; `overlap` (PD runs ECNixlConnector): PD gets each request at once."""
+    """The EPD proxy in front of one PD or several (`[NAME=]URL` each); `overlap` (PD
+    runs ECNixlConnector): PD gets each request at once."""
     port = port or free_port()
-    argv = [sys.executable, "-m", "integration.proxy", "--port", str(port), "--pd", pd]
+    argv = [sys.executable, "-m", "integration.proxy", "--port", str(port)]
+    for one in [pd] if isinstance(pd, str) else pd:
+        argv += ["--pd", one]
     if encoder_timeout_s is not None:
         argv += ["--encoder-timeout", str(encoder_timeout_s)]
     if overlap:

@@ -20,8 +20,8 @@ from ec_nixl.control.worker_link import WorkerClient, serve_worker
 from ec_nixl.coordinator import PullCoordinator
 from ec_nixl.receiver import ModelShape, Receiver
 from ec_nixl.resolver import Resolver
-from ec_nixl.scheduler import ConsumerScheduler, producer_params
-from ec_nixl.transfer_params import announce_params, make_params
+from ec_nixl.scheduler import ConsumerScheduler, ProducerScheduler
+from ec_nixl.transfer_params import announce_params, consumer_params, make_params
 from ec_nixl.watch import ExportWatcher
 
 
@@ -279,12 +279,41 @@ def test_an_encoder_serving_another_model_is_reported_once(producer, receiver, o
 
 
 def test_the_encoder_names_itself_for_every_item_of_a_request():
+    encoder = ProducerScheduler("enc0")
     req = request("on-encoder", ["h1", "h2"])
-    assert producer_params("enc0", req) == {
+    assert encoder.finished(req) == {
         "h1": {"encoder_id": "enc0"},
         "h2": {"encoder_id": "enc0"},
     }
-    assert producer_params("enc0", request("text-only", [])) is None
+    assert encoder.finished(request("text-only", [])) is None
+
+
+class NewRequest:
+    """What vLLM's scheduler output says of a request scheduled for the first time."""
+
+    def __init__(self, req: Request) -> None:
+        self.req_id, self.mm_features = req.request_id, req.mm_features
+
+
+def test_the_encoder_claims_a_requests_items_for_the_pd_the_proxy_names():
+    encoder = ProducerScheduler("enc0")
+    routed = request("routed", ["h-r1", "h-r2"], consumer_params("pd-a"))
+    plain = request("plain", ["h-p"])
+    for req in (routed, plain):
+        encoder.note(req)
+    uses = encoder.uses([NewRequest(routed), NewRequest(plain)])
+    assert uses == {"h-r1": "pd-a", "h-r2": "pd-a", "h-p": ""}
+
+
+@pytest.mark.parametrize(
+    "params", [{"consumer_id": "../etc"}, {"consumer_id": ""}, {"consumer_id": 7}, ["pd-a"]]
+)
+def test_the_encoder_claims_for_no_pd_when_the_named_one_is_malformed(params, caplog):
+    encoder = ProducerScheduler("enc0")
+    req = request("forged-consumer", ["h-f"], params)
+    encoder.note(req)
+    assert encoder.uses([NewRequest(req)]) == {"h-f": ""}
+    assert "announcing its items to no PD in particular" in caplog.text
 
 
 @pytest.fixture
@@ -371,6 +400,17 @@ def test_without_prefetch_an_item_no_request_waits_for_is_not_pulled(announced, 
     time.sleep(0.3)
     assert announced._coordinator.job("h-unwanted") is None
     assert "h-unwanted" not in receiver[0].held
+
+
+def test_an_item_announced_with_a_claim_for_this_pd_is_pulled_before_its_request_comes(
+    announced, producer, receiver, other_rank
+):
+    producer.export("h-routed", item(seed=20), target="test-watch")  # the proxy named us
+    producer.export("h-routed-elsewhere", item(seed=21), target="another-pd")
+    wait_for(lambda: announced.has_item("h-routed"))
+    assert "h-routed" in receiver[0].held and "h-routed" in other_rank[0].held
+    assert announced.stats.take()["counters"]["claimed_pulls"] == 1
+    assert announced._coordinator.job("h-routed-elsewhere") is None
 
 
 def test_with_prefetch_an_exported_item_is_pulled_before_its_request_comes(

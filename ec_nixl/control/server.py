@@ -113,7 +113,9 @@ class ExportServicer(pb_grpc.ExportServiceServicer):
         _check_lease_ms(request.lease_ms, context)
         _check_readers(request.readers, context)
         try:
-            leases = self._pool.lease(hashes, request.lease_ms / 1000 or None, request.readers or 1)
+            leases = self._pool.lease(
+                hashes, request.lease_ms / 1000 or None, request.readers or 1, request.consumer_id
+            )
         except NotFoundError as exc:
             context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
         self._on_leased()
@@ -138,18 +140,22 @@ class ExportServicer(pb_grpc.ExportServiceServicer):
         readers = request.readers or 1
         try:
             for event in itertools.chain(self._pool.snapshot(), self._stream(q, context)):
+                if event.again and event.target != request.consumer_id and not request.claim:
+                    continue  # announced again for another consumer: nothing new here
                 message = self._event_pb(event)
-                if request.claim and event.kind is EventKind.EXPORTED:
-                    self._claim(message, readers)
+                if event.kind is EventKind.EXPORTED and (
+                    request.claim or event.target == request.consumer_id
+                ):
+                    self._claim(message, readers, request.consumer_id)
                 yield message
         finally:
             self._events.unsubscribe(q)
 
-    def _claim(self, message: pb.ExportEvent, readers: int) -> None:
+    def _claim(self, message: pb.ExportEvent, readers: int, consumer: str) -> None:
         """Lease the announced item for the watcher, unless it was evicted meanwhile
         (its EVICTED event follows)."""
         try:
-            [lease] = self._pool.lease([message.mm_hash], readers=readers)
+            [lease] = self._pool.lease([message.mm_hash], readers=readers, consumer=consumer)
         except NotFoundError:
             return
         self._on_leased()
