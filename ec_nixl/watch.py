@@ -15,6 +15,7 @@ import logging
 import threading
 from collections.abc import Callable
 
+from ec_nixl.control.client import EventStream
 from ec_nixl.control.messages import Announcement
 from ec_nixl.errors import ECNixlError
 from ec_nixl.resolver import Resolver
@@ -41,6 +42,7 @@ class ExportWatcher:
         self._on_event = on_event
         self._claim = claim
         self._readers = readers
+        self._streams: dict[str, EventStream] = {}  # encoder id -> its stream now
         self._stopped = threading.Event()
         for encoder_id, address in encoders.items():
             threading.Thread(
@@ -54,9 +56,11 @@ class ExportWatcher:
             try:
                 client = self._resolver.client(address)
                 consumer = self._resolver.consumer_id
-                for event in client.watch(consumer, claim=self._claim, readers=self._readers):
-                    if self._stopped.is_set():
-                        return
+                stream = client.watch(consumer, claim=self._claim, readers=self._readers)
+                self._streams[encoder_id] = stream
+                if self._stopped.is_set():  # closed meanwhile
+                    stream.close()
+                for event in stream:
                     failures = 0
                     self._on_event(event, encoder_id)
             except ECNixlError as exc:
@@ -68,4 +72,7 @@ class ExportWatcher:
             failures += 1
 
     def close(self) -> None:
+        """Stop following: the encoders stop announcing (and claiming) to this PD."""
         self._stopped.set()
+        for stream in list(self._streams.values()):
+            stream.close()

@@ -22,6 +22,11 @@ def test_consumer_knows_exactly_the_configured_encoders():
     assert config.security.token == "t" and config.pull_timeout_s == 3.0
 
 
+def test_a_consumer_may_name_itself_for_its_encoders():
+    assert ConnectorConfig.parse("ec_consumer", {**CONSUMER, "consumer_id": "pd-0"}).consumer_id
+    assert ConnectorConfig.parse("ec_consumer", CONSUMER).consumer_id is None
+
+
 def test_ec_both_takes_producer_and_consumer_keys():
     config = ConnectorConfig.parse("ec_both", {**PRODUCER, **CONSUMER})
     assert config.is_producer and config.is_consumer
@@ -42,6 +47,7 @@ def test_ec_both_takes_producer_and_consumer_keys():
         ("ec_consumer", {"encoders": ["127.0.0.1:7100"]}, "encoders"),
         ("ec_consumer", {"encoders": {"enc0": "127.0.0.1"}}, "encoders.enc0"),
         ("ec_consumer", {**CONSUMER, "pull_timeout_s": "fast"}, "pull_timeout_s"),
+        ("ec_consumer", {**CONSUMER, "consumer_id": "pd a"}, "consumer_id"),
         ("ec_consumer", {**CONSUMER, "tls_ca_file": "/no/such/file"}, "tls_ca_file"),
         ("kv_both", PRODUCER, "ec_role"),
     ],

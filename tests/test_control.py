@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import grpc
@@ -166,24 +167,26 @@ def test_a_watcher_that_asks_for_claims_gets_a_lease_for_its_readers_with_each_e
     assert exporter.pool.renew([event.claim.lease_id]) == [event.claim.lease_id]
 
 
+def follow(client: ExportClient, consumer_id: str) -> list:
+    """Events of a stream opened now, as they come."""
+    events: list = []
+    threading.Thread(target=lambda: events.extend(client.watch(consumer_id)), daemon=True).start()
+    time.sleep(0.3)  # the stream is open
+    return events
+
+
 def test_an_export_meant_for_one_consumer_is_claimed_for_it_alone(exporter, client):
-    meant = client.watch("pd-meant")
-    other = client.watch("pd-other")
-    time.sleep(0.3)  # both streams are open
+    meant, other = follow(client, "pd-meant"), follow(client, "pd-other")
     exporter.export("targeted", embedding(4.0), target="pd-meant")
-    to_meant = next(e for e in meant if e.mm_hash == "targeted")
-    to_other = next(e for e in other if e.mm_hash == "targeted")
-    assert to_meant.claim is not None and to_other.claim is None  # the other PD just knows
     # Asked for again for the other consumer: announced to it alone, with a claim.
     exporter.export("targeted", embedding(4.0), target="pd-other")
-    again = next(e for e in other if e.mm_hash == "targeted")
-    exporter.export("after", embedding(), target="pd-meant")
-    following = next(meant)
-    meant.close()
-    other.close()
-    assert again.claim is not None and again.claim.lease_id != to_meant.claim.lease_id
-    assert following.mm_hash == "after"  # pd-meant never saw the re-announcement
-    client.release([to_meant.claim.lease_id, again.claim.lease_id, following.claim.lease_id])
+    time.sleep(0.3)
+    to_meant = [e for e in meant if e.mm_hash == "targeted"]
+    to_other = [e for e in other if e.mm_hash == "targeted"]
+    client.close()  # ends both streams
+    assert [e.claim is not None for e in to_meant] == [True]
+    assert [e.claim is not None for e in to_other] == [False, True]  # knows it; then claimed
+    exporter.pool.release([to_meant[0].claim.lease_id, to_other[1].claim.lease_id])
 
 
 def test_a_plain_watcher_gets_announcements_without_claims(exporter, client):

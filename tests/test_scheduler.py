@@ -405,6 +405,7 @@ def test_without_prefetch_an_item_no_request_waits_for_is_not_pulled(announced, 
 def test_an_item_announced_with_a_claim_for_this_pd_is_pulled_before_its_request_comes(
     announced, producer, receiver, other_rank
 ):
+    time.sleep(0.3)  # the watcher's stream is open: a claim comes with live exports only
     producer.export("h-routed", item(seed=20), target="test-watch")  # the proxy named us
     producer.export("h-routed-elsewhere", item(seed=21), target="another-pd")
     wait_for(lambda: announced.has_item("h-routed"))

@@ -78,38 +78,50 @@ class ExportClient:
         request = pb.RenewLeasesRequest(lease_ids=lease_ids, lease_ms=int(lease_s * 1000))
         return list(self._call(self._stub.RenewLeases, request).expired_lease_ids)
 
-    def watch(
-        self, consumer_id: str = "", *, claim: bool = False, readers: int = 1
-    ) -> Iterator[Announcement]:
-        """An EXPORTED event for each item held now, then events as they happen, until the
-        stream ends or the caller stops iterating. With `claim`, each EXPORTED event
-        carries a lease for `readers` READs by this consumer."""
-        kinds = {
-            pb.ExportEvent.EXPORTED: EventKind.EXPORTED,
-            pb.ExportEvent.EVICTED: EventKind.EVICTED,
-        }
+    def watch(self, consumer_id: str = "", *, claim: bool = False, readers: int = 1) -> EventStream:
+        """An EXPORTED event for each item held now, then events as they happen, from the
+        moment of this call until the stream ends or is closed. With `claim`, each
+        EXPORTED event carries a lease for `readers` READs by this consumer (an export
+        meant for `consumer_id` carries one either way)."""
         request = pb.WatchEventsRequest(consumer_id=consumer_id, claim=claim, readers=readers)
-        stream = self._stub.WatchEvents(request, metadata=self._metadata)
-        try:
-            for event in stream:
-                yield self._announcement(kinds[event.kind], event)
-        except grpc.RpcError as exc:
-            if exc.code() != grpc.StatusCode.CANCELLED:
-                raise translate(exc, f"exporter {self.address}") from exc
-        finally:
-            stream.cancel()
-
-    def _announcement(self, kind: EventKind, event: pb.ExportEvent) -> Announcement:
-        claim = None
-        if event.HasField("claim"):
-            try:
-                claim = RemoteItem.from_pb(event.claim)
-            except RefusedError as exc:  # its lease expires on its own
-                logger.warning("exporter %s announced a bad claim: %s", self.address, exc)
-        return Announcement(kind, event.mm_hash, event.length, claim)
+        call = self._stub.WatchEvents(request, metadata=self._metadata)
+        return EventStream(call, self.address)
 
     def _call(self, method, request, timeout_s: float | None = None):
         try:
             return method(request, timeout=timeout_s or self.timeout_s, metadata=self._metadata)
         except grpc.RpcError as exc:
             raise translate(exc, f"exporter {self.address}") from exc
+
+
+_KINDS = {pb.ExportEvent.EXPORTED: EventKind.EXPORTED, pb.ExportEvent.EVICTED: EventKind.EVICTED}
+
+
+class EventStream:
+    """An exporter's events as `Announcement`s. `close()` may be called from any thread:
+    the exporter then stops announcing (and claiming) to this stream."""
+
+    def __init__(self, call: grpc.Call, address: str) -> None:
+        self._call = call
+        self._address = address
+
+    def __iter__(self) -> Iterator[Announcement]:
+        return self
+
+    def __next__(self) -> Announcement:
+        try:
+            event = next(self._call)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.CANCELLED:
+                raise StopIteration from None
+            raise translate(exc, f"exporter {self._address}") from exc
+        claim = None
+        if event.HasField("claim"):
+            try:
+                claim = RemoteItem.from_pb(event.claim)
+            except RefusedError as exc:  # its lease expires on its own
+                logger.warning("exporter %s announced a bad claim: %s", self._address, exc)
+        return Announcement(_KINDS[event.kind], event.mm_hash, event.length, claim)
+
+    def close(self) -> None:
+        self._call.cancel()

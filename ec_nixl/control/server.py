@@ -143,9 +143,8 @@ class ExportServicer(pb_grpc.ExportServiceServicer):
                 if event.again and event.target != request.consumer_id and not request.claim:
                     continue  # announced again for another consumer: nothing new here
                 message = self._event_pb(event)
-                if event.kind is EventKind.EXPORTED and (
-                    request.claim or event.target == request.consumer_id
-                ):
+                meant_for_watcher = bool(event.target) and event.target == request.consumer_id
+                if event.kind is EventKind.EXPORTED and (request.claim or meant_for_watcher):
                     self._claim(message, readers, request.consumer_id)
                 yield message
         finally:
