@@ -3,10 +3,25 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 
 from ec_nixl.bench import transfer
+
+# (command, integration module, help): benchmarks that start vLLM instances
+HARNESS_BENCHES = (
+    (
+        "ttft",
+        "bench_ttft",
+        "TTFT with ECNixlConnector vs ECExampleConnector vs one instance (needs vLLM)",
+    ),
+    (
+        "pull",
+        "bench_pull",
+        "one pull inside vLLM (PD's view), at each PD tensor-parallel size (needs vLLM)",
+    ),
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,22 +41,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     transfer.add_arguments(bench_transfer)
     bench_transfer.set_defaults(run=transfer.run)
-    bench_ttft = benches.add_parser(
-        "ttft",
-        help="TTFT with ECNixlConnector vs ECExampleConnector vs one instance (needs vLLM)",
-        description=_ttft_module().__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    _ttft_module().add_arguments(bench_ttft)
-    bench_ttft.set_defaults(run=lambda args: _ttft_module().run(args))
+    for name, module, help_text in HARNESS_BENCHES:
+        sub = benches.add_parser(
+            name,
+            help=help_text,
+            description=_harness(module).__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        _harness(module).add_arguments(sub)
+        sub.set_defaults(run=lambda args, module=module: _harness(module).run(args))
     return parser
 
 
-def _ttft_module():
-    """The TTFT benchmark drives vLLM through the integration harness: import it on demand."""
-    from integration import bench_ttft
-
-    return bench_ttft
+def _harness(module: str):
+    """Benchmarks that drive vLLM live in the integration harness: imported on demand."""
+    return importlib.import_module(f"integration.{module}")
 
 
 def main(argv: list[str] | None = None) -> int:

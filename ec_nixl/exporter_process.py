@@ -38,6 +38,18 @@ class TensorSpec:
         generator = torch.Generator().manual_seed(self.seed)
         return torch.randn(self.shape, generator=generator, dtype=torch.float32).to(self.dtype)
 
+    def made_running(self) -> torch.Tensor:
+        """What `make_running` makes, once its kernels are done."""
+        return self.make() + 1
+
+    def make_running(self, device: torch.device) -> torch.Tensor:
+        """`made_running()` on `device`, returned while a GPU may still be computing it
+        (a spin kernel first, then the add), as an encoder's output reaches `save_caches`."""
+        tensor = self.make().to(device)
+        if tensor.is_cuda:
+            torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU cycles before the add may run
+        return tensor.add_(1)
+
 
 def _serve(conn, config: ExporterConfig) -> None:
     exporter = Exporter(config)
@@ -59,6 +71,10 @@ def _serve(conn, config: ExporterConfig) -> None:
             if command == "export":
                 mm_hash, spec, target = args
                 exporter.export(mm_hash, tensor(spec), target)
+                reply = None
+            elif command == "export_running":
+                mm_hash, spec = args
+                exporter.export(mm_hash, spec.make_running(exporter.arena.device))
                 reply = None
             elif command == "save":
                 from safetensors.torch import save_file
@@ -110,6 +126,10 @@ class ExporterProcess:
     def export(self, mm_hash: str, spec: TensorSpec, target: str = "") -> None:
         """Export (for consumer `target`, if given: it gets a claim with the announcement)."""
         self._command("export", mm_hash, spec, target)
+
+    def export_running(self, mm_hash: str, spec: TensorSpec) -> None:
+        """Export a tensor its device is still computing (see `TensorSpec.make_running`)."""
+        self._command("export_running", mm_hash, spec)
 
     def save_safetensors(self, path: Path, spec: TensorSpec) -> None:
         self._command("save", path, spec)

@@ -96,33 +96,41 @@ class ExportPool:
 
     def export(self, mm_hash: str, tensor: torch.Tensor, target: str = "") -> ExportedItem:
         """Copy `tensor` into a slot and publish it under `mm_hash`, for `target` (a
-        consumer id) if given.
+        consumer id) if given, once the copy is complete.
 
         Exporting a hash already held keeps the held bytes (a consumer may be
         reading them, and equal hashes mean equal content); with a target it is
         announced again, for that consumer.
         """
+        if (held := self._announce_held(mm_hash, target)) is not None:
+            return held
         nbytes = tensor.numel() * tensor.element_size()
         with self._lock:
+            slot = self._allocate_locked(mm_hash, nbytes)
+        item = ExportedItem(mm_hash, slot, tensor.dtype, tuple(tensor.shape), nbytes)
+        try:  # outside the lock: on a GPU this waits for the kernels that made `tensor`
+            _copy_completely(self.arena.view(slot, tensor.dtype, item.shape), tensor)
+        except BaseException:
+            self.arena.free(slot)
+            raise
+        with self._lock:
+            if (held := self._items.get(mm_hash)) is not None:  # exported meanwhile
+                self.arena.free(slot)
+                return held
+            self._items[mm_hash] = item
+            self._on_event(PoolEvent(EventKind.EXPORTED, mm_hash, nbytes, target))
+            return item
+
+    def _announce_held(self, mm_hash: str, target: str) -> ExportedItem | None:
+        with self._lock:
             self._expire_locked(self._clock())
-            if (held := self._items.get(mm_hash)) is not None:
+            held = self._items.get(mm_hash)
+            if held is not None:
                 self._items.move_to_end(mm_hash)
                 if target:
                     again = PoolEvent(EventKind.EXPORTED, mm_hash, held.nbytes, target, again=True)
                     self._on_event(again)
-                return held
-            slot = self._allocate_locked(mm_hash, nbytes)
-            item = ExportedItem(
-                mm_hash=mm_hash,
-                slot=slot,
-                dtype=tensor.dtype,
-                shape=tuple(tensor.shape),
-                nbytes=nbytes,
-            )
-            self.arena.view(slot, tensor.dtype, item.shape).copy_(tensor)
-            self._items[mm_hash] = item
-            self._on_event(PoolEvent(EventKind.EXPORTED, mm_hash, nbytes, target))
-            return item
+            return held
 
     def lease(
         self,
@@ -230,3 +238,14 @@ class ExportPool:
     def _expire_locked(self, now: float) -> None:
         for lease in [lease for lease in self._leases.values() if lease.expires_at <= now]:
             self._end_lease_locked(lease.lease_id, "expired")
+
+
+def _copy_completely(destination: torch.Tensor, source: torch.Tensor) -> None:
+    """Copy, and return once the bytes are in place. On a GPU `copy_` only queues the
+    copy on the current stream, and a remote READ is not ordered with that stream:
+    announcing before the copy completed would let a consumer read stale bytes."""
+    destination.copy_(source)
+    if destination.is_cuda:
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(destination.device))
+        done.synchronize()

@@ -62,10 +62,13 @@ class Deployment:
 
 
 @contextmanager
-def deploy(connector: str | None, workdir: Path, timed: bool = False) -> Iterator[Deployment]:
-    """`workdir` holds `tiny-llava/`; logs go to `workdir/logs/<name>/`."""
+def deploy(
+    connector: str | None, workdir: Path, timed: bool = False, pd_tensor_parallel: int = 1
+) -> Iterator[Deployment]:
+    """`workdir` holds `tiny-llava/`; logs go to `workdir/logs/<name>/`. PD at tensor
+    parallel 2 runs a rank on each core."""
     name = connector or "single-instance"
-    logs = workdir / "logs" / name
+    logs = workdir / "logs" / f"{name}-pd-tp{pd_tensor_parallel}"
     print(f"[{name}] starting ...", file=sys.stderr, flush=True)
     if connector is None:
         servers = [start_vllm("single", workdir=workdir, cpu="0-1", log_dir=logs)]
@@ -74,7 +77,9 @@ def deploy(connector: str | None, workdir: Path, timed: bool = False) -> Iterato
         servers = [
             start_vllm("encoder", workdir=workdir, cpu=0, log_dir=logs, encoder_only=True,
                        ec_transfer_config=encoder_config),
-            start_vllm("pd", workdir=workdir, cpu=1, log_dir=logs, ec_transfer_config=pd_config),
+            start_vllm("pd", workdir=workdir, cpu="0|1" if pd_tensor_parallel == 2 else 1,
+                       log_dir=logs, ec_transfer_config=pd_config,
+                       tensor_parallel=pd_tensor_parallel),
         ]  # fmt: skip
     try:
         startup_s = wait_healthy(servers)

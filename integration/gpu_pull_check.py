@@ -3,6 +3,9 @@
 Registers CUDA memory with NIXL on both sides (producer in a child process,
 consumer here), pulls items of several sizes, checks every byte, and reports
 pull bandwidth beside a device-to-device copy of the same bytes on one GPU.
+Then, per size, exports the output of a kernel still running when `export` is
+called and pulls it at once: every byte must be the finished result (the
+exporter announces an item only once its copy into the arena completed).
 Needs only torch, NIXL and the ec_nixl core (no vLLM), so it runs on a bare
 GPU machine; `--device cpu` runs the same code on a CPU-only host.
 
@@ -66,6 +69,14 @@ def check(device: str, sizes: tuple[int, ...], repeats: int) -> list[dict]:
                     assert torch.equal(item.tensor.cpu(), expected), f"{human(size)}: bytes differ"
                     puller.free(item)
                 pull_ms = statistics.median(times[1:]) * 1000
+                running = TensorSpec(torch.float32, (size // 4,), seed=100 + n)
+                producer.export_running(f"{n}-running", running)
+                [item] = pull(resolver, puller, producer.address, [f"{n}-running"])
+                synchronize(device)
+                assert torch.equal(item.tensor.cpu(), running.made_running()), (
+                    f"{human(size)}: pulled before the kernel that made it had finished"
+                )
+                puller.free(item)
                 copy_ms = local_copy_ms(size, device, repeats)
                 rows.append(
                     {

@@ -40,6 +40,16 @@ def test_export_copies_into_the_arena():
     assert [e.kind for e in events] == [EventKind.EXPORTED]
 
 
+def test_an_export_is_announced_only_once_its_bytes_are_in_place():
+    arena = Arena(16 * KiB)
+    in_place_when_announced = []
+    pool = ExportPool(
+        arena, on_event=lambda e: in_place_when_announced.append(bool(arena.buffer[:16].any()))
+    )
+    pool.export("h", item(value=5.0))
+    assert in_place_when_announced == [True]
+
+
 def test_reexport_of_a_held_hash_keeps_the_held_bytes():
     pool, _, _ = make_pool()
     first = pool.export("h", item(value=1.0))
