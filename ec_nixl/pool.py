@@ -2,11 +2,12 @@
 
 An exported item stays in its arena slot after it was read, so a second PD (or
 the same PD after vLLM evicted it) can still pull it; it leaves only when the
-arena needs its room for a newer export, least recently used first, and never
-while leased. A lease is a promise that the bytes stay put until it ends: it
-covers `readers` READs (one per tensor-parallel rank of one consumer) and ends
-when each of them has reported completion (`finish_reads`, from the READ's
-notification), when the consumer gives it up (`release`) or when it expires.
+arena needs its room for a newer export, and never while leased: items read by
+all their readers first, then the least recently used. A lease is a promise
+that the bytes stay put until it ends: it covers `readers` READs (one per
+tensor-parallel rank of one consumer) and ends when each of them has reported
+completion (`finish_reads`, from the READ's notification), when the consumer
+gives it up (`release`) or when it expires.
 Expiry protects the exporter from consumers that died; the consumer detects an
 expired lease on its side and throws the bytes away (see `Puller`).
 """
@@ -176,6 +177,7 @@ class ExportPool:
                     lease.readers -= 1
                     if lease.readers <= 0:
                         self._end_lease_locked(lease_id, "read")
+                        self._read_locked(lease.item)
 
     def renew(self, lease_ids: Iterable[int], lease_s: float | None = None) -> list[int]:
         """Extend live leases; returns the ids that no longer exist."""
@@ -234,6 +236,12 @@ class ExportPool:
         lease.item.leases.discard(lease_id)
         self._on_lease_end(lease, how)
         return True
+
+    def _read_locked(self, item: ExportedItem) -> None:
+        """Read by all it was leased to: first in line for eviction, ahead of exports
+        nobody has read yet (those are likelier to be wanted soon)."""
+        if self._items.get(item.mm_hash) is item and not item.leases:
+            self._items.move_to_end(item.mm_hash, last=False)
 
     def _expire_locked(self, now: float) -> None:
         for lease in [lease for lease in self._leases.values() if lease.expires_at <= now]:

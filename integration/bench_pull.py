@@ -28,10 +28,9 @@ from typing import Any
 from integration.client import answer, image, scrape
 from integration.deploy import QUIET_S, deploy
 from integration.servers import Server, start_proxy, wait_healthy
-from integration.tiny_vlm import build, embedding_bytes
+from integration.tiny_vlm import add_text_hidden_argument, build, embedding_bytes
 from integration.ttft_measures import histogram_in, p50_and_mean
 
-LLAVA_7B_HIDDEN = 4096
 PULL_LINE = re.compile(
     r"pulled \w+ from \w+ in ([\d.]+) ms \((claimed|resolve)[^;]*; READ per rank ([\d./]+) ms\)"
 )
@@ -120,12 +119,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--requests", type=int, default=20, help="requests per way, one at a time (default 20)"
     )
-    parser.add_argument(
-        "--text-hidden",
-        type=int,
-        default=LLAVA_7B_HIDDEN,
-        help="embedding width; 4096 = LLaVA-1.5-7B, 4.5 MiB per image",
-    )
+    add_text_hidden_argument(parser)
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the rows here")
 
 

@@ -44,7 +44,7 @@ from typing import Any
 from integration.client import chat_body, image, metric, scrape, stream_ttft
 from integration.deploy import CONNECTORS, QUIET_S, deploy
 from integration.servers import Server, start_proxy, wait_healthy
-from integration.tiny_vlm import build, embedding_bytes
+from integration.tiny_vlm import add_text_hidden_argument, build, embedding_bytes
 from integration.ttft_measures import (
     LOAD_LINE,
     SAVE_LINE,
@@ -61,7 +61,6 @@ from integration.ttft_measures import (
 from integration.ttft_report import document, plot, table
 
 DEFAULT_CONCURRENCY = (1, 2, 4)
-LLAVA_7B_HIDDEN = 4096
 REPEATED_IMAGES, REPEATS = 3, 4
 READY_WAIT = "ec_nixl:ready_wait_seconds"
 ANNOUNCE_WAIT = "ec_nixl:announce_wait_seconds"
@@ -224,12 +223,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=48,
         help="requests per way and level (default 48), served in blocks that take turns",
     )
-    parser.add_argument(
-        "--text-hidden",
-        type=int,
-        default=LLAVA_7B_HIDDEN,
-        help="embedding width; 4096 = LLaVA-1.5-7B, 4.5 MiB per image",
-    )
+    add_text_hidden_argument(parser)
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the results here")
     parser.add_argument(
         "--plot", type=Path, default=Path("ttft.png"), help="PNG of TTFT vs concurrency"

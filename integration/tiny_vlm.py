@@ -43,6 +43,19 @@ CHAT_TEMPLATE = (
 )
 
 
+LLAVA_7B_HIDDEN = 4096  # what the benchmarks use: LLaVA-1.5-7B's 576 x 4096 bf16, 4.5 MiB
+
+
+def add_text_hidden_argument(parser) -> None:
+    """`--text-hidden`, for the benchmarks that build the model."""
+    parser.add_argument(
+        "--text-hidden",
+        type=int,
+        default=LLAVA_7B_HIDDEN,
+        help="embedding width; 4096 = LLaVA-1.5-7B, 4.5 MiB per image",
+    )
+
+
 def embedding_bytes(text_hidden: int = TEXT_HIDDEN) -> int:
     """Bytes of one image's embedding in vLLM's encoder cache (bf16)."""
     return IMAGE_TOKENS * text_hidden * 2

@@ -99,6 +99,26 @@ RECOVERED = [image(seed) for seed in (95, 96, 97)]  # served after faults, check
 ROUTED = [image(seed) for seed in (100, 101, 102, 103)]  # through a proxy in front of two PDs
 
 
+def start_encoder(
+    name, workdir, logs, control: str, metrics: str, *, encoder_id: str = "enc0", tp: int = 1
+):
+    """An encoder-only instance exporting with ECNixlConnector (at tensor parallel 2: a
+    rank on each core)."""
+    return start_vllm(
+        name, workdir=workdir, cpu="0|1" if tp == 2 else 0, log_dir=logs, encoder_only=True,
+        tensor_parallel=tp,
+        ec_transfer_config={
+            "ec_connector": "ECNixlConnector",
+            "ec_connector_module_path": "ec_nixl.connector",
+            "ec_role": "ec_producer",
+            "ec_connector_extra_config": {
+                "encoder_id": encoder_id, "control_address": control, "pool_bytes": 64 << 20,
+                "metrics_address": metrics,
+            },
+        },
+    )  # fmt: skip
+
+
 @pytest.fixture(scope="session")
 def workdirs(tmp_path_factory):
     """Two copies of the tiny model under the same --model string ("tiny-llava"):

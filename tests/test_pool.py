@@ -137,6 +137,16 @@ def test_eviction_takes_the_least_recently_used_unleased_item():
     assert "c" not in pool and {"a", "d", "e"} <= {n for n in "acde" if n in pool}
 
 
+def test_an_item_read_by_all_its_readers_is_evicted_before_one_nobody_has_read():
+    pool, _, _ = make_pool(capacity=12 * KiB)
+    for name in ("unread", "read", "newest"):
+        pool.export(name, item())
+    [lease] = pool.lease(["read"])  # now the most recently used ...
+    pool.finish_reads([lease.lease_id])  # ... and done with
+    pool.export("next", item())
+    assert "read" not in pool and {"unread", "newest", "next"} <= set(pool._items)
+
+
 def test_a_full_pool_of_leased_items_refuses_with_a_clear_error():
     pool, _, _ = make_pool(capacity=8 * KiB)
     for name in ("a", "b"):

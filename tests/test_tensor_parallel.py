@@ -12,6 +12,7 @@ import re
 import time
 
 import pytest
+from conftest import start_encoder
 
 from integration.client import answer, image, metric
 from integration.servers import free_port, start_proxy, start_vllm, wait_healthy
@@ -38,17 +39,7 @@ def reference_tp2(workdirs):
 def cluster_tp2(workdirs, reference_tp2):
     encoder_dir, pd_dir, logs = workdirs
     control, metrics = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
-    encoder = start_vllm(
-        "enc-tp2", workdir=encoder_dir, cpu=BOTH_CORES, log_dir=logs, encoder_only=True,
-        tensor_parallel=2,
-        ec_transfer_config={
-            "ec_connector": "ECNixlConnector", "ec_role": "ec_producer",
-            "ec_connector_extra_config": {
-                "encoder_id": "enc0", "control_address": control, "pool_bytes": 64 << 20,
-                "metrics_address": metrics,
-            },
-        },
-    )  # fmt: skip
+    encoder = start_encoder("enc-tp2", encoder_dir, logs, control, metrics, tp=2)
     pd = start_vllm(
         "pd-tp2", workdir=pd_dir, cpu=BOTH_CORES, log_dir=logs, tensor_parallel=2,
         ec_transfer_config={

@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from conftest import ROUTED
+from conftest import ROUTED, start_encoder
 
 from integration.client import answer, metric
 from integration.servers import free_port, start_proxy, start_vllm, wait_healthy
@@ -26,16 +26,7 @@ PDS = ("pd-a", "pd-b")
 def routed(workdirs, reference):
     encoder_dir, pd_dir, logs = workdirs
     control, metrics = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
-    encoder = start_vllm(
-        "enc-routed", workdir=encoder_dir, cpu=0, log_dir=logs, encoder_only=True,
-        ec_transfer_config={
-            "ec_connector": "ECNixlConnector", "ec_role": "ec_producer",
-            "ec_connector_extra_config": {
-                "encoder_id": "enc0", "control_address": control, "pool_bytes": 64 << 20,
-                "metrics_address": metrics,
-            },
-        },
-    )  # fmt: skip
+    encoder = start_encoder("enc-routed", encoder_dir, logs, control, metrics)
     pds = {
         name: start_vllm(
             name,

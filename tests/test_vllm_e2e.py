@@ -14,7 +14,7 @@ import threading
 import time
 
 import pytest
-from conftest import AFTER_FAILURE, DIRECT, PAIR, PROXIED
+from conftest import AFTER_FAILURE, DIRECT, PAIR, PROXIED, start_encoder
 
 from ec_nixl.control.client import ExportClient
 from ec_nixl.pool import EventKind
@@ -25,21 +25,6 @@ from integration.tiny_vlm import embedding_bytes
 PULL_TIMEOUT_S = 5
 
 
-def start_encoder(name: str, workdir, logs, control: str, metrics: str):
-    return start_vllm(
-        name, workdir=workdir, cpu=0, log_dir=logs, encoder_only=True,
-        ec_transfer_config={
-            "ec_connector": "ECNixlConnector",
-            "ec_connector_module_path": "ec_nixl.connector",
-            "ec_role": "ec_producer",
-            "ec_connector_extra_config": {
-                "encoder_id": name, "control_address": control, "pool_bytes": 64 << 20,
-                "metrics_address": metrics,
-            },
-        },
-    )  # fmt: skip
-
-
 @pytest.fixture(scope="module")
 def cluster(workdirs, reference):
     """Two encoders (enc0, enc1), one PD, the proxy sending to PD at once (`proxy`) and
@@ -48,7 +33,7 @@ def cluster(workdirs, reference):
     controls = {name: f"127.0.0.1:{free_port()}" for name in ("enc0", "enc1")}
     metrics = {name: f"127.0.0.1:{free_port()}" for name in controls}
     encoders = [
-        start_encoder(name, encoder_dir, logs, control, metrics[name])
+        start_encoder(name, encoder_dir, logs, control, metrics[name], encoder_id=name)
         for name, control in controls.items()
     ]
     pd = start_vllm(
