@@ -28,7 +28,13 @@ from enum import Enum
 
 from ec_nixl.control.messages import Announcement
 from ec_nixl.control.worker_link import PendingPull, PullOrder, PullReport, WorkerClient
-from ec_nixl.errors import DeadlineExceededError, ECNixlError, HandshakeError, RefusedError
+from ec_nixl.errors import (
+    DeadlineExceededError,
+    ECNixlError,
+    HandshakeError,
+    PeerDeadError,
+    RefusedError,
+)
 from ec_nixl.metrics import Stats
 from ec_nixl.resolver import Resolution, Resolver
 
@@ -263,10 +269,17 @@ class PullCoordinator:
             if not isinstance(exc, ECNixlError):
                 logger.exception("pull of %s failed unexpectedly", job.mm_hash)
                 exc = ECNixlError(f"unexpected {type(exc).__name__}: {exc}")
-            if resolution is not None:
-                self._resolver.abandon(resolution, exc)
             self.stats.count("pull_failures", label=type(exc).__name__)
             self._fail(job, exc)
+            if resolution is None:
+                return
+            # After the request learned of the failure, so a stalled encoder holds this
+            # thread (a second at most), not the request. A deadline here may be a rank's,
+            # not the encoder's: only a dead encoder keeps its leases (it has none left).
+            if isinstance(exc, PeerDeadError):
+                self._resolver.forget_peer(resolution.address)
+            else:
+                self._resolver.release(resolution.address, resolution.lease_ids)
             return
         with self._lock:
             job.rows = resolution.items[0].shape[0]

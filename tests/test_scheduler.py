@@ -261,6 +261,27 @@ def test_an_item_the_request_has_already_consumed_is_not_pulled(scheduler, produ
     assert scheduler._coordinator.job("h-consumed") is None
 
 
+def test_a_dead_rank_fails_the_pull_within_its_deadline_and_the_lease_goes_back(
+    producer, receiver, tmp_path
+):
+    encoders = {"enc0": producer.address}
+    workers = [WorkerClient(receiver[1]), WorkerClient(f"unix:{tmp_path / 'dead-rank.sock'}")]
+    coordinator = PullCoordinator(Resolver(consumer_id="dead-rank"), encoders, workers, 1.0)
+    scheduler = ConsumerScheduler(coordinator, encoders)
+    try:
+        producer.export("h-dead-rank", item(seed=22))
+        req = request("dead-rank", ["h-dead-rank"], make_params("enc0", ["h-dead-rank"]))
+        start = time.monotonic()
+        settle(scheduler, req)
+        assert time.monotonic() - start < 1.0 + 2.0  # the pull deadline and its grace second
+        assert not scheduler.has_item("h-dead-rank")
+        assert scheduler.stats.take()["counters"]["fallbacks"] == 1
+        wait_for(lambda: "h-dead-rank" not in receiver[0].held)  # the live rank drops it
+        wait_for(lambda: producer.stats()["live_leases"] == 0)
+    finally:
+        scheduler.close()
+
+
 def test_an_encoder_serving_another_model_is_reported_once(producer, receiver, other_rank, caplog):
     scheduler = make_scheduler(producer, receiver, other_rank, compatibility_hash="model=another")
     try:
