@@ -163,7 +163,9 @@ class ECNixlConnector(ECConnectorBase):
             self._producer_worker = ProducerWorker(self.config, self._fingerprint, device)
         if self.config.is_consumer:
             model = self._vllm_config.model_config
-            shape = ModelShape(model.dtype, model.get_inputs_embeds_size())
+            vision = getattr(model.hf_config, "vision_config", None)
+            levels = len(getattr(vision, "deepstack_visual_indexes", None) or ())
+            shape = ModelShape.of(model.dtype, model.get_inputs_embeds_size(), levels)
             self._consumer_worker = ConsumerWorker(
                 self.config, self._fingerprint, shape, self._engine_id, rank, device
             )

@@ -40,7 +40,14 @@ class ModelShape:
     """
 
     dtype: torch.dtype
-    embed_size: int  # inputs-embeds width; some models stack several (deepstack): a multiple
+    width: int  # exactly: the inputs-embeds width, times 1 + its levels for a deepstack model
+
+    @classmethod
+    def of(cls, dtype: torch.dtype, embeds_width: int, deepstack_levels: int = 0) -> ModelShape:
+        """A deepstack model's encoder stacks `deepstack_levels` more outputs of the same
+        width beside each embedding (vLLM's Qwen3-VL); any other width would fail in the
+        embedding merge."""
+        return cls(dtype, embeds_width * (1 + deepstack_levels))
 
     def check(self, item: RemoteItem, num_embeds: int) -> None:
         """`num_embeds` 0: not known yet (a prefetch), the scheduler checks the rows."""
@@ -49,11 +56,11 @@ class ModelShape:
             item.dtype != self.dtype
             or len(shape) != 2
             or shape[0] != (num_embeds or shape[0])
-            or shape[1] % self.embed_size
+            or shape[1] != self.width
         ):
             raise RefusedError(
                 f"{item.mm_hash}: the encoder holds {item.dtype}{list(shape)}, this model "
-                f"needs {self.dtype}[{num_embeds}, k*{self.embed_size}]"
+                f"needs {self.dtype}[{num_embeds or 'rows'}, {self.width}]"
             )
 
 

@@ -64,6 +64,14 @@ class Resolver:
         items = self.client(address).resolve(
             mm_hashes, self.consumer_id, timeout_s=deadline - asked_at, readers=readers
         )
+        answered = [item.mm_hash for item in items]
+        if answered != list(mm_hashes):  # a hostile encoder renaming a descriptor, or none
+            if items:
+                self.release(address, [item.lease_id for item in items])
+            raise RefusedError(
+                f"exporter {address} answered a resolve of {list(mm_hashes)} "
+                f"with descriptors of {answered}"
+            )
         return self.checked(address, items, asked_at)
 
     def checked(self, address: str, items: list[RemoteItem], since: float) -> Resolution:

@@ -50,6 +50,8 @@ def test_ec_both_takes_producer_and_consumer_keys():
         ("ec_consumer", {**CONSUMER, "consumer_id": "pd a"}, "consumer_id"),
         ("ec_consumer", {**CONSUMER, "tls_ca_file": "/no/such/file"}, "tls_ca_file"),
         ("kv_both", PRODUCER, "ec_role"),
+        ("ec_producer", {**PRODUCER, "tls_cert_file": __file__}, "tls_key_file"),
+        ("ec_consumer", {**CONSUMER, "tls_key_file": __file__}, "tls_cert_file"),
     ],
 )
 def test_bad_config_fails_at_start_up_naming_the_key(role, extra, names):

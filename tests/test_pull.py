@@ -215,6 +215,29 @@ def test_descriptor_outside_the_exporters_memory_is_refused_before_any_read(
     assert wait_until(lambda: producer.stats()["live_leases"] == 0)
 
 
+@pytest.mark.parametrize("answer", ["another item's", "none"])
+def test_a_resolve_answered_for_other_items_is_refused_before_any_read(
+    producer, resolver, puller, answer
+):
+    producer.export("asked", spec(seed=42))
+    producer.export("victim", spec(seed=43))
+    client = resolver.client(producer.address)
+    genuine = client.resolve
+
+    def rename(mm_hashes, *args, **kwargs):
+        return genuine(["victim"], *args, **kwargs) if answer != "none" else []
+
+    client.resolve = rename
+    used = puller.arena.bytes_used
+    try:
+        with pytest.raises(RefusedError, match=r"answered a resolve of \['asked'\]"):
+            pull(resolver, puller, producer.address, ["asked"])
+    finally:
+        del client.resolve
+    assert puller.arena.bytes_used == used
+    assert wait_until(lambda: producer.stats()["live_leases"] == 0)  # given back
+
+
 def test_nixl_refuses_a_read_outside_registered_memory(producer, resolver, puller):
     peer = resolver.peer(producer.address)
     exporter_memory = peer.regions[0]

@@ -27,7 +27,7 @@ from ec_nixl.watch import ExportWatcher
 
 def serve_rank(tmp_path_factory, producer, rank: int):
     resolver = Resolver(consumer_id=f"test-worker-{rank}")
-    model = ModelShape(torch.bfloat16, embed_size=1024)
+    model = ModelShape(torch.bfloat16, width=1024)
     receiver = Receiver(Arena(32 * MiB), resolver, {"enc0": producer.address}, model)
     address = f"unix:{tmp_path_factory.mktemp('sock') / f'worker-{rank}.sock'}"
     server = serve_worker(receiver, address)
@@ -211,8 +211,13 @@ def test_forged_params_fail_a_request_that_has_no_media_to_encode(scheduler):
 
 @pytest.mark.parametrize(
     "exported",
-    [item(5, shape=(ROWS + 1, 1024)), item(6, shape=(ROWS, 1000)), item(7, dtype=torch.float16)],
-    ids=["rows", "width", "dtype"],
+    [
+        item(5, shape=(ROWS + 1, 1024)),
+        item(6, shape=(ROWS, 1000)),
+        item(23, shape=(ROWS, 2048)),  # a multiple: only a deepstack model takes one
+        item(7, dtype=torch.float16),
+    ],
+    ids=["rows", "width", "twice-the-width", "dtype"],
 )
 def test_an_item_of_the_wrong_shape_or_dtype_is_refused_unread_and_encoded_here(
     scheduler, producer, receiver, exported
@@ -222,7 +227,7 @@ def test_an_item_of_the_wrong_shape_or_dtype_is_refused_unread_and_encoded_here(
     req = request(mm_hash, [mm_hash], make_params("enc0", [mm_hash]))
     settle(scheduler, req)
     job = scheduler._coordinator.job(mm_hash)
-    assert "this model needs torch.bfloat16[8, k*1024]" in str(job.error)
+    assert "this model needs torch.bfloat16[8, 1024]" in str(job.error)
     assert mm_hash not in receiver[0].held
     assert scheduler.take_unavailable() == set()
     assert scheduler.stats.take()["counters"]["fallbacks"] == 1
@@ -297,6 +302,11 @@ def test_an_encoder_serving_another_model_is_reported_once(producer, receiver, o
     assert caplog.text.count("cannot serve this instance") == 1
     assert "same --model string" in caplog.text
     assert caplog.text.count("name none of its items") == 1
+
+
+def test_a_deepstack_model_takes_exactly_its_stacked_width():
+    shape = ModelShape.of(torch.bfloat16, embeds_width=1024, deepstack_levels=3)
+    assert shape.width == 4096
 
 
 def test_the_encoder_names_itself_for_every_item_of_a_request():
@@ -496,7 +506,7 @@ def test_a_worker_meets_its_encoders_at_start_and_skips_one_that_is_down(produce
     caplog.set_level(logging.INFO, logger="ec_nixl")
     resolver = Resolver(consumer_id="early")
     encoders = {"enc0": producer.address, "down": "127.0.0.1:1"}
-    receiver = Receiver(Arena(MiB), resolver, encoders, ModelShape(torch.bfloat16, 1024))
+    receiver = Receiver(Arena(MiB), resolver, encoders, ModelShape(torch.bfloat16, width=1024))
     try:
         receiver.meet_encoders()
         peer = resolver.peer(producer.address)  # cached by the meeting: no new handshake

@@ -119,8 +119,11 @@ class EventStream:
         if event.HasField("claim"):
             try:
                 claim = RemoteItem.from_pb(event.claim)
+                if claim.mm_hash != event.mm_hash:
+                    raise RefusedError(f"a claim on {claim.mm_hash} announces {event.mm_hash}")
             except RefusedError as exc:  # its lease expires on its own
                 logger.warning("exporter %s announced a bad claim: %s", self._address, exc)
+                claim = None
         return Announcement(_KINDS[event.kind], event.mm_hash, event.length, claim)
 
     def close(self) -> None:

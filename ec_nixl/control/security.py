@@ -12,6 +12,8 @@ from pathlib import Path
 
 import grpc
 
+from ec_nixl.errors import ConfigError
+
 AUTH_HEADER = "authorization"
 OPEN_METHODS = ("/grpc.health.v1.Health/",)
 
@@ -24,6 +26,19 @@ class Security:
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
     tls_ca_file: Path | None = None
+
+    def __post_init__(self) -> None:
+        # Half a pair would silently serve plaintext, and clients would send the token in it.
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            given, missing = (
+                ("tls_cert_file", "tls_key_file")
+                if self.tls_cert_file
+                else ("tls_key_file", "tls_cert_file")
+            )
+            raise ConfigError(
+                f"{given} is set but {missing} is not: TLS needs both (else the control plane "
+                "would serve plaintext)"
+            )
 
     def call_metadata(self) -> tuple[tuple[str, str], ...]:
         return ((AUTH_HEADER, f"Bearer {self.token}"),) if self.token else ()
