@@ -27,7 +27,7 @@ from nixl._bindings import (
     nixlRemoteDisconnectError,
 )
 
-from ec_nixl.errors import DeadlineExceededError, PeerDeadError, RefusedError
+from ec_nixl.errors import DeadlineExceededError, HandshakeError, PeerDeadError, RefusedError
 from ec_nixl.region import Region, tensor_region
 
 logger = logging.getLogger(__name__)
@@ -71,14 +71,27 @@ class TransferAgent:
         return self._agent.get_agent_metadata()
 
     def add_peer(self, metadata: bytes) -> str:
-        """Load a peer's metadata (once per peer name) and return the name."""
+        """Load a peer's metadata (once per peer name) and return the name. Metadata NIXL
+        cannot use is a HandshakeError, and leaves nothing loaded."""
         try:
             name = self._agent.add_remote_agent(metadata)
-        except (nixlMismatchError, nixlNotAllowedError, nixlInvalidParamError) as exc:
-            raise RefusedError(f"peer metadata rejected by NIXL: {exc}") from exc
+        except (
+            nixlMismatchError,
+            nixlNotAllowedError,
+            nixlInvalidParamError,
+            nixlNotFoundError,
+        ) as exc:
+            raise HandshakeError(f"peer metadata rejected by NIXL: {exc}") from exc
         except nixlBackendError as exc:  # UCX cannot reach the peer: it is gone
             raise PeerDeadError(f"cannot connect to the peer in this metadata: {exc}") from exc
-        name = name.decode() if isinstance(name, bytes) else name
+        if isinstance(name, bytes):
+            try:
+                name = name.decode()
+            except UnicodeDecodeError as exc:
+                self._agent.remove_remote_agent(name)
+                raise HandshakeError(
+                    f"peer metadata names its agent {name[:32]!r}, not UTF-8; unloaded it"
+                ) from exc
         self._peers.add(name)
         return name
 

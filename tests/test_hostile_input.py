@@ -14,10 +14,11 @@ from hypothesis import strategies as st
 
 from ec_nixl.control.client import ExportClient
 from ec_nixl.control.security import Security
-from ec_nixl.errors import PeerDeadError, RefusedError
+from ec_nixl.errors import HandshakeError, PeerDeadError, RefusedError
 from ec_nixl.exporter import Exporter, ExporterConfig
 from ec_nixl.exporter_process import ExporterProcess
 from ec_nixl.puller import pull
+from ec_nixl.transfer import TransferAgent
 from ec_nixl.v1 import export_pb2 as pb
 
 TOKEN = "fuzz-token"
@@ -127,3 +128,11 @@ def test_leases_a_caller_was_not_given_cannot_be_released_or_renewed(exporter):
     finally:
         holder.close()
         intruder.close()
+
+
+def test_peer_metadata_naming_its_agent_in_bytes_that_are_not_utf8_is_refused_unloaded():
+    source, target = TransferAgent("named"), TransferAgent("loader")
+    bad = source.metadata.replace(source.name.encode(), b"\xff" * len(source.name))
+    for _ in range(2):  # the second load is refused the same way: nothing was left loaded
+        with pytest.raises(HandshakeError, match="not UTF-8; unloaded"):
+            target.add_peer(bad)
