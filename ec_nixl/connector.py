@@ -141,6 +141,7 @@ class ECNixlConnector(ECConnectorBase):
             resolver,
             self.config.encoders,
             self._consumer.on_event,
+            self._consumer.on_connect,
             claim=self.config.prefetch,
             readers=world_size,
         )

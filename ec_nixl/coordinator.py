@@ -155,6 +155,12 @@ class PullCoordinator:
             if self._exported.get(mm_hash) == encoder_id:
                 del self._exported[mm_hash]
 
+    def reconnected(self, encoder_id: str) -> None:
+        """A new event stream from the encoder starts with everything it holds: forget
+        what it announced before, whose evictions the lost stream may not have told."""
+        with self._lock:
+            self._exported = {h: e for h, e in self._exported.items() if e != encoder_id}
+
     def _submit_locked(
         self, job: PullJob, encoder_id: str, announcement: Announcement | None = None
     ) -> None:

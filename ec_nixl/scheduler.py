@@ -132,6 +132,10 @@ class ConsumerScheduler:
             prefetch = eager and event.mm_hash not in self._resident
             self._coordinator.announced(event, encoder_id, prefetch=prefetch)
 
+    def on_connect(self, encoder_id: str) -> None:
+        """An encoder's event stream (re)started: it will announce what it holds anew."""
+        self._coordinator.reconnected(encoder_id)
+
     def on_freed(self, mm_hashes: list[str]) -> None:
         """vLLM evicted these from its encoder cache: pull them again if asked."""
         self._resident.difference_update(mm_hashes)

@@ -27,19 +27,23 @@ RETRY_S = (0.5, 1.0, 2.0, 5.0)  # between attempts to follow a lost stream
 
 class ExportWatcher:
     """Calls `on_event(event, encoder_id)` for each event of each encoder, from one
-    thread per encoder; with `claim`, announcements carry leases for `readers` READs."""
+    thread per encoder, after `on_connect(encoder_id)` for each new stream (which
+    starts with everything the encoder holds); with `claim`, announcements carry
+    leases for `readers` READs."""
 
     def __init__(
         self,
         resolver: Resolver,
         encoders: dict[str, str],
         on_event: Callable[[Announcement, str], None],
+        on_connect: Callable[[str], None] = lambda encoder_id: None,
         *,
         claim: bool = False,
         readers: int = 1,
     ) -> None:
         self._resolver = resolver
         self._on_event = on_event
+        self._on_connect = on_connect
         self._claim = claim
         self._readers = readers
         self._streams: dict[str, EventStream] = {}  # encoder id -> its stream now
@@ -60,6 +64,7 @@ class ExportWatcher:
                 self._streams[encoder_id] = stream
                 if self._stopped.is_set():  # closed meanwhile
                     stream.close()
+                self._on_connect(encoder_id)
                 for event in stream:
                     failures = 0
                     self._on_event(event, encoder_id)

@@ -69,7 +69,9 @@ def watching(scheduler: ConsumerScheduler, producer, *, claim: bool = False) -> 
     claims for its two ranks when it prefetches)."""
     resolver = Resolver(consumer_id="test-watch")
     encoders = {"enc0": producer.address}
-    return ExportWatcher(resolver, encoders, scheduler.on_event, claim=claim, readers=2)
+    return ExportWatcher(
+        resolver, encoders, scheduler.on_event, scheduler.on_connect, claim=claim, readers=2
+    )
 
 
 ROWS = 8  # each test item's placeholder: ROWS x 1024 bf16, what the exports below hold
@@ -410,6 +412,16 @@ def test_an_item_the_encoder_dropped_since_announcing_it_is_awaited_afresh(annou
     announced.request_finished(req)
 
 
+def test_after_a_reconnect_pd_forgets_what_the_encoder_announced_before(announced, producer):
+    producer.export("h-before-reconnect", item(seed=24))
+    time.sleep(0.3)  # announced
+    announced.on_connect("enc0")  # a new stream: E will announce what it still holds
+    req = request("after-reconnect", ["h-before-reconnect"], announce_params())
+    assert not announced.ensure_available(req, 0)  # waits for the new stream's word
+    assert announced._coordinator.job("h-before-reconnect").awaiting
+    announced.request_finished(req)
+
+
 def test_an_item_no_encoder_announces_in_time_is_encoded_here(announced):
     req = request("never-announced", ["h-silent"], announce_params())
     assert not announced.ensure_available(req, 0)
@@ -475,7 +487,8 @@ def test_a_claim_that_lapsed_before_its_pull_is_resolved_afresh(
     assert "h-lapsed" in other_rank[0].held
     data = prefetching.stats.take()
     assert "claimed_pulls" not in data["counters"]
-    assert len(data["observations"]["resolve_seconds"]) == data["counters"]["items_pulled"]
+    # E's cached items were announced (and prefetched) too; some may still be in flight.
+    assert len(data["observations"]["resolve_seconds"]) >= data["counters"]["items_pulled"] >= 1
 
 
 def test_a_prefetched_item_with_other_rows_than_its_request_needs_is_encoded_here(
