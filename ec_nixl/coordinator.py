@@ -307,7 +307,9 @@ class PullCoordinator:
         and which it was, for the log."""
         address = self._encoders[job.encoder_id]
         if announcement is not None and announcement.claim is not None:
-            claim = self._resolver.checked(address, [announcement.claim], announcement.received_at)
+            claim = self._resolver.checked(
+                address, [announcement.claim], announcement.received_at, deadline
+            )
             if claim.valid_until - time.monotonic() > CLAIM_MARGIN_S:
                 self.stats.count("claimed_pulls")
                 return claim, "claimed when announced"

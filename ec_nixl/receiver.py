@@ -92,9 +92,9 @@ class Receiver:
             raise RefusedError(f"{len(order.items)} items but {len(order.num_embeds)} shapes")
         for item, rows in zip(order.items, order.num_embeds, strict=True):
             self.model.check(item, rows)
-        peer = self.resolver.peer(address)
-        if any(item.epoch != peer.epoch for item in order.items):
-            peer = self.resolver.peer(address, refresh=True)  # the encoder restarted
+        peer = self.resolver.peer(address, deadline=order.deadline)
+        if any(item.epoch != peer.epoch for item in order.items):  # the encoder restarted
+            peer = self.resolver.peer(address, refresh=True, deadline=order.deadline)
         resolution = Resolution(address, peer, order.items, order.valid_until)
         try:
             check_descriptors(order.items, peer)

@@ -72,17 +72,23 @@ class Resolver:
                 f"exporter {address} answered a resolve of {list(mm_hashes)} "
                 f"with descriptors of {answered}"
             )
-        return self.checked(address, items, asked_at)
+        return self.checked(address, items, asked_at, deadline)
 
-    def checked(self, address: str, items: list[RemoteItem], since: float) -> Resolution:
+    def checked(
+        self, address: str, items: list[RemoteItem], since: float, deadline: float
+    ) -> Resolution:
         """Descriptors leased at `since` (a Resolve, an announcement's claim), checked
-        against what the exporter's handshake said; on refusal the leases go back."""
+        against what the exporter's handshake said (met by `deadline` if need be); on
+        refusal the leases go back."""
         resolution = Resolution(
-            address, self.peer(address), items, since + min(i.lease_remaining_s for i in items)
+            address,
+            self.peer(address, deadline=deadline),
+            items,
+            since + min(i.lease_remaining_s for i in items),
         )
         try:
-            if any(i.epoch != resolution.peer.epoch for i in items):
-                resolution.peer = self.peer(address, refresh=True)  # the exporter restarted
+            if any(i.epoch != resolution.peer.epoch for i in items):  # the exporter restarted
+                resolution.peer = self.peer(address, refresh=True, deadline=deadline)
             check_descriptors(items, resolution.peer)
         except BaseException as exc:
             self.abandon(resolution, exc)
@@ -120,12 +126,16 @@ class Resolver:
                 client = self._clients[address] = ExportClient(address, self.security)
             return client
 
-    def peer(self, address: str, refresh: bool = False) -> PeerInfo:
-        """What the exporter at `address` told us in its handshake (cached)."""
+    def peer(self, address: str, refresh: bool = False, deadline: float | None = None) -> PeerInfo:
+        """What the exporter at `address` told us in its handshake (cached); a handshake
+        needed now keeps to `deadline`, when the caller has one."""
         with self._lock:
             peer = self._peers.get(address)
         if peer is None or refresh:
-            peer = self.client(address).handshake(self.compatibility_hash, self.consumer_id)
+            timeout_s = None if deadline is None else max(0.001, deadline - time.monotonic())
+            peer = self.client(address).handshake(
+                self.compatibility_hash, self.consumer_id, timeout_s
+            )
             with self._lock:
                 self._peers[address] = peer
             logger.info("exporter %s is agent %s (epoch %x)", address, peer.agent_name, peer.epoch)

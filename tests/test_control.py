@@ -13,7 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from ec_nixl.control.client import ExportClient
 from ec_nixl.control.messages import PROTOCOL_VERSION
 from ec_nixl.control.security import Security
-from ec_nixl.control.server import MAX_READERS
+from ec_nixl.control.server import MAX_ITEMS_PER_CALL, MAX_READERS
 from ec_nixl.errors import AuthError, HandshakeError, NotFoundError, PeerDeadError, RefusedError
 from ec_nixl.exporter import Exporter, ExporterConfig
 from ec_nixl.pool import EventKind
@@ -110,6 +110,16 @@ def test_renew_reports_leases_that_already_ended(exporter, client):
 def test_resolve_refuses_empty_and_oversized_requests(client, hashes):
     with pytest.raises(RefusedError, match="INVALID_ARGUMENT"):
         client.resolve(hashes, "pd-0")
+
+
+@pytest.mark.parametrize("call", ["release", "renew"])
+def test_a_release_or_renewal_of_more_leases_than_a_resolve_grants_is_refused(client, call):
+    too_many = list(range(1, MAX_ITEMS_PER_CALL + 2))
+    with pytest.raises(RefusedError, match=f"at most {MAX_ITEMS_PER_CALL} lease ids"):
+        if call == "release":
+            client.release(too_many)
+        else:
+            client.renew(too_many, lease_s=1)
 
 
 @pytest.mark.parametrize("token", [None, "wrong"])

@@ -13,6 +13,7 @@ import torch
 from conftest import MiB, spec
 
 from ec_nixl.arena import Arena
+from ec_nixl.control.worker_link import PullOrder
 from ec_nixl.errors import (
     DeadlineExceededError,
     NotFoundError,
@@ -23,6 +24,7 @@ from ec_nixl.errors import (
 from ec_nixl.exporter import ExporterConfig
 from ec_nixl.exporter_process import ExporterProcess, TensorSpec
 from ec_nixl.puller import Puller, pull
+from ec_nixl.receiver import ModelShape, Receiver
 from ec_nixl.region import Region
 from ec_nixl.resolver import Resolver
 
@@ -310,3 +312,22 @@ def test_stalled_producer_fails_the_resolve_at_its_deadline(resolver, puller):
             assert time.monotonic() - start < 1.0
         finally:
             producer.signal(signal.SIGCONT)
+
+
+def test_a_worker_order_keeps_its_deadline_with_a_stalled_encoder_not_met_yet(resolver):
+    with ExporterProcess(ExporterConfig(capacity_bytes=8 * MiB)) as producer:
+        producer.export("unmet", spec(seed=73))
+        [item] = resolver.client(producer.address).resolve(["unmet"], "scheduler")
+        model = ModelShape(torch.bfloat16, width=1024)
+        fresh = Resolver(consumer_id="worker-that-never-met-it")
+        worker = Receiver(Arena(8 * MiB), fresh, {"enc0": producer.address}, model)
+        producer.signal(signal.SIGSTOP)
+        start = time.monotonic()
+        try:
+            order = PullOrder("enc0", [item], [0], start + 30, deadline=start + 0.5)
+            with pytest.raises(DeadlineExceededError):
+                worker.read(order)  # its handshake keeps the order's deadline
+            assert time.monotonic() - start < 1.0
+        finally:
+            producer.signal(signal.SIGCONT)
+            fresh.close()

@@ -135,10 +135,12 @@ def measure(sizes: tuple[int, ...], repeats: int, workdir: Path) -> list[Result]
                     announcement = claims.next(mm_hash)  # held before the decision to pull
 
                     def read() -> list:
+                        deadline = time.monotonic() + DEFAULT_PULL_TIMEOUT_S
                         claim = resolver.checked(
-                            announcer.address, [announcement.claim], announcement.received_at
-                        )
-                        return puller.read(claim, time.monotonic() + DEFAULT_PULL_TIMEOUT_S)
+                            announcer.address, [announcement.claim], announcement.received_at,
+                            deadline,
+                        )  # fmt: skip
+                        return puller.read(claim, deadline)
 
                     elapsed, [item] = _timed(read)
                     got = item.tensor.clone()  # for the check, outside the timer

@@ -50,13 +50,15 @@ class ExportClient:
     def close(self) -> None:
         self._channel.close()
 
-    def handshake(self, compatibility_hash: str, consumer_id: str) -> PeerInfo:
+    def handshake(
+        self, compatibility_hash: str, consumer_id: str, timeout_s: float | None = None
+    ) -> PeerInfo:
         request = pb.HandshakeRequest(
             protocol_version=PROTOCOL_VERSION,
             compatibility_hash=compatibility_hash,
             consumer_id=consumer_id,
         )
-        return PeerInfo.from_pb(self._call(self._stub.Handshake, request))
+        return PeerInfo.from_pb(self._call(self._stub.Handshake, request, timeout_s))
 
     def resolve(
         self,

@@ -122,9 +122,11 @@ class ExportServicer(pb_grpc.ExportServiceServicer):
         return pb.ResolveResponse(items=[self._describe(lease) for lease in leases])
 
     def Release(self, request: pb.ReleaseRequest, context: grpc.ServicerContext):
+        _check_lease_count(request.lease_ids, context)
         return pb.ReleaseResponse(released=self._pool.release(request.lease_ids))
 
     def RenewLeases(self, request: pb.RenewLeasesRequest, context: grpc.ServicerContext):
+        _check_lease_count(request.lease_ids, context)
         _check_lease_ms(request.lease_ms, context)
         lease_s = request.lease_ms / 1000 or self._pool.lease_s
         gone = self._pool.renew(request.lease_ids, lease_s)
@@ -198,6 +200,16 @@ def _check_lease_ms(lease_ms: int, context: grpc.ServicerContext) -> None:
     if lease_ms > MAX_LEASE_MS:
         context.abort(
             grpc.StatusCode.INVALID_ARGUMENT, f"lease_ms {lease_ms} exceeds {MAX_LEASE_MS}"
+        )
+
+
+def _check_lease_count(lease_ids, context: grpc.ServicerContext) -> None:
+    """A call may name as many leases as a resolve can grant: a bigger one would hold the
+    pool's lock (and the encoder's export) for as long as it takes."""
+    if len(lease_ids) > MAX_ITEMS_PER_CALL:
+        context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"at most {MAX_ITEMS_PER_CALL} lease ids per call, got {len(lease_ids)}",
         )
 
 
