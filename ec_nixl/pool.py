@@ -14,10 +14,11 @@ expired lease on its side and throws the bytes away (see `Puller`).
 
 from __future__ import annotations
 
+import heapq
 import secrets
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import Enum
@@ -28,6 +29,9 @@ from ec_nixl.arena import Arena, Slot
 from ec_nixl.errors import NotFoundError, PoolFullError
 
 DEFAULT_LEASE_S = 30.0
+# Live leases one consumer may hold: a PD needs one per item in flight per request; a
+# caller asking for more is flooding (each lease costs memory and pins its item).
+MAX_LEASES_PER_CONSUMER = 4096
 
 
 class EventKind(Enum):
@@ -84,6 +88,9 @@ class ExportPool:
         self._lock = threading.Lock()
         self._items: OrderedDict[str, ExportedItem] = OrderedDict()  # LRU first
         self._leases: dict[int, Lease] = {}
+        # (expires_at, lease_id), earliest first; a renewed lease's old entry is skipped
+        self._expiries: list[tuple[float, int]] = []
+        self._held_by: Counter[str] = Counter()  # consumer -> its live leases
 
     def __len__(self) -> int:
         return len(self._items)
@@ -141,7 +148,7 @@ class ExportPool:
         consumer: str = "",
     ) -> list[Lease]:
         """Lease every item for `readers` READs by `consumer`, or none: raises
-        NotFoundError naming the missing hashes."""
+        NotFoundError naming the missing hashes, PoolFullError past the consumer's bound."""
         mm_hashes = list(mm_hashes)
         with self._lock:
             now = self._clock()
@@ -149,6 +156,11 @@ class ExportPool:
             missing = tuple(h for h in mm_hashes if h not in self._items)
             if missing:
                 raise NotFoundError(f"not exported here: {', '.join(missing)}", missing)
+            if self._held_by[consumer] + len(mm_hashes) > MAX_LEASES_PER_CONSUMER:
+                raise PoolFullError(
+                    f"consumer {consumer[:64]!r} holds {self._held_by[consumer]} leases and "
+                    f"asks for {len(mm_hashes)} more; at most {MAX_LEASES_PER_CONSUMER}"
+                )
             expires_at = now + (lease_s or self.lease_s)
             leases = []
             for mm_hash in mm_hashes:
@@ -157,7 +169,9 @@ class ExportPool:
                 lease = Lease(self._new_lease_id(), item, expires_at, readers, consumer)
                 item.leases.add(lease.lease_id)
                 self._leases[lease.lease_id] = lease
+                heapq.heappush(self._expiries, (expires_at, lease.lease_id))
                 leases.append(lease)
+            self._held_by[consumer] += len(leases)
             return leases
 
     def release(self, lease_ids: Iterable[int]) -> int:
@@ -192,6 +206,7 @@ class ExportPool:
                     gone.append(lease_id)
                 else:
                     lease.expires_at = expires_at
+                    heapq.heappush(self._expiries, (expires_at, lease_id))
             return gone
 
     def expire(self) -> None:
@@ -234,6 +249,9 @@ class ExportPool:
         if lease is None:
             return False
         lease.item.leases.discard(lease_id)
+        self._held_by[lease.consumer] -= 1
+        if not self._held_by[lease.consumer]:
+            del self._held_by[lease.consumer]
         self._on_lease_end(lease, how)
         return True
 
@@ -244,8 +262,12 @@ class ExportPool:
             self._items.move_to_end(item.mm_hash, last=False)
 
     def _expire_locked(self, now: float) -> None:
-        for lease in [lease for lease in self._leases.values() if lease.expires_at <= now]:
-            self._end_lease_locked(lease.lease_id, "expired")
+        """End leases due by `now`, looking at those alone (not every live lease)."""
+        while self._expiries and self._expiries[0][0] <= now:
+            _, lease_id = heapq.heappop(self._expiries)
+            lease = self._leases.get(lease_id)
+            if lease is not None and lease.expires_at <= now:  # else renewed, or ended
+                self._end_lease_locked(lease_id, "expired")
 
 
 def _copy_completely(destination: torch.Tensor, source: torch.Tensor) -> None:

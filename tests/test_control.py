@@ -14,7 +14,14 @@ from ec_nixl.control.client import ExportClient
 from ec_nixl.control.messages import PROTOCOL_VERSION
 from ec_nixl.control.security import Security
 from ec_nixl.control.server import MAX_ITEMS_PER_CALL, MAX_READERS
-from ec_nixl.errors import AuthError, HandshakeError, NotFoundError, PeerDeadError, RefusedError
+from ec_nixl.errors import (
+    AuthError,
+    HandshakeError,
+    NotFoundError,
+    PeerDeadError,
+    PoolFullError,
+    RefusedError,
+)
 from ec_nixl.exporter import Exporter, ExporterConfig
 from ec_nixl.pool import EventKind
 from ec_nixl.v1 import export_pb2 as pb
@@ -110,6 +117,15 @@ def test_renew_reports_leases_that_already_ended(exporter, client):
 def test_resolve_refuses_empty_and_oversized_requests(client, hashes):
     with pytest.raises(RefusedError, match="INVALID_ARGUMENT"):
         client.resolve(hashes, "pd-0")
+
+
+def test_a_caller_past_its_lease_bound_gets_resource_exhausted(exporter, client, monkeypatch):
+    monkeypatch.setattr("ec_nixl.pool.MAX_LEASES_PER_CONSUMER", 2)
+    exporter.export("bounded", embedding())
+    held = client.resolve(["bounded", "bounded"], "pd-flood")
+    with pytest.raises(PoolFullError, match="RESOURCE_EXHAUSTED.*at most 2"):
+        client.resolve(["bounded"], "pd-flood")
+    client.release([item.lease_id for item in held])
 
 
 @pytest.mark.parametrize("call", ["release", "renew"])

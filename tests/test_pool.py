@@ -104,6 +104,20 @@ def test_an_expired_lease_ends_without_a_release():
     assert pool.live_leases == 0 and not leased(pool, "h")
 
 
+def test_a_consumer_past_its_lease_bound_is_refused_and_others_are_not(monkeypatch):
+    monkeypatch.setattr("ec_nixl.pool.MAX_LEASES_PER_CONSUMER", 3)
+    pool, _, _ = make_pool()
+    pool.export("h", item())
+    pool.lease(["h", "h"], consumer="greedy")
+    with pytest.raises(PoolFullError, match="'greedy' holds 2 leases and asks for 2 more"):
+        pool.lease(["h", "h"], consumer="greedy")
+    [lease] = pool.lease(["h"], consumer="greedy")  # up to the bound
+    pool.lease(["h"], consumer="other")
+    pool.release([lease.lease_id])
+    pool.lease(["h"], consumer="greedy")  # room again once one ended
+    assert pool.live_leases == 4
+
+
 def test_renew_extends_live_leases_and_reports_ended_ones():
     pool, clock, _ = make_pool(lease_s=5.0)
     pool.export("h", item())

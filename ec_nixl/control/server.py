@@ -20,7 +20,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from ec_nixl.control.messages import PROTOCOL_VERSION, PeerInfo, RemoteItem
 from ec_nixl.control.security import Security, TokenInterceptor
-from ec_nixl.errors import NotFoundError
+from ec_nixl.control.status import status_of
+from ec_nixl.errors import NotFoundError, PoolFullError
 from ec_nixl.pool import EventKind, ExportPool, Lease, PoolEvent
 from ec_nixl.transfer import TransferAgent
 from ec_nixl.v1 import export_pb2 as pb
@@ -116,8 +117,8 @@ class ExportServicer(pb_grpc.ExportServiceServicer):
             leases = self._pool.lease(
                 hashes, request.lease_ms / 1000 or None, request.readers or 1, request.consumer_id
             )
-        except NotFoundError as exc:
-            context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        except (NotFoundError, PoolFullError) as exc:  # unknown item; past the lease bound
+            context.abort(status_of(exc), str(exc))
         self._on_leased()
         return pb.ResolveResponse(items=[self._describe(lease) for lease in leases])
 
@@ -154,10 +155,11 @@ class ExportServicer(pb_grpc.ExportServiceServicer):
 
     def _claim(self, message: pb.ExportEvent, readers: int, consumer: str) -> None:
         """Lease the announced item for the watcher, unless it was evicted meanwhile
-        (its EVICTED event follows)."""
+        (its EVICTED event follows) or the watcher is past its lease bound (it can still
+        resolve the item once it has leases to spare)."""
         try:
             [lease] = self._pool.lease([message.mm_hash], readers=readers, consumer=consumer)
-        except NotFoundError:
+        except (NotFoundError, PoolFullError):
             return
         self._on_leased()
         message.claim.CopyFrom(self._describe(lease))
