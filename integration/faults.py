@@ -3,8 +3,10 @@
 PD is configured with the relay's address for the encoder's control plane, so
 its gRPC connection really crosses it. `cut()` resets every live connection
 and refuses new ones (a dropped link); `restore()` listens again on the same
-port. NIXL's data path does not cross the relay: it connects to the address
-in the encoder's agent metadata.
+port. `freeze()` stops passing bytes without closing anything (a link that
+dies silently: no reset ever arrives); `thaw()` lets them through again.
+NIXL's data path does not cross the relay: it connects to the address in the
+encoder's agent metadata.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ class TcpRelay:
         self._host = host
         self._lock = threading.Lock()
         self._live: set[socket.socket] = set()
+        self._flowing = threading.Event()
+        self._flowing.set()
         self._listener = socket.create_server((host, 0))
         self.port = self._listener.getsockname()[1]
         self._accept_thread = self._start_accepting()
@@ -50,7 +54,14 @@ class TcpRelay:
         self._listener = socket.create_server((self._host, self.port))
         self._accept_thread = self._start_accepting()
 
+    def freeze(self) -> None:
+        self._flowing.clear()
+
+    def thaw(self) -> None:
+        self._flowing.set()
+
     def close(self) -> None:
+        self.thaw()
         if self._listener.fileno() != -1:
             self.cut()
 
@@ -84,6 +95,7 @@ class TcpRelay:
                     data = key.fileobj.recv(CHUNK)
                     if not data:
                         return
+                    self._flowing.wait()
                     key.data.sendall(data)
         except OSError:  # reset by the other side
             return

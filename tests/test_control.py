@@ -261,3 +261,41 @@ def test_a_client_reconnects_within_seconds_after_its_link_was_cut(exporter):
     finally:
         client.close()
         relay.close()
+
+
+def test_a_link_that_dies_silently_ends_the_watch_on_both_sides_within_seconds(exporter):
+    relay = TcpRelay(exporter.address)
+    client = ExportClient(relay.address, Security(TOKEN))
+    outcome: list = []
+
+    def watch() -> None:
+        try:
+            list(client.watch("pd-behind-a-frozen-link"))
+        except PeerDeadError as exc:
+            outcome.append(exc)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    try:
+        watcher.start()
+        time.sleep(0.5)  # the stream is open
+        watchers = len(exporter.events._queues)
+        relay.freeze()  # no byte passes, no reset is ever sent
+        start = time.monotonic()
+        watcher.join(timeout=15)
+        assert outcome and time.monotonic() - start < 10  # keepalive: ~2 s + 2 s
+        deadline = time.monotonic() + 10
+        while len(exporter.events._queues) >= watchers:  # E freed the watcher's slot
+            assert time.monotonic() < deadline, "E still holds the dead watcher's slot"
+            time.sleep(0.1)
+        relay.thaw()  # the link is back: so is the client, within its reconnect backoff
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                assert client.handshake(COMPAT, "pd-behind-a-frozen-link").epoch
+                break
+            except PeerDeadError:
+                assert time.monotonic() < deadline, "no reconnect after the link came back"
+                time.sleep(0.2)
+    finally:
+        client.close()
+        relay.close()

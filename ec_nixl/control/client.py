@@ -24,9 +24,19 @@ logger = logging.getLogger(__name__)
 DEFAULT_RPC_TIMEOUT_S = 5.0
 # After a dropped connection gRPC reconnects with exponential backoff; its default
 # ceiling (120 s) would keep PD encoding locally for minutes after the encoder is back.
+# Keepalive pings notice a link that died without a reset (it would otherwise look
+# alive forever, and a watch stream never end) within about twice KEEPALIVE_MS; gRPC
+# 1.85 waits for a ping's answer for ping_timeout_ms (a minute by default), not for
+# keepalive_timeout_ms.
+KEEPALIVE_MS = 2000
 CHANNEL_OPTIONS = (
     ("grpc.initial_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 2000),
+    ("grpc.keepalive_time_ms", KEEPALIVE_MS),
+    ("grpc.keepalive_timeout_ms", KEEPALIVE_MS),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.http2.ping_timeout_ms", KEEPALIVE_MS),
 )
 
 

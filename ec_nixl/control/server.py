@@ -18,6 +18,7 @@ from dataclasses import replace
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from ec_nixl.control.client import KEEPALIVE_MS
 from ec_nixl.control.messages import PROTOCOL_VERSION, PeerInfo, RemoteItem
 from ec_nixl.control.security import Security, TokenInterceptor
 from ec_nixl.control.status import status_of
@@ -231,6 +232,14 @@ def start_server(
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.so_reuseport", 0),
+            # Ping each client too, so a watcher whose link died silently frees its slot,
+            # and accept the clients' own pings at their pace (else GOAWAY too_many_pings).
+            ("grpc.keepalive_time_ms", KEEPALIVE_MS),
+            ("grpc.keepalive_timeout_ms", KEEPALIVE_MS),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0),
+            ("grpc.http2.min_recv_ping_interval_without_data_ms", KEEPALIVE_MS // 2),
+            ("grpc.http2.ping_timeout_ms", KEEPALIVE_MS),
         ],
     )
     pb_grpc.add_ExportServiceServicer_to_server(servicer, server)
