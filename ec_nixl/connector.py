@@ -132,7 +132,11 @@ class ECNixlConnector(ECConnectorBase):
         )
         workers = [WorkerClient(worker_address(self._engine_id, r)) for r in range(world_size)]
         coordinator = PullCoordinator(
-            resolver, self.config.encoders, workers, self.config.pull_timeout_s
+            resolver,
+            self.config.encoders,
+            workers,
+            self.config.pull_timeout_s,
+            receive_bytes=self.config.receive_bytes,
         )
         self._consumer = ConsumerScheduler(
             coordinator, self.config.encoders, prefetch=self.config.prefetch

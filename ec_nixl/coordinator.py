@@ -26,6 +26,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import Enum
 
+from ec_nixl.connector_config import DEFAULT_RECEIVE_BYTES
 from ec_nixl.control.messages import Announcement
 from ec_nixl.control.worker_link import PendingPull, PullOrder, PullReport, WorkerClient
 from ec_nixl.errors import (
@@ -67,6 +68,7 @@ class PullJob:
     error: ECNixlError | None = None
     rows: int = 0  # what was pulled
     ready_at: float | None = None
+    nbytes: int = 0  # a prefetch's size, from its announcement
 
     @property
     def state(self) -> PullState:
@@ -89,8 +91,12 @@ class PullCoordinator:
         workers: list[WorkerClient],
         timeout_s: float,
         stats: Stats | None = None,
+        receive_bytes: int = DEFAULT_RECEIVE_BYTES,
     ) -> None:
         self.stats = stats or Stats()
+        # Unclaimed prefetches may fill at most this much of each worker's receive arena:
+        # the rest stays for the pulls of requests that are here.
+        self._prefetch_bytes = receive_bytes // 2
         self._resolver = resolver
         self._encoders = encoders
         self._workers = workers
@@ -199,9 +205,9 @@ class PullCoordinator:
         return job
 
     def prefetch(self, announcement: Announcement, encoder_id: str) -> bool:
-        """Pull an item no request has asked for yet (False: a job for it exists);
-        unclaimed ones are dropped after PREFETCH_TTL_S (checked whenever another is
-        prefetched)."""
+        """Pull an item no request has asked for yet (False: a job for it exists).
+        Unclaimed ones are dropped after PREFETCH_TTL_S, or, oldest first, when they would
+        hold more than half the receive arena (checked whenever another is prefetched)."""
         mm_hash = announcement.mm_hash
         now = time.monotonic()
         with self._lock:  # stale ones leave under the lock: no request can claim them after
@@ -214,11 +220,29 @@ class PullCoordinator:
                 del self._jobs[job.mm_hash]
             started = mm_hash not in self._jobs
             if started:
-                job = self._jobs[mm_hash] = PullJob(mm_hash, None, num_embeds=0)
+                stale += self._make_room_locked(announcement.length)
+                job = self._jobs[mm_hash] = PullJob(mm_hash, None, 0, nbytes=announcement.length)
                 self._submit_locked(job, encoder_id, announcement)
         for job in stale:
             self._drop_when_done(job)
         return started
+
+    def _make_room_locked(self, nbytes: int) -> list[PullJob]:
+        """Unclaimed prefetches to drop, oldest first, so that `nbytes` more fit."""
+        unclaimed = sorted(  # prefetches (a request's own job has no size: never dropped)
+            (job for job in self._jobs.values() if job.claimed_at is None and job.nbytes),
+            key=lambda job: job.started_at,
+        )
+        held = sum(job.nbytes for job in unclaimed)
+        dropped = []
+        while unclaimed and held + nbytes > self._prefetch_bytes:
+            job = unclaimed.pop(0)
+            del self._jobs[job.mm_hash]
+            held -= job.nbytes
+            dropped.append(job)
+        if dropped:
+            self.stats.count("prefetches_dropped", len(dropped))
+        return dropped
 
     def meet(self, encoder_id: str) -> None:
         """Handshake with an encoder once, in the background, to catch a mismatch early:

@@ -63,6 +63,9 @@ METRICS: dict[str, Metric] = {
         "histogram", "From a request asking for an item still being encoded to its announcement"
     ),
     "prefetch_hits": Metric("counter", "Items pulled before their request arrived"),
+    "prefetches_dropped": Metric(
+        "counter", "Prefetched items no request claimed, dropped for room (a worker's arena)"
+    ),
     "resolve_seconds": Metric("histogram", "One resolve round trip to an encoder"),
     "claimed_pulls": Metric(
         "counter", "Pulls that READ under the claim in the encoder's announcement (no resolve)"

@@ -53,7 +53,7 @@ def make_scheduler(
     encoders = {"enc0": producer.address}
     workers = [WorkerClient(rank[1]) for rank in (receiver, other_rank)]
     resolver = Resolver(consumer_id="test-scheduler", **resolver_args)
-    coordinator = PullCoordinator(resolver, encoders, workers, timeout_s)
+    coordinator = PullCoordinator(resolver, encoders, workers, timeout_s, receive_bytes=32 * MiB)
     return ConsumerScheduler(coordinator, encoders, prefetch=prefetch)
 
 
@@ -513,6 +513,20 @@ def test_a_prefetched_item_no_request_claims_is_dropped_after_a_while(
     producer.export("h-next", item(seed=11))  # the next prefetch sweeps
     wait_for(lambda: "h-unasked" not in receiver[0].held)
     assert prefetching._coordinator.job("h-unasked") is None
+
+
+def test_unclaimed_prefetches_hold_at_most_half_the_receive_arena_oldest_dropped_first(
+    prefetching, producer, receiver, other_rank
+):
+    big = (4 * MiB // 2048, 1024)  # 4 MiB each: half of the 32 MiB arena holds four
+    names = [f"h-orphan-{n}" for n in range(6)]
+    for n, name in enumerate(names):
+        producer.export(name, item(seed=30 + n, shape=big))
+        wait_for(lambda name=name: prefetching.has_item(name))
+    for rank in (receiver, other_rank):  # the two oldest made room for the newest
+        wait_for(lambda rank=rank: not {"h-orphan-0", "h-orphan-1"} & set(rank[0].held))
+        assert set(names[2:]) <= set(rank[0].held)
+    assert prefetching.stats.take()["counters"]["prefetches_dropped"] >= 2
 
 
 def test_a_worker_meets_its_encoders_at_start_and_skips_one_that_is_down(producer, caplog):
