@@ -40,6 +40,22 @@ class ConnectorConfig:
     # both
     security: Security = field(default_factory=Security)
 
+    def exposure(self) -> str | None:
+        """Why running like this is risky, or None: without a token, anyone who reaches
+        a control-plane address beyond loopback can resolve, release and evict items."""
+        if self.security.token:
+            return None
+        addresses = [self.control_address] if self.is_producer else []
+        addresses += list(self.encoders.values()) if self.is_consumer else []
+        exposed = [a for a in addresses if a and not _loopback(a)]
+        if not exposed:
+            return None
+        return (
+            f"the control plane runs without a token on {', '.join(exposed)}: anyone who "
+            "reaches it can resolve, release and evict encoder outputs, and a forged handshake "
+            "can reach NIXL. Set ec_connector_extra_config.token (and TLS) on every instance."
+        )
+
     @property
     def is_producer(self) -> bool:
         return self.role in ("ec_producer", "ec_both")
@@ -80,6 +96,11 @@ class ConnectorConfig:
             tls_ca_file=values.pop("tls_ca_file", None),
         )
         return cls(security=security, **values)
+
+
+def _loopback(address: str) -> bool:
+    host = address.rpartition(":")[0].strip("[]")
+    return host == "localhost" or host == "::1" or host.startswith("127.")
 
 
 def _identifier(key: str, value: Any) -> str:

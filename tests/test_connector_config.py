@@ -57,3 +57,21 @@ def test_ec_both_takes_producer_and_consumer_keys():
 def test_bad_config_fails_at_start_up_naming_the_key(role, extra, names):
     with pytest.raises(ConfigError, match=names):
         ConnectorConfig.parse(role, extra)
+
+
+@pytest.mark.parametrize(
+    "role, extra, exposed",
+    [
+        ("ec_producer", {**PRODUCER, "control_address": "0.0.0.0:7100"}, "0.0.0.0:7100"),
+        ("ec_consumer", CONSUMER, "10.0.0.2:7100"),  # enc-1 is on another host
+        ("ec_consumer", {"encoders": {"enc0": "localhost:7100"}}, None),
+        ("ec_producer", PRODUCER, None),  # loopback
+        ("ec_consumer", {**CONSUMER, "token": "t"}, None),
+    ],
+)
+def test_a_control_plane_beyond_loopback_without_a_token_is_named_as_a_risk(role, extra, exposed):
+    risk = ConnectorConfig.parse(role, extra).exposure()
+    if exposed is None:
+        assert risk is None
+    else:
+        assert exposed in risk and "without a token" in risk
