@@ -114,5 +114,5 @@ def pull(
     try:
         return puller.read(resolution, deadline)
     except BaseException as exc:
-        resolver.abandon(resolution, exc)
+        resolver.abandon(address, resolution.lease_ids, exc)
         raise

@@ -25,7 +25,7 @@ from ec_nixl.control.messages import RemoteItem
 from ec_nixl.control.worker_link import PullOrder, PullReport
 from ec_nixl.errors import ECNixlError, PeerDeadError, RefusedError
 from ec_nixl.puller import PulledItem, Puller
-from ec_nixl.resolver import Resolution, Resolver, check_descriptors
+from ec_nixl.resolver import Resolution, Resolver
 
 logger = logging.getLogger(__name__)
 
@@ -92,12 +92,9 @@ class Receiver:
             raise RefusedError(f"{len(order.items)} items but {len(order.num_embeds)} shapes")
         for item, rows in zip(order.items, order.num_embeds, strict=True):
             self.model.check(item, rows)
-        peer = self.resolver.peer(address, deadline=order.deadline)
-        if any(item.epoch != peer.epoch for item in order.items):  # the encoder restarted
-            peer = self.resolver.peer(address, refresh=True, deadline=order.deadline)
-        resolution = Resolution(address, peer, order.items, order.valid_until)
         try:
-            check_descriptors(order.items, peer)
+            peer = self.resolver.peer_agreeing(address, order.items, order.deadline)
+            resolution = Resolution(address, peer, order.items, order.valid_until)
             pulled = self.puller.read(resolution, order.deadline)
         except PeerDeadError:
             self.resolver.forget_peer(address)

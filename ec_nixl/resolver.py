@@ -80,22 +80,24 @@ class Resolver:
         """Descriptors leased at `since` (a Resolve, an announcement's claim), checked
         against what the exporter's handshake said (met by `deadline` if need be); on
         refusal the leases go back."""
-        resolution = Resolution(
-            address,
-            self.peer(address, deadline=deadline),
-            items,
-            since + min(i.lease_remaining_s for i in items),
-        )
+        valid_until = since + min(i.lease_remaining_s for i in items)
         try:
-            if any(i.epoch != resolution.peer.epoch for i in items):  # the exporter restarted
-                resolution.peer = self.peer(address, refresh=True, deadline=deadline)
-            check_descriptors(items, resolution.peer)
+            peer = self.peer_agreeing(address, items, deadline)
         except BaseException as exc:
-            self.abandon(resolution, exc)
+            self.abandon(address, [i.lease_id for i in items], exc)
             raise
-        return resolution
+        return Resolution(address, peer, items, valid_until)
 
-    def abandon(self, resolution: Resolution, exc: BaseException) -> None:
+    def peer_agreeing(self, address: str, items: list[RemoteItem], deadline: float) -> PeerInfo:
+        """The exporter's handshake (met afresh if it restarted since), once `items` were
+        checked against it: RefusedError for descriptors it did not hand out."""
+        peer = self.peer(address, deadline=deadline)
+        if any(i.epoch != peer.epoch for i in items):  # the exporter restarted
+            peer = self.peer(address, refresh=True, deadline=deadline)
+        _check_descriptors(items, peer)
+        return peer
+
+    def abandon(self, address: str, lease_ids: list[int], exc: BaseException) -> None:
         """After a failed read: forget a dead peer, give a live one its leases back now.
 
         A stalled peer would only stall us again: its leases expire on their own.
@@ -103,9 +105,9 @@ class Resolver:
         if isinstance(exc, DeadlineExceededError):
             return
         if isinstance(exc, PeerDeadError):
-            self.forget_peer(resolution.address)
+            self.forget_peer(address)
             return
-        self.release(resolution.address, resolution.lease_ids)
+        self.release(address, lease_ids)
 
     def release(self, address: str, lease_ids: list[int]) -> None:
         """Give leases back (best effort: they expire anyway)."""
@@ -148,7 +150,7 @@ class Resolver:
             self._clients.clear()
 
 
-def check_descriptors(items: Sequence[RemoteItem], peer: PeerInfo) -> None:
+def _check_descriptors(items: Sequence[RemoteItem], peer: PeerInfo) -> None:
     """Refuse, before any READ, a descriptor of another exporter generation or one
     pointing outside the exporter's registered memory."""
     for item in items:
