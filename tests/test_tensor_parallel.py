@@ -40,18 +40,23 @@ def cluster_tp2(workdirs, reference_tp2):
     encoder_dir, pd_dir, logs = workdirs
     control, metrics = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
     encoder = start_encoder("enc-tp2", encoder_dir, logs, control, metrics, tp=2)
-    pd = start_vllm(
-        "pd-tp2", workdir=pd_dir, cpu=BOTH_CORES, log_dir=logs, tensor_parallel=2,
-        ec_transfer_config={
-            "ec_connector": "ECNixlConnector", "ec_role": "ec_consumer",
-            "ec_connector_extra_config": {
-                "encoders": {"enc0": control}, "receive_bytes": 64 << 20, "prefetch": True,
-            },
-        },
-    )  # fmt: skip
-    servers = [encoder, pd]
+    servers = [encoder]
     try:
+        # E first, as launch scripts start it: PD's ranks meet E when they start, not
+        # inside the first pull. (Four busy-polling ranks on two cores once stalled E
+        # for seconds during a first pull that met it.)
         wait_healthy(servers)
+        pd = start_vllm(
+            "pd-tp2", workdir=pd_dir, cpu=BOTH_CORES, log_dir=logs, tensor_parallel=2,
+            ec_transfer_config={
+                "ec_connector": "ECNixlConnector", "ec_role": "ec_consumer",
+                "ec_connector_extra_config": {
+                    "encoders": {"enc0": control}, "receive_bytes": 64 << 20, "prefetch": True,
+                },
+            },
+        )  # fmt: skip
+        servers.append(pd)
+        wait_healthy([pd])
         proxy = start_proxy(encoders=[encoder.url], pd=pd.url, log_dir=logs / "tp2")
         servers.append(proxy)
         wait_healthy([proxy])

@@ -22,21 +22,27 @@ from ec_nixl.v1 import export_pb2_grpc as pb_grpc
 logger = logging.getLogger(__name__)
 
 DEFAULT_RPC_TIMEOUT_S = 5.0
+# Keepalive pings notice a link that died without a reset (it would otherwise look
+# alive forever, and a watch stream never end) within KEEPALIVE_MS + PING_TIMEOUT_MS;
+# gRPC 1.85 waits for a ping's answer for ping_timeout_ms (a minute by default), not
+# for keepalive_timeout_ms. The answer may take a while on a loaded host (a few
+# busy-polling ranks per core stalled a healthy peer's answer past 2 s), so the wait
+# for it is longer than the interval between pings.
+KEEPALIVE_MS = 2000
+PING_TIMEOUT_MS = 5000
+KEEPALIVE_OPTIONS = (
+    ("grpc.keepalive_time_ms", KEEPALIVE_MS),
+    ("grpc.keepalive_timeout_ms", PING_TIMEOUT_MS),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.http2.ping_timeout_ms", PING_TIMEOUT_MS),
+)
 # After a dropped connection gRPC reconnects with exponential backoff; its default
 # ceiling (120 s) would keep PD encoding locally for minutes after the encoder is back.
-# Keepalive pings notice a link that died without a reset (it would otherwise look
-# alive forever, and a watch stream never end) within about twice KEEPALIVE_MS; gRPC
-# 1.85 waits for a ping's answer for ping_timeout_ms (a minute by default), not for
-# keepalive_timeout_ms.
-KEEPALIVE_MS = 2000
 CHANNEL_OPTIONS = (
     ("grpc.initial_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 2000),
-    ("grpc.keepalive_time_ms", KEEPALIVE_MS),
-    ("grpc.keepalive_timeout_ms", KEEPALIVE_MS),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.max_pings_without_data", 0),
-    ("grpc.http2.ping_timeout_ms", KEEPALIVE_MS),
+    *KEEPALIVE_OPTIONS,
 )
 
 

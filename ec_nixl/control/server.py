@@ -18,9 +18,9 @@ from dataclasses import replace
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from ec_nixl.control.client import KEEPALIVE_MS
+from ec_nixl.control.client import KEEPALIVE_MS, KEEPALIVE_OPTIONS
 from ec_nixl.control.messages import PROTOCOL_VERSION, PeerInfo, RemoteItem
-from ec_nixl.control.security import Security, TokenInterceptor
+from ec_nixl.control.security import AccessInterceptor, Security
 from ec_nixl.control.status import status_of
 from ec_nixl.errors import NotFoundError, PoolFullError
 from ec_nixl.pool import EventKind, ExportPool, Lease, PoolEvent
@@ -225,21 +225,20 @@ def start_server(
     servicer: ExportServicer, address: str, security: Security
 ) -> tuple[grpc.Server, int]:
     """Serve the export service and grpc.health.v1 on `address`; returns the bound port."""
-    interceptors = [TokenInterceptor(security.token)] if security.token else []
+    health_threads = futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="ec-nixl-health")
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=MAX_WATCHERS + 8, thread_name_prefix="ec-nixl-rpc"),
-        interceptors=interceptors,
+        interceptors=[AccessInterceptor(security.token, health_threads)],
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.so_reuseport", 0),
             # Ping each client too, so a watcher whose link died silently frees its slot,
-            # and accept the clients' own pings at their pace (else GOAWAY too_many_pings).
-            ("grpc.keepalive_time_ms", KEEPALIVE_MS),
-            ("grpc.keepalive_timeout_ms", KEEPALIVE_MS),
-            ("grpc.keepalive_permit_without_calls", 1),
-            ("grpc.http2.max_pings_without_data", 0),
+            # and accept the clients' own pings at their pace. Pings that arrive bunched
+            # (a stalled host delivers them together) are no offence: no strikes, no
+            # GOAWAY too_many_pings.
+            *KEEPALIVE_OPTIONS,
             ("grpc.http2.min_recv_ping_interval_without_data_ms", KEEPALIVE_MS // 2),
-            ("grpc.http2.ping_timeout_ms", KEEPALIVE_MS),
+            ("grpc.http2.max_ping_strikes", 0),
         ],
     )
     pb_grpc.add_ExportServiceServicer_to_server(servicer, server)
