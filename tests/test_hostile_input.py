@@ -3,7 +3,9 @@ clear status codes, a server that stays up, and never a read of memory that chan
 
 from __future__ import annotations
 
+import threading
 import time
+from contextlib import contextmanager
 
 import grpc
 import pytest
@@ -136,3 +138,40 @@ def test_peer_metadata_naming_its_agent_in_bytes_that_are_not_utf8_is_refused_un
     for _ in range(2):  # the second load is refused the same way: nothing was left loaded
         with pytest.raises(HandshakeError, match="not UTF-8; unloaded"):
             target.add_peer(bad)
+
+
+FLOOD = 64  # four times the export service's threads
+
+
+@contextmanager
+def calls_held_open(channel, method: str):
+    """FLOOD calls of `method` without a token that send their headers, never their body."""
+    release = threading.Event()
+
+    def no_body():
+        release.wait()
+        yield from ()
+
+    call = channel.stream_unary(method)
+    held = [call.future(no_body()) for _ in range(FLOOD)]
+    try:
+        time.sleep(0.5)  # every call has reached the server
+        yield held
+    finally:
+        release.set()
+
+
+def test_a_call_without_the_token_is_turned_away_before_its_body_arrives(exporter, channel):
+    with calls_held_open(channel, "/ec_nixl.v1.ExportService/Handshake") as held:
+        start = time.monotonic()
+        assert_alive(exporter)
+        assert time.monotonic() - start < 2
+        codes = {call.exception(timeout=1).code() for call in held}
+    assert codes == {grpc.StatusCode.UNAUTHENTICATED}
+
+
+def test_health_checks_held_open_leave_the_export_service_its_threads(exporter, channel):
+    with calls_held_open(channel, "/grpc.health.v1.Health/Check"):
+        start = time.monotonic()
+        assert_alive(exporter)
+        assert time.monotonic() - start < 2

@@ -7,6 +7,7 @@ in constant time; health checks stay open so orchestrators can probe.
 from __future__ import annotations
 
 import hmac
+from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,32 +56,64 @@ class Security:
         return grpc.ssl_channel_credentials(root_certificates=Path(self.tls_ca_file).read_bytes())
 
 
-class TokenInterceptor(grpc.ServerInterceptor):
-    """Aborts every call without the shared token with UNAUTHENTICATED."""
+class AccessInterceptor(grpc.ServerInterceptor):
+    """Who gets a server thread, and when.
 
-    def __init__(self, token: str) -> None:
-        self._expected = f"Bearer {token}".encode()
+    A gRPC server thread that runs a unary method waits for the request body, and
+    a caller may never send it. So a call without the token (when one is set) is
+    turned away before its body is read, holding a thread for microseconds; and
+    the open health checks, which anyone may call, run on threads of their own:
+    calls held open there never take the export service's.
+    """
+
+    def __init__(self, token: str | None, open_threads: futures.ThreadPoolExecutor) -> None:
+        self._expected = f"Bearer {token}".encode() if token else None
+        self._open_threads = open_threads
 
     def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
         if handler_call_details.method.startswith(OPEN_METHODS):
-            return continuation(handler_call_details)
+            return _on_threads(handler, self._open_threads)
+        if self._expected is None:
+            return handler
         presented = dict(handler_call_details.invocation_metadata or ()).get(AUTH_HEADER, "")
         if hmac.compare_digest(presented.encode(), self._expected):
-            return continuation(handler_call_details)
-        return _deny(continuation(handler_call_details))
+            return handler
+        return _deny(handler)
 
 
-def _deny(handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler | None:
-    if handler is None:
-        return None
+def _on_threads(
+    handler: grpc.RpcMethodHandler, threads: futures.ThreadPoolExecutor
+) -> grpc.RpcMethodHandler:
+    behavior = handler.unary_unary or handler.unary_stream
+    if behavior is None:
+        return handler  # health has no request-streaming method
 
-    def abort(request, context: grpc.ServicerContext):
+    def run(request, context):
+        return behavior(request, context)
+
+    run.experimental_thread_pool = threads  # grpc's hook for a per-method pool
+    make = (
+        grpc.unary_stream_rpc_method_handler
+        if handler.response_streaming
+        else grpc.unary_unary_rpc_method_handler
+    )
+    return make(run, handler.request_deserializer, handler.response_serializer)
+
+
+def _deny(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """A handler that answers UNAUTHENTICATED at once: it takes the request as a stream
+    it never reads, so gRPC runs it without waiting for a body."""
+
+    def abort(requests, context: grpc.ServicerContext):
         context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong token")
 
     if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(
+        return grpc.stream_stream_rpc_method_handler(
             abort, handler.request_deserializer, handler.response_serializer
         )
-    return grpc.unary_unary_rpc_method_handler(
+    return grpc.stream_unary_rpc_method_handler(
         abort, handler.request_deserializer, handler.response_serializer
     )
