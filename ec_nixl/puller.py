@@ -20,6 +20,7 @@ import torch
 from ec_nixl.arena import Arena, Slot
 from ec_nixl.control.messages import PeerInfo, read_notification
 from ec_nixl.errors import PeerDeadError, PoolFullError, StaleDataError
+from ec_nixl.metadata_probe import probe
 from ec_nixl.region import tensor_region
 from ec_nixl.resolver import DEFAULT_PULL_TIMEOUT_S, Resolution, Resolver
 from ec_nixl.transfer import TransferAgent
@@ -50,7 +51,7 @@ class Puller:
             raise StaleDataError(
                 f"leases at {resolution.address} ended before the READ began; not reading"
             )
-        peer = self.meet(resolution.address, resolution.peer)
+        peer = self.meet(resolution.address, resolution.peer, deadline)
         slots: list[Slot] = []
         try:
             for item in resolution.items:
@@ -89,8 +90,11 @@ class Puller:
     def free(self, item: PulledItem) -> None:
         self.arena.free(item.slot)
 
-    def meet(self, address: str, peer: PeerInfo) -> str:
-        """Load the exporter's agent metadata once; drop an older generation of it."""
+    def meet(self, address: str, peer: PeerInfo, deadline: float) -> str:
+        """Load the exporter's agent metadata once (after a helper process survived
+        loading it); drop an older generation of it."""
+        if not self.agent.has_peer(peer.agent_name):
+            probe(peer.agent_metadata, f"exporter {address}", deadline)
         with self._lock:
             previous = self._agent_at.get(address)
             if previous is not None and previous != peer.agent_name:

@@ -25,7 +25,7 @@ from ec_nixl.control.messages import RemoteItem
 from ec_nixl.control.worker_link import PullOrder, PullReport
 from ec_nixl.errors import ECNixlError, PeerDeadError, RefusedError
 from ec_nixl.puller import PulledItem, Puller
-from ec_nixl.resolver import Resolution, Resolver
+from ec_nixl.resolver import DEFAULT_PULL_TIMEOUT_S, Resolution, Resolver
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +136,8 @@ class Receiver:
         the first pull does not pay for it; one that is not up yet is met by its first pull."""
         for encoder_id, address in self.encoders.items():
             try:
-                self.puller.meet(address, self.resolver.peer(address))
+                deadline = time.monotonic() + DEFAULT_PULL_TIMEOUT_S
+                self.puller.meet(address, self.resolver.peer(address, deadline=deadline), deadline)
             except ECNixlError as exc:
                 logger.info(
                     "encoder %s not met at start (%s); its first pull will", encoder_id, exc

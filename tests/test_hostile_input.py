@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 from contextlib import contextmanager
+from dataclasses import replace
 
 import grpc
 import pytest
@@ -14,12 +15,13 @@ from conftest import CLEAR, MiB, call_raw, spec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from ec_nixl.arena import Arena
 from ec_nixl.control.client import ExportClient
 from ec_nixl.control.security import Security
 from ec_nixl.errors import HandshakeError, PeerDeadError, RefusedError
 from ec_nixl.exporter import Exporter, ExporterConfig
 from ec_nixl.exporter_process import ExporterProcess
-from ec_nixl.puller import pull
+from ec_nixl.puller import Puller, pull
 from ec_nixl.transfer import TransferAgent
 from ec_nixl.v1 import export_pb2 as pb
 
@@ -139,6 +141,25 @@ def test_peer_metadata_naming_its_agent_in_bytes_that_are_not_utf8_is_refused_un
         with pytest.raises(HandshakeError, match="not UTF-8; unloaded"):
             target.add_peer(bad)
 
+
+
+def ucx_address_of_another_version(metadata: bytes) -> bytes:
+    """The metadata with the first byte of its UCX worker address (the address format's
+    version) changed: UCX asserts on it and aborts whoever loads it. (NIXL serializes a
+    field as tag, 8-byte length, bytes; `|c` holds the UCX connection info.)"""
+    at = metadata.index(b"|c") + len(b"|c") + 8
+    return metadata[:at] + b"\xff" + metadata[at + 1 :]
+
+
+def test_agent_metadata_that_would_crash_ucx_is_refused_and_pulls_go_on(producer, resolver):
+    puller = Puller(Arena(MiB))  # has never met this producer
+    peer = resolver.peer(producer.address)
+    forged = replace(peer, agent_metadata=ucx_address_of_another_version(peer.agent_metadata))
+    with pytest.raises(HandshakeError, match=f"exporter {producer.address} killed.*SIGABRT"):
+        puller.meet(producer.address, forged, time.monotonic() + 10)
+    producer.export("after-a-forgery", spec(seed=5))
+    [item] = pull(resolver, puller, producer.address, ["after-a-forgery"])
+    assert torch.equal(item.tensor, spec(seed=5).make())
 
 FLOOD = 64  # four times the export service's threads
 
