@@ -347,10 +347,8 @@ class PullCoordinator:
         if encoder_id not in self._incompatible:
             self._incompatible.add(encoder_id)
             logger.error(
-                "encoder %s cannot serve this instance: %s. Start the encoder and this "
-                "instance with the same --model string (it is part of every mm_hash): "
-                "until then every item is encoded locally.",
-                encoder_id, exc,
+                "encoder %s cannot serve this instance: %s. Until that changes, none of its "
+                "items is pulled. (Said once per encoder.)", encoder_id, exc,
             )  # fmt: skip
 
     def _fail(self, job: PullJob, exc: ECNixlError) -> None:

@@ -4,7 +4,9 @@ A puller owns a NIXL agent and a receive arena; it learns peers from the
 resolutions it is given (the agent metadata came with the handshake) and
 READs all items of a resolution in one transfer. The READ's completion
 notification releases the leases, so a successful pull costs no extra round
-trip. After any failure the slots are freed: a cut READ leaves garbage.
+trip. After any failure the slots are freed: a cut READ leaves garbage. A READ
+that failed or outlived its deadline disconnects the peer first, so nothing
+can still write into a freed slot.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 
 from ec_nixl.arena import Arena, Slot
 from ec_nixl.control.messages import PeerInfo, read_notification
-from ec_nixl.errors import PeerDeadError, PoolFullError, StaleDataError
+from ec_nixl.errors import DeadlineExceededError, PeerDeadError, PoolFullError, StaleDataError
 from ec_nixl.metadata_probe import probe
 from ec_nixl.region import tensor_region
 from ec_nixl.resolver import DEFAULT_PULL_TIMEOUT_S, Resolution, Resolver
@@ -78,12 +80,14 @@ class Puller:
                     f"READ from {resolution.address} outlived its lease; data discarded"
                 )
         except BaseException as exc:
-            for slot in slots:
-                self.arena.free(slot)
-            if isinstance(exc, PeerDeadError):
+            if isinstance(exc, (PeerDeadError, DeadlineExceededError)):
+                # Disconnect before freeing: a READ stopped at its deadline may still be
+                # in flight, and over RDMA the NIC would go on writing into the slots.
                 with self._lock:
                     self._agent_at.pop(resolution.address, None)
                     self.agent.remove_peer(peer)
+            for slot in slots:
+                self.arena.free(slot)
             raise
         return pulled
 

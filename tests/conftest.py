@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import threading
+import time
+from contextlib import contextmanager
 
 import grpc
 import pytest
@@ -19,6 +22,7 @@ from integration.servers import start_vllm, wait_healthy
 from integration.tiny_vlm import build
 
 MiB = 1 << 20
+FLOOD_CALLS = 64  # four times the export service's threads
 
 # What a caller of the export service may get for garbage: never UNKNOWN (an unhandled
 # exception), never a dead server.
@@ -39,6 +43,32 @@ def call_raw(channel, method: str, metadata, payload: bytes) -> grpc.StatusCode:
     except grpc.RpcError as exc:
         return exc.code()
     return grpc.StatusCode.OK
+
+
+@contextmanager
+def calls_held_open(channel, method: str):
+    """FLOOD_CALLS calls of `method` without a token that send their headers, never their body."""
+    release = threading.Event()
+
+    def no_body():
+        release.wait()
+        yield from ()
+
+    call = channel.stream_unary(method)
+    held = [call.future(no_body()) for _ in range(FLOOD_CALLS)]
+    try:
+        time.sleep(0.5)  # every call has reached the server
+        yield held
+    finally:
+        release.set()
+
+
+def ucx_address_of_another_version(metadata: bytes) -> bytes:
+    """The metadata with the first byte of its UCX worker address (the address format's
+    version) changed: UCX asserts on it and aborts whoever loads it. (NIXL serializes a
+    field as tag, 8-byte length, bytes; `|c` holds the UCX connection info.)"""
+    at = metadata.index(b"|c") + len(b"|c") + 8
+    return metadata[:at] + b"\xff" + metadata[at + 1 :]
 
 
 def pytest_addoption(parser):

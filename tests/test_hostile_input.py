@@ -3,15 +3,13 @@ clear status codes, a server that stays up, and never a read of memory that chan
 
 from __future__ import annotations
 
-import threading
 import time
-from contextlib import contextmanager
 from dataclasses import replace
 
 import grpc
 import pytest
 import torch
-from conftest import CLEAR, MiB, call_raw, spec
+from conftest import CLEAR, MiB, call_raw, calls_held_open, spec, ucx_address_of_another_version
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -142,15 +140,6 @@ def test_peer_metadata_naming_its_agent_in_bytes_that_are_not_utf8_is_refused_un
             target.add_peer(bad)
 
 
-
-def ucx_address_of_another_version(metadata: bytes) -> bytes:
-    """The metadata with the first byte of its UCX worker address (the address format's
-    version) changed: UCX asserts on it and aborts whoever loads it. (NIXL serializes a
-    field as tag, 8-byte length, bytes; `|c` holds the UCX connection info.)"""
-    at = metadata.index(b"|c") + len(b"|c") + 8
-    return metadata[:at] + b"\xff" + metadata[at + 1 :]
-
-
 def test_agent_metadata_that_would_crash_ucx_is_refused_and_pulls_go_on(producer, resolver):
     puller = Puller(Arena(MiB))  # has never met this producer
     peer = resolver.peer(producer.address)
@@ -160,26 +149,6 @@ def test_agent_metadata_that_would_crash_ucx_is_refused_and_pulls_go_on(producer
     producer.export("after-a-forgery", spec(seed=5))
     [item] = pull(resolver, puller, producer.address, ["after-a-forgery"])
     assert torch.equal(item.tensor, spec(seed=5).make())
-
-FLOOD = 64  # four times the export service's threads
-
-
-@contextmanager
-def calls_held_open(channel, method: str):
-    """FLOOD calls of `method` without a token that send their headers, never their body."""
-    release = threading.Event()
-
-    def no_body():
-        release.wait()
-        yield from ()
-
-    call = channel.stream_unary(method)
-    held = [call.future(no_body()) for _ in range(FLOOD)]
-    try:
-        time.sleep(0.5)  # every call has reached the server
-        yield held
-    finally:
-        release.set()
 
 
 def test_a_call_without_the_token_is_turned_away_before_its_body_arrives(exporter, channel):

@@ -283,7 +283,7 @@ def test_producer_killed_during_a_read_fails_fast_and_the_consumer_survives(
     puller.free(item)
 
 
-def test_stalled_producer_fails_the_read_at_its_deadline(resolver, puller):
+def test_a_read_past_its_deadline_disconnects_before_its_slot_is_reused(resolver, puller):
     with ExporterProcess(ExporterConfig(capacity_bytes=8 * MiB)) as producer:
         producer.export("stalled", spec(seed=71))
         resolution = resolver.resolve(producer.address, ["stalled"], time.monotonic() + DEADLINE_S)
@@ -293,9 +293,14 @@ def test_stalled_producer_fails_the_read_at_its_deadline(resolver, puller):
             with pytest.raises(DeadlineExceededError):
                 puller.read(resolution, start + 0.5)
             assert time.monotonic() - start < 0.5 + 0.5
+            # The READ may still be in flight: its connection is gone before its slot is free.
+            assert not puller.agent.has_peer(resolution.peer.agent_name)
+            assert puller.arena.bytes_used == 0
         finally:
             producer.signal(signal.SIGCONT)
-        assert puller.arena.bytes_used == 0
+        [item] = pull(resolver, puller, producer.address, ["stalled"])  # met again
+        assert torch.equal(item.tensor, spec(seed=71).make())
+        puller.free(item)
 
 
 def test_stalled_producer_fails_the_resolve_at_its_deadline(resolver, puller):

@@ -26,17 +26,27 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import CLEAR, RECOVERED, call_raw
+import torch
+from conftest import (
+    CLEAR,
+    FLOOD_CALLS,
+    RECOVERED,
+    call_raw,
+    calls_held_open,
+    ucx_address_of_another_version,
+)
 
 from ec_nixl.control.client import ExportClient
 from ec_nixl.control.security import Security
 from ec_nixl.errors import AuthError, PeerDeadError
+from ec_nixl.exporter import Exporter, ExporterConfig
+from ec_nixl.transfer import TransferAgent
 from integration.client import chat_body, image, metric, post
 from integration.faults import TcpRelay
 from integration.reliability import Outcome, Row, send_all, write_report
 from integration.reliability_rig import PoolWatch, Rig, in_background, results
 from integration.servers import PeakRss, free_port, start_proxy, wait_healthy
-from integration.tiny_vlm import embedding_bytes
+from integration.tiny_vlm import IMAGE_TOKENS, TEXT_HIDDEN, embedding_bytes
 
 POOL_ITEMS = 4
 LEASE_S = 5.0
@@ -98,7 +108,8 @@ def rig(workdirs, reference, tls_certificate):
     pd_config = {
         "ec_connector": "ECNixlConnector", "ec_role": "ec_consumer",
         "ec_connector_extra_config": {
-            "encoders": {"enc0": relay.address}, "receive_bytes": 32 << 20,
+            "encoders": {"enc0": relay.address, "impostor": f"127.0.0.1:{free_port()}"},
+            "receive_bytes": 32 << 20,
             "pull_timeout_s": PULL_DEADLINE_S, "token": TOKEN, "tls_ca_file": str(cert),
         },
     }  # fmt: skip
@@ -267,6 +278,85 @@ def test_garbage_on_the_control_plane_gets_status_codes_and_the_encoder_keeps_se
         notes=[f"E served PD's next pull {recovery_s:.1f} s later"],
     )
     assert not outcome.errors
+
+
+def test_calls_held_open_without_the_token_take_nothing_from_pd(rig, record):
+    """Opens 64 calls to E's control plane over TLS without the token (four times
+    E's RPC threads) that send their headers and never their body, and holds
+    them while PD pulls. Each must be turned away UNAUTHENTICATED without its
+    body; E serves PD's pulls meanwhile."""
+    credentials = grpc.ssl_channel_credentials(rig.security.tls_ca_file.read_bytes())
+    outcome = Outcome()
+    with (
+        grpc.secure_channel(rig.control, credentials) as channel,
+        calls_held_open(channel, "/ec_nixl.v1.ExportService/Handshake") as held,
+    ):
+        served_s, _ = rig.until_pulled(time.monotonic())
+        for call in held:
+            code = call.exception(timeout=1).code()
+            outcome.clear_errors += code is grpc.StatusCode.UNAUTHENTICATED
+            if code is not grpc.StatusCode.UNAUTHENTICATED:
+                outcome.errors.append(code.name)
+    record(
+        "hostile: calls held open without the token",
+        outcome,
+        0,
+        notes=[f"E served PD's next pull {served_s:.1f} s after the calls were opened"],
+    )
+    assert outcome.clear_errors == FLOOD_CALLS, outcome.errors
+
+
+def test_an_impostor_whose_nixl_metadata_would_crash_ucx_costs_one_fallback(
+    rig, record, tls_certificate, monkeypatch
+):
+    """Starts an impostor encoder on an address PD knows as encoder `impostor`
+    (it holds the token and E's TLS key, as an insider or anyone on a link
+    without TLS could): it exports an item for an image and hands out NIXL
+    agent metadata whose UCX address claims another format version, which
+    aborts any process that loads it. PD gets the image with params naming the
+    impostor. PD must load the metadata in a helper process first, refuse it,
+    encode locally and answer, and keep pulling from E."""
+    url = rig.fresh_image()
+    [mm_hash] = post(rig.encoder.url, chat_body(url, max_tokens=1))["ec_transfer_params"]
+    address = rig.pd_config["ec_connector_extra_config"]["encoders"]["impostor"]
+    cert, key = tls_certificate
+    real = TransferAgent.metadata.fget
+    forged = property(lambda agent: ucx_address_of_another_version(real(agent)))
+    monkeypatch.setattr(TransferAgent, "metadata", forged)  # what the impostor hands out
+    impostor = Exporter(
+        ExporterConfig(
+            address=address, capacity_bytes=4 * embedding_bytes(),
+            compatibility_hash="model=tiny-llava dtype=bfloat16",
+            security=Security(TOKEN, tls_cert_file=cert, tls_key_file=key),
+        )
+    )  # fmt: skip
+    monkeypatch.undo()
+    before = (rig.fallbacks(), rig.pull_failures())
+    try:
+        deadline = time.monotonic() + 10
+        while not impostor.events._queues:  # PD is back from its reconnect backoff: it watches
+            assert time.monotonic() < deadline, "PD never connected to the impostor"
+            time.sleep(0.1)
+        impostor.export(mm_hash, torch.zeros(IMAGE_TOKENS, TEXT_HIDDEN, dtype=torch.bfloat16))
+        body = chat_body(url, ec_transfer_params={mm_hash: {"encoder_id": "impostor"}})
+        outcome = send_all(rig.pd.url, [body], concurrency=1, deadline_s=REQUEST_DEADLINE_S)
+    finally:
+        impostor.close()
+    refused = rig.pull_failures() - before[1]
+    served_s, served = rig.until_pulled(time.monotonic())
+    record(
+        "hostile: an impostor's NIXL metadata that crashes UCX",
+        outcome.add(served),
+        rig.fallbacks() - before[0],
+        notes=[
+            f"PD refused {refused:.0f} pull (the probe process died of SIGABRT) and pulled "
+            f"from E {served_s:.1f} s later"
+        ],
+    )
+    assert outcome.answered == 1 and refused == 1
+    said = rig.pd.log_path.read_text()
+    assert "encoder impostor cannot serve this instance" in said
+    assert "killed the process that loaded it (SIGABRT" in said
 
 
 def traffic(url: str, bodies: list[dict], concurrency: int = 2):

@@ -100,7 +100,7 @@ class ExportServicer(pb_grpc.ExportServiceServicer):
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"compatibility hash mismatch: consumer {request.consumer_id!r} serves "
                 f"{request.compatibility_hash!r}, this exporter {self._compatibility_hash!r} "
-                "(start both sides with the same model and settings)",
+                "(start both sides with the same --model string and dtype)",
             )
         logger.info("handshake from %s (%s)", request.consumer_id or "?", context.peer())
         return self._handshake
