@@ -141,7 +141,10 @@ class ECNixlConnector(ECConnectorBase):
             receive_bytes=self.config.receive_bytes,
         )
         self._consumer = ConsumerScheduler(
-            coordinator, self.config.encoders, prefetch=self.config.prefetch
+            coordinator,
+            self.config.encoders,
+            prefetch=self.config.prefetch,
+            encode_on_failure=self.config.load_failure_policy == "encode",
         )
         self._watcher = ExportWatcher(
             resolver,

@@ -16,6 +16,9 @@ from ec_nixl.pool import DEFAULT_LEASE_S
 from ec_nixl.resolver import DEFAULT_PULL_TIMEOUT_S
 
 ROLES = ("ec_producer", "ec_consumer", "ec_both")
+# What PD does with an item it cannot pull: run the vision encoder itself, or end
+# the request with a retryable error (a PD that must not encode, or has no media).
+LOAD_FAILURE_POLICIES = ("encode", "fail")
 DEFAULT_POOL_BYTES = 256 << 20
 DEFAULT_RECEIVE_BYTES = 256 << 20
 
@@ -37,6 +40,8 @@ class ConnectorConfig:
     pull_timeout_s: float = DEFAULT_PULL_TIMEOUT_S
     # pull everything the encoders export before a request asks (PD is their only consumer)
     prefetch: bool = False
+    # an item that cannot be pulled: "encode" it here, or "fail" the request (retryable)
+    load_failure_policy: str = "encode"
     # both
     security: Security = field(default_factory=Security)
 
@@ -140,6 +145,14 @@ def _bool(key: str, value: Any) -> bool:
     return value
 
 
+def _load_failure_policy(key: str, value: Any) -> str:
+    if value not in LOAD_FAILURE_POLICIES:
+        raise ConfigError(
+            f"{key} must be one of {', '.join(map(repr, LOAD_FAILURE_POLICIES))}, got {value!r}"
+        )
+    return value
+
+
 def _encoders(key: str, value: Any) -> dict[str, str]:
     if not isinstance(value, dict) or not value:
         raise ConfigError(
@@ -175,4 +188,5 @@ _CONSUMER = {
     "receive_bytes": _positive_int,
     "pull_timeout_s": _positive_float,
     "prefetch": _bool,
+    "load_failure_policy": _load_failure_policy,
 }

@@ -9,8 +9,9 @@ still being encoded):
 - start a pull in the background (once the item is announced) and defer the
   request until it ends;
 - pulled: report the item as available; vLLM then schedules its load;
-- failed: encode locally if the request still carries the media, else fail
-  the request with the reason in the log.
+- failed: encode locally if the request still carries the media (and the
+  load failure policy is "encode"), else fail the request with the reason in
+  the log: vLLM ends it with an error, and sending it again encodes anew.
 Params that are malformed or name an unconfigured encoder are refused before
 anything is contacted: the request's items are encoded locally (or, without
 media, the request fails), as after a failed pull.
@@ -39,11 +40,17 @@ IDLE_PARK_S = 0.01
 
 class ConsumerScheduler:
     def __init__(
-        self, coordinator: PullCoordinator, encoders: dict[str, str], *, prefetch: bool = False
+        self,
+        coordinator: PullCoordinator,
+        encoders: dict[str, str],
+        *,
+        prefetch: bool = False,
+        encode_on_failure: bool = True,
     ) -> None:
         self._coordinator = coordinator
         self._encoders = encoders
         self._prefetch = prefetch
+        self._encode_on_failure = encode_on_failure
         self._to_load: list[str] = []
         self._unavailable: set[str] = set()
         # What vLLM's encoder cache holds (allocated and not yet freed): never pulled again.
@@ -89,14 +96,17 @@ class ConsumerScheduler:
         if request.request_id not in self._refused:
             self._refused.add(request.request_id)
             self.stats.count("refused_params")
-            logger.warning("request %s: %s; encoding its items here", request.request_id, exc)
+            logger.warning("request %s: %s", request.request_id, exc)
         for feature in request.mm_features:
             if feature.identifier not in self._resident:
                 self._fall_back(request, feature, str(exc))
 
     def _fall_back(self, request: Any, feature: Any, reason: str) -> None:
-        """The item is not coming: vLLM encodes it here, if the request still has the media."""
-        if feature.data is None:
+        """The item is not coming: vLLM encodes it here, if the request still has the media
+        and the policy allows."""
+        if not self._encode_on_failure:
+            self._fail(request, f"{feature.identifier}: {reason}; load_failure_policy is 'fail'")
+        elif feature.data is None:
             self._fail(request, f"{feature.identifier}: {reason}; no media to encode locally")
         elif (request.request_id, feature.identifier) not in self._fell_back:
             self._fell_back.add((request.request_id, feature.identifier))

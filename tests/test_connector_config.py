@@ -27,6 +27,12 @@ def test_a_consumer_may_name_itself_for_its_encoders():
     assert ConnectorConfig.parse("ec_consumer", CONSUMER).consumer_id is None
 
 
+def test_a_consumer_encodes_what_it_cannot_pull_unless_told_to_fail_the_request():
+    assert ConnectorConfig.parse("ec_consumer", CONSUMER).load_failure_policy == "encode"
+    fail = ConnectorConfig.parse("ec_consumer", {**CONSUMER, "load_failure_policy": "fail"})
+    assert fail.load_failure_policy == "fail"
+
+
 def test_ec_both_takes_producer_and_consumer_keys():
     config = ConnectorConfig.parse("ec_both", {**PRODUCER, **CONSUMER})
     assert config.is_producer and config.is_consumer
@@ -48,6 +54,7 @@ def test_ec_both_takes_producer_and_consumer_keys():
         ("ec_consumer", {"encoders": {"enc0": "127.0.0.1"}}, "encoders.enc0"),
         ("ec_consumer", {**CONSUMER, "pull_timeout_s": "fast"}, "pull_timeout_s"),
         ("ec_consumer", {**CONSUMER, "consumer_id": "pd a"}, "consumer_id"),
+        ("ec_consumer", {**CONSUMER, "load_failure_policy": "recompute"}, "load_failure_policy"),
         ("ec_consumer", {**CONSUMER, "tls_ca_file": "/no/such/file"}, "tls_ca_file"),
         ("kv_both", PRODUCER, "ec_role"),
         ("ec_producer", {**PRODUCER, "tls_cert_file": __file__}, "tls_key_file"),

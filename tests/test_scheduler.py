@@ -48,13 +48,22 @@ def other_rank(tmp_path_factory, producer):
 
 
 def make_scheduler(
-    producer, receiver, other_rank, *, prefetch=False, timeout_s=5.0, **resolver_args
+    producer,
+    receiver,
+    other_rank,
+    *,
+    prefetch=False,
+    timeout_s=5.0,
+    encode_on_failure=True,
+    **resolver_args,
 ) -> ConsumerScheduler:
     encoders = {"enc0": producer.address}
     workers = [WorkerClient(rank[1]) for rank in (receiver, other_rank)]
     resolver = Resolver(consumer_id="test-scheduler", **resolver_args)
     coordinator = PullCoordinator(resolver, encoders, workers, timeout_s, receive_bytes=32 * MiB)
-    return ConsumerScheduler(coordinator, encoders, prefetch=prefetch)
+    return ConsumerScheduler(
+        coordinator, encoders, prefetch=prefetch, encode_on_failure=encode_on_failure
+    )
 
 
 @pytest.fixture
@@ -247,6 +256,20 @@ def test_a_failed_pull_fails_the_request_when_the_media_is_gone(scheduler):
     req = request("no-media", ["h-no-media"], params, media=False)
     settle(scheduler, req)
     assert scheduler.take_unavailable() == {"no-media"}
+
+
+def test_with_the_fail_policy_a_failed_pull_fails_the_request_though_the_media_is_there(
+    producer, receiver, other_rank, caplog
+):
+    scheduler = make_scheduler(producer, receiver, other_rank, encode_on_failure=False)
+    try:
+        params = make_params("enc0", ["h-policy"])
+        settle(scheduler, request("must-not-encode", ["h-policy"], params))
+        assert scheduler.take_unavailable() == {"must-not-encode"}
+        assert "fallbacks" not in scheduler.stats.take()["counters"]
+        assert "h-policy" in caplog.text and "load_failure_policy is 'fail'" in caplog.text
+    finally:
+        scheduler.close()
 
 
 def test_a_request_that_ends_before_its_load_frees_the_pulled_item(scheduler, producer, receiver):

@@ -6,20 +6,23 @@ PD with a claim, and that PD alone pulls them (one READ, no resolve) before the
 request arrives. The encoder keeps what was read, so the same image sent later
 to the other PD is pulled there too, not encoded. Both PDs have other vision
 weights than the encoder: their answers equal the reference only with E's
-embeddings.
+embeddings. pd-b's load failure policy is "fail": once the encoder is gone, a
+request naming its items fails there, where pd-a encodes them.
 """
 
 from __future__ import annotations
 
 import time
+import urllib.error
 
 import pytest
 from conftest import ROUTED, start_encoder
 
-from integration.client import answer, metric
+from integration.client import answer, chat_body, image, metric, post
 from integration.servers import free_port, start_proxy, start_vllm, wait_healthy
 
 PDS = ("pd-a", "pd-b")
+POLICY = {"pd-a": "encode", "pd-b": "fail"}
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +43,7 @@ def routed(workdirs, reference):
                     "encoders": {"enc0": control},
                     "receive_bytes": 64 << 20,
                     "consumer_id": name,
+                    "load_failure_policy": POLICY[name],
                 },
             },
         )  # fmt: skip
@@ -52,7 +56,9 @@ def routed(workdirs, reference):
         proxy = start_proxy(encoders=[encoder.url], pd=named, log_dir=logs / "routed")
         servers.append(proxy)
         wait_healthy([proxy])
-        yield {"proxy": proxy, "pds": pds, "encoder_metrics": f"http://{metrics}"}
+        yield {
+            "proxy": proxy, "pds": pds, "encoder": encoder, "encoder_metrics": f"http://{metrics}"
+        }  # fmt: skip
     finally:
         for server in servers:
             server.stop()
@@ -85,3 +91,21 @@ def test_an_image_asked_for_again_on_the_other_pd_is_pulled_there_not_encoded(ro
     after = {name: pulled(pd) for name, pd in routed["pds"].items()}
     assert after["pd-b"]["items_pulled_total"] == before["pd-b"]["items_pulled_total"] + 1
     assert after["pd-a"]["fallbacks_total"] == after["pd-b"]["fallbacks_total"] == 0
+
+
+def test_with_the_encoder_gone_each_pd_follows_its_load_failure_policy(routed):
+    url = image(110)
+    params = post(routed["encoder"].url, chat_body(url, max_tokens=1))["ec_transfer_params"]
+    [mm_hash] = params
+    routed["encoder"].kill()
+    pd_a, pd_b = routed["pds"]["pd-a"], routed["pds"]["pd-b"]
+    assert answer(pd_a.url, url, ec_transfer_params=params)  # "encode": pd-a encodes it
+    assert metric(pd_a.url, "ec_nixl:fallbacks_total") == 1
+    with pytest.raises(urllib.error.HTTPError) as failed:  # "fail": pd-b ends the request
+        post(pd_b.url, chat_body(url, ec_transfer_params=params))
+    assert failed.value.code == 500  # vLLM ends the request with an error: send it again
+    assert metric(pd_b.url, "ec_nixl:failed_requests_total") == 1
+    assert metric(pd_b.url, "ec_nixl:fallbacks_total") == 0
+    said = pd_b.log_path.read_text()
+    assert f"cannot get its encoder outputs: {mm_hash}" in said and "policy is 'fail'" in said
+    assert answer(pd_b.url, image(111))  # and goes on serving
