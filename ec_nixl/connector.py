@@ -188,8 +188,8 @@ class ECNixlConnector(ECConnectorBase):
             self._producer_worker.save(encoder_cache, mm_hash, target)
 
     def start_save_caches(self, **kwargs: Any) -> None:
-        if self._producer_worker is not None and (cache := kwargs.get("encoder_cache")):
-            self._producer_worker.republish(cache, self._metadata().uses)
+        if self._producer_worker is not None:
+            self._producer_worker.step(kwargs.get("encoder_cache") or {}, self._metadata().uses)
 
     def start_load_caches(self, encoder_cache: dict[str, torch.Tensor], **kwargs) -> None:
         if self._consumer_worker is not None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import Enum
@@ -107,6 +108,8 @@ class PullCoordinator:
         self._met: set[str] = set()
         self._incompatible: set[str] = set()
         self._exported: dict[str, str] = {}  # mm_hash -> the encoder that announced it
+        # mm_hash -> (the encoder encoding it, since when), oldest first
+        self._encoding: OrderedDict[str, tuple[str, float]] = OrderedDict()
         self._landed = threading.Event()  # a pull ended: a request waiting for it may go on
 
     def start(self, mm_hash: str, encoder_id: str, num_embeds: int) -> PullJob:
@@ -143,6 +146,7 @@ class PullCoordinator:
         mm_hash = announcement.mm_hash
         with self._lock:
             self._exported[mm_hash] = encoder_id
+            self._encoding.pop(mm_hash, None)
             job = self._jobs.get(mm_hash)
             if job is not None and job.awaiting:
                 self._submit_locked(job, encoder_id, announcement)
@@ -156,6 +160,25 @@ class PullCoordinator:
             address = self._encoders[encoder_id]
             self._pool.submit(self._resolver.release, address, [announcement.claim.lease_id])
 
+    def encoding(self, mm_hash: str, encoder_id: str) -> None:
+        """An encoder is about to encode `mm_hash`: its announcement should follow within
+        a pull deadline (what is older than that is forgotten)."""
+        now = time.monotonic()
+        with self._lock:
+            self._encoding.pop(mm_hash, None)
+            self._encoding[mm_hash] = (encoder_id, now)
+            while next(iter(self._encoding.values()))[1] < now - self._timeout_s:
+                self._encoding.popitem(last=False)
+
+    def known(self, mm_hash: str) -> bool:
+        """A job for `mm_hash` exists, or an encoder announced it (and has not evicted it)
+        or is encoding it."""
+        with self._lock:
+            if mm_hash in self._jobs or mm_hash in self._exported:
+                return True
+            since = self._encoding.get(mm_hash, ("", -self._timeout_s))[1]
+            return time.monotonic() - since < self._timeout_s
+
     def evicted(self, mm_hash: str, encoder_id: str) -> None:
         with self._lock:
             if self._exported.get(mm_hash) == encoder_id:
@@ -166,6 +189,8 @@ class PullCoordinator:
         what it announced before, whose evictions the lost stream may not have told."""
         with self._lock:
             self._exported = {h: e for h, e in self._exported.items() if e != encoder_id}
+            for mm_hash in [h for h, (e, _) in self._encoding.items() if e == encoder_id]:
+                del self._encoding[mm_hash]
 
     def _submit_locked(
         self, job: PullJob, encoder_id: str, announcement: Announcement | None = None

@@ -13,6 +13,7 @@ import logging
 import secrets
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -90,6 +91,11 @@ class Exporter:
         consumer `target`, if given); RefusedError for a non-float dtype."""
         dtype_name(tensor.dtype)
         return self.pool.export(mm_hash, tensor, target)
+
+    def encoding(self, mm_hashes: Iterable[str]) -> None:
+        """Tell watchers these items are about to be encoded (their EXPORTED follows)."""
+        for mm_hash in mm_hashes:
+            self.events.publish(PoolEvent(EventKind.ENCODING, mm_hash, 0))
 
     def _on_event(self, event: PoolEvent) -> None:
         self.events.publish(event)

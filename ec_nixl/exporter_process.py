@@ -72,6 +72,9 @@ def _serve(conn, config: ExporterConfig) -> None:
                 mm_hash, spec, target = args
                 exporter.export(mm_hash, tensor(spec), target)
                 reply = None
+            elif command == "encoding":
+                exporter.encoding(args[0])
+                reply = None
             elif command == "export_running":
                 mm_hash, spec = args
                 exporter.export(mm_hash, spec.make_running(exporter.arena.device))
@@ -126,6 +129,10 @@ class ExporterProcess:
     def export(self, mm_hash: str, spec: TensorSpec, target: str = "") -> None:
         """Export (for consumer `target`, if given: it gets a claim with the announcement)."""
         self._command("export", mm_hash, spec, target)
+
+    def encoding(self, mm_hashes: list[str]) -> None:
+        """Announce that these items are about to be encoded, as an encoder's step does."""
+        self._command("encoding", mm_hashes)
 
     def export_running(self, mm_hash: str, spec: TensorSpec) -> None:
         """Export a tensor its device is still computing (see `TensorSpec.make_running`)."""

@@ -37,6 +37,7 @@ MAX_LEASES_PER_CONSUMER = 4096
 class EventKind(Enum):
     EXPORTED = "exported"
     EVICTED = "evicted"
+    ENCODING = "encoding"  # not the pool's: the encoder's step is about to encode it
 
 
 @dataclass(frozen=True)

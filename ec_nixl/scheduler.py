@@ -5,7 +5,9 @@ Works on vLLM's `Request` objects by their attributes (`request_id`,
 importing vLLM, so it is tested with real requests but runs anywhere.
 
 Consumer, per item a request names in its `ec_transfer_params` (or says is
-still being encoded):
+still being encoded), and per item of a request without params (a proxy that
+sends the request to an encoder first, then unchanged to PD) that one of PD's
+encoders has announced or said it is encoding:
 - start a pull in the background (once the item is announced) and defer the
   request until it ends;
 - pulled: report the item as available; vLLM then schedules its load;
@@ -74,9 +76,10 @@ class ConsumerScheduler:
         for feature in request.mm_features:
             mm_hash = feature.identifier
             encoder_id = sources.items.get(mm_hash)
+            unnamed = request.ec_transfer_params is None and self._coordinator.known(mm_hash)
             position = feature.mm_position
             if (
-                (encoder_id is None and not sources.announced)
+                (encoder_id is None and not sources.announced and not unnamed)
                 or mm_hash in self._resident
                 or position.offset + position.length <= num_computed_tokens  # already used
             ):
@@ -137,6 +140,8 @@ class ConsumerScheduler:
         has it."""
         if event.kind is EventKind.EVICTED:
             self._coordinator.evicted(event.mm_hash, encoder_id)
+        elif event.kind is EventKind.ENCODING:
+            self._coordinator.encoding(event.mm_hash, encoder_id)
         else:
             eager = self._prefetch or event.claim is not None
             prefetch = eager and event.mm_hash not in self._resident

@@ -1,9 +1,10 @@
 """Worker-side parts of ECNixlConnector: what runs next to the model.
 
 Producer (encoder instance): owns the Exporter, whose arena lives on the
-worker's device; `save` copies each fresh encoder output into it, `republish`
-exports outputs that this step reuses from the encoder cache (vLLM does not
-re-encode those, so `save` never sees them). An item meant for a named PD is
+worker's device; `save` copies each fresh encoder output into it. `step`, before
+the encoder runs, exports outputs that this step reuses from the encoder cache
+(vLLM does not re-encode those, so `save` never sees them) and tells watchers
+which items it is about to encode. An item meant for a named PD is
 announced to it with a claim. Only rank 0 exports: every
 tensor-parallel rank holds the same encoder output.
 
@@ -56,9 +57,11 @@ class ProducerWorker:
             # The PD side gets NOT_FOUND and encodes locally.
             logger.warning("not exporting %s: %s", mm_hash, exc)
 
-    def republish(self, encoder_cache: dict[str, torch.Tensor], uses: dict[str, str]) -> None:
-        """Items served from the encoder cache: exported if not held, announced again to
-        the PD they are meant for if held."""
+    def step(self, encoder_cache: dict[str, torch.Tensor], uses: dict[str, str]) -> None:
+        """Before the encoder runs, the items this step's new requests use: those in the
+        encoder cache are exported if not held (announced again to the PD they are meant
+        for if held); the others are about to be encoded, and watchers are told so."""
+        self.exporter.encoding(h for h in uses if h not in encoder_cache)
         for mm_hash, target in uses.items():
             if mm_hash in encoder_cache and (target or mm_hash not in self.exporter.pool):
                 self.save(encoder_cache, mm_hash, target)

@@ -127,6 +127,7 @@ ACROSS_HOSTS = image(90)
 PREFETCHED = image(91)  # across hosts too: pulled before its request reaches PD
 RECOVERED = [image(seed) for seed in (95, 96, 97)]  # served after faults, checked to the bit
 ROUTED = [image(seed) for seed in (100, 101, 102, 103)]  # through a proxy in front of two PDs
+UNFORWARDED = image(104)  # to E, then to PD without E's params, as a stock EPD proxy does
 
 
 def start_encoder(
@@ -167,7 +168,10 @@ def reference(workdirs):
     server = start_vllm("reference", workdir=encoder_dir, cpu=0, log_dir=logs)
     try:
         wait_healthy([server])
-        singles = PROXIED + DIRECT + AFTER_FAILURE + [ACROSS_HOSTS, PREFETCHED] + RECOVERED + ROUTED
+        singles = (
+            PROXIED + DIRECT + AFTER_FAILURE + [ACROSS_HOSTS, PREFETCHED, UNFORWARDED]
+            + RECOVERED + ROUTED
+        )  # fmt: skip
         answers = {url: answer(server.url, url) for url in singles}
         answers["pair"] = answer(server.url, PAIR)
         return answers

@@ -29,6 +29,7 @@ def serve_rank(tmp_path_factory, producer, rank: int):
     resolver = Resolver(consumer_id=f"test-worker-{rank}")
     model = ModelShape(torch.bfloat16, width=1024)
     receiver = Receiver(Arena(32 * MiB), resolver, {"enc0": producer.address}, model)
+    receiver.meet_encoders()  # as a PD worker does when it starts
     address = f"unix:{tmp_path_factory.mktemp('sock') / f'worker-{rank}.sock'}"
     server = serve_worker(receiver, address)
     yield receiver, address
@@ -416,6 +417,43 @@ def test_an_item_announced_before_its_request_came_is_pulled_at_once(announced, 
     settle(announced, req, timeout_s=0.5)  # well within the 1 s deadline
     assert announced.has_item("h-before")
     assert "h-before" in receiver[0].held
+    announced.request_finished(req)
+
+
+def test_a_request_without_params_gets_what_an_encoder_announced_pulled(
+    announced, producer, receiver
+):
+    producer.export("h-stock-proxy", item(seed=25))  # the proxy sent the request to E first
+    time.sleep(0.3)  # announced
+    req = request("no-params", ["h-stock-proxy", "h-never-at-e"])  # then, unchanged, to PD
+    settle(announced, req)
+    assert announced.has_item("h-stock-proxy")
+    assert announced._coordinator.job("h-never-at-e") is None  # encoded here, at once
+    announced.on_alloc("h-stock-proxy")
+    assert torch.equal(receiver[0].take("h-stock-proxy"), item(seed=25).make())
+
+
+def test_a_request_without_params_waits_for_an_item_its_encoder_is_encoding(
+    announced, producer, receiver
+):
+    time.sleep(0.3)  # the watcher's stream is open (what is encoding is not replayed)
+    producer.encoding(["h-being-encoded"])  # E's step is about to encode it
+    time.sleep(0.3)  # the word has passed
+    req = request("no-params-early", ["h-being-encoded"])
+    assert not announced.ensure_available(req, 0)  # deferred: it is coming
+    producer.export("h-being-encoded", item(seed=27))
+    settle(announced, req)
+    announced.on_alloc("h-being-encoded")
+    assert torch.equal(receiver[0].take("h-being-encoded"), item(seed=27).make())
+
+
+def test_a_request_with_params_gets_only_what_they_name(announced, producer):
+    producer.export("h-announced-unnamed", item(seed=26))
+    time.sleep(0.3)
+    params = make_params("enc0", ["h-other"])
+    req = request("named", ["h-announced-unnamed", "h-other"], params, media=True)
+    announced.ensure_available(req, 0)
+    assert announced._coordinator.job("h-announced-unnamed") is None
     announced.request_finished(req)
 
 

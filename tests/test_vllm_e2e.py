@@ -14,7 +14,7 @@ import threading
 import time
 
 import pytest
-from conftest import AFTER_FAILURE, DIRECT, PAIR, PROXIED, start_encoder
+from conftest import AFTER_FAILURE, DIRECT, PAIR, PROXIED, UNFORWARDED, start_encoder
 
 from ec_nixl.control.client import ExportClient
 from ec_nixl.pool import EventKind
@@ -141,6 +141,15 @@ def test_the_same_image_twice_is_pulled_once(cluster, reference):
     assert pulls_in_log(cluster["pd"]) == before + 1
 
 
+def test_pd_pulls_what_an_encoder_announced_for_a_request_without_params(cluster, reference):
+    """A proxy of one's own: the request to an encoder, its answer dropped, then the
+    original request to PD."""
+    post(cluster["encoder"].url, chat_body(UNFORWARDED, max_tokens=1))
+    before = pulls_in_log(cluster["pd"], "enc0")
+    assert answer(cluster["pd"].url, UNFORWARDED) == reference[UNFORWARDED]
+    assert pulls_in_log(cluster["pd"], "enc0") == before + 1
+
+
 def test_pd_counts_its_pulls_on_vllms_own_metrics_endpoint(cluster):
     pd = cluster["pd"].url
     pulled = metric(pd, "ec_nixl:items_pulled_total")
@@ -173,7 +182,9 @@ def test_the_encoder_keeps_a_pulled_item_cached_and_pins_it_no_longer(cluster):
         assert time.monotonic() < deadline, "the encoder still pins an item PD has read"
         time.sleep(0.2)
     client.close()
-    assert [e.kind for e in events if e.mm_hash == mm_hash] == [EventKind.EXPORTED]
+    # Announced as being encoded, then as exported; never evicted.
+    kinds = [e.kind for e in events if e.mm_hash == mm_hash]
+    assert kinds == [EventKind.ENCODING, EventKind.EXPORTED]
 
 
 def test_the_proxy_drops_transfer_params_a_client_made_up(cluster, reference):

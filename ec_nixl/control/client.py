@@ -112,7 +112,11 @@ class ExportClient:
             raise translate(exc, f"exporter {self.address}") from exc
 
 
-_KINDS = {pb.ExportEvent.EXPORTED: EventKind.EXPORTED, pb.ExportEvent.EVICTED: EventKind.EVICTED}
+_KINDS = {
+    pb.ExportEvent.EXPORTED: EventKind.EXPORTED,
+    pb.ExportEvent.EVICTED: EventKind.EVICTED,
+    pb.ExportEvent.ENCODING: EventKind.ENCODING,
+}
 
 
 class EventStream:

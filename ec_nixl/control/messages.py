@@ -21,7 +21,8 @@ from ec_nixl.v1 import export_pb2 as pb
 # 1: handshake, resolve, release, renew, watch.
 # 2: leases count readers (one per consumer rank); a watcher may ask for claims,
 #    leased descriptors sent with each announcement; items stay cached after reads.
-PROTOCOL_VERSION = 2
+# 3: ENCODING events: the encoder is about to encode an item.
+PROTOCOL_VERSION = 3
 
 # Embeddings are floating point; anything else in a descriptor is refused.
 DTYPES: dict[str, torch.dtype] = {

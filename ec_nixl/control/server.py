@@ -179,6 +179,7 @@ class ExportServicer(pb_grpc.ExportServiceServicer):
         kinds = {
             EventKind.EXPORTED: pb.ExportEvent.EXPORTED,
             EventKind.EVICTED: pb.ExportEvent.EVICTED,
+            EventKind.ENCODING: pb.ExportEvent.ENCODING,
         }
         return pb.ExportEvent(
             kind=kinds[event.kind], mm_hash=event.mm_hash, length=event.length, epoch=self._epoch

@@ -136,9 +136,11 @@ class ExportEvent(_message.Message):
         KIND_UNSPECIFIED: _ClassVar[ExportEvent.Kind]
         EXPORTED: _ClassVar[ExportEvent.Kind]
         EVICTED: _ClassVar[ExportEvent.Kind]
+        ENCODING: _ClassVar[ExportEvent.Kind]
     KIND_UNSPECIFIED: ExportEvent.Kind
     EXPORTED: ExportEvent.Kind
     EVICTED: ExportEvent.Kind
+    ENCODING: ExportEvent.Kind
     KIND_FIELD_NUMBER: _ClassVar[int]
     MM_HASH_FIELD_NUMBER: _ClassVar[int]
     LENGTH_FIELD_NUMBER: _ClassVar[int]
