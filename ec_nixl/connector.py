@@ -26,6 +26,10 @@ from vllm.distributed.ec_transfer.ec_connector.metrics import (
     ECConnectorPromMetrics,
     ECConnectorStats,
 )
+from vllm.distributed.ec_transfer.ec_connector.utils import (
+    PlaceholderMetadataResolver,
+    collect_ec_item_metadata,
+)
 
 from ec_nixl.connector_config import ConnectorConfig
 from ec_nixl.control.worker_link import WorkerClient, worker_address
@@ -124,7 +128,11 @@ class ECNixlConnector(ECConnectorBase):
         if role == ECConnectorRole.SCHEDULER and self.config.is_consumer:
             self._start_consumer(parallel.tensor_parallel_size)
         if role == ECConnectorRole.SCHEDULER and self.config.is_producer:
-            self._producer = ProducerScheduler(self.config.encoder_id)
+            resolver = PlaceholderMetadataResolver(vllm_config.model_config)
+            self._producer = ProducerScheduler(
+                self.config.encoder_id,
+                lambda features: collect_ec_item_metadata(features, resolver),
+            )
 
     def _start_consumer(self, world_size: int) -> None:
         resolver = Resolver(

@@ -22,7 +22,7 @@ media, the request fails), as after a failed pull.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from ec_nixl.control.messages import Announcement
@@ -203,8 +203,15 @@ class ProducerScheduler:
     proxy says so in the request's `ec_transfer_params`), and where the items are (the
     response's). Every call runs on vLLM's scheduler thread."""
 
-    def __init__(self, encoder_id: str) -> None:
+    def __init__(
+        self,
+        encoder_id: str,
+        describe: Callable[[list[Any]], dict[str, dict[str, Any]]] = lambda features: {},
+    ) -> None:
         self.encoder_id = encoder_id
+        # mm_features -> vLLM's per-item entries (`collect_ec_item_metadata`): the
+        # response carries them beside our encoder id, for proxies that use them
+        self._describe = describe
         self._consumers: dict[str, str] = {}  # request id -> the PD it is meant for ("": any)
 
     def note(self, request: Any) -> None:
@@ -227,8 +234,13 @@ class ProducerScheduler:
             for feature in request.mm_features
         }
 
-    def finished(self, request: Any) -> dict[str, dict[str, str]] | None:
+    def finished(self, request: Any) -> dict[str, dict[str, Any]] | None:
         """What the encoder's response tells the proxy: where each item of the request is."""
         self._consumers.pop(request.request_id, None)
         hashes = [feature.identifier for feature in request.mm_features]
-        return make_params(self.encoder_id, hashes) if hashes else None
+        if not hashes:
+            return None
+        params = make_params(self.encoder_id, hashes)
+        for mm_hash, entry in self._describe(request.mm_features).items():
+            params[mm_hash] = {**entry, **params[mm_hash]}
+        return params

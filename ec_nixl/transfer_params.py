@@ -27,6 +27,11 @@ from ec_nixl.errors import RefusedError
 
 ENCODER_ID = "encoder_id"
 CONSUMER_ID = "consumer_id"
+# What vLLM's own connectors report per item (`collect_ec_item_metadata`: the
+# placeholder fields a consumer needs to skip media preprocessing), carried
+# beside the encoder id so that vLLM's example EPD proxy can use it; unused here.
+VLLM_ITEM_KEYS = frozenset({"metadata", "item_indices"})
+VLLM_ITEM_LIST = "ec_items"  # vLLM's example EPD proxy adds it to PD's params; unused here
 ANNOUNCED = "*"  # as an item key: every item not named; as an encoder id: whichever announces it
 MAX_ITEMS = 1024
 MAX_ID_LENGTH = 256
@@ -59,11 +64,16 @@ def parse_params(params: Any, known_encoders: Iterable[str]) -> Sources:
     known = set(known_encoders)
     items: dict[str, str] = {}
     for key, entry in params.items():
+        if key == VLLM_ITEM_LIST and isinstance(entry, list):
+            continue
         if not isinstance(key, str) or not 0 < len(key) <= MAX_ID_LENGTH:
             raise RefusedError(f"ec_transfer_params: bad item key {str(key)[:64]!r}")
         encoder_id = entry.get(ENCODER_ID) if isinstance(entry, dict) else None
-        if not isinstance(encoder_id, str) or len(entry) != 1:
-            raise RefusedError(f"ec_transfer_params[{key!r}] must be {{{ENCODER_ID!r}: id}}")
+        if not isinstance(encoder_id, str) or not set(entry) <= {ENCODER_ID, *VLLM_ITEM_KEYS}:
+            raise RefusedError(
+                f"ec_transfer_params[{key!r}] must be {{{ENCODER_ID!r}: id}}, beside it only "
+                "vLLM's metadata and item_indices (params of another connector?)"
+            )
         if (key == ANNOUNCED) != (encoder_id == ANNOUNCED):
             raise RefusedError(
                 f"ec_transfer_params: {ANNOUNCED!r} goes with {ANNOUNCED!r} only, "

@@ -202,6 +202,7 @@ def test_an_item_in_the_local_encoder_cache_is_not_pulled_again_until_evicted(sc
         {"*": {"encoder_id": "enc0"}},
         {"h-x": {"encoder_id": "*"}},
         {"*": "*"},
+        {"h-x": {"encoder_id": "enc0", "peer_host": "10.0.0.1"}},  # another connector's
     ],
 )
 def test_forged_params_are_refused_and_the_items_encoded_here_without_any_pull(scheduler, params):
@@ -243,6 +244,20 @@ def test_an_item_of_the_wrong_shape_or_dtype_is_refused_unread_and_encoded_here(
     assert mm_hash not in receiver[0].held
     assert scheduler.take_unavailable() == set()
     assert scheduler.stats.take()["counters"]["fallbacks"] == 1
+
+
+def test_params_with_vllms_item_entries_beside_the_encoder_id_are_followed(scheduler, producer):
+    """As vLLM's example EPD proxy forwards them: each item's entry from the encoder's
+    answer, and a list of the items."""
+    producer.export("h-vllm-shaped", item(seed=28))
+    params = {
+        "h-vllm-shaped": {"encoder_id": "enc0", "metadata": {}, "item_indices": [0]},
+        "ec_items": [{"mm_hash": "h-vllm-shaped", "transfer_id": "t-1"}],
+    }
+    req = request("vllm-shaped", ["h-vllm-shaped"], params)
+    settle(scheduler, req)
+    assert scheduler.has_item("h-vllm-shaped")
+    scheduler.request_finished(req)
 
 
 def test_a_failed_pull_falls_back_to_local_encoding_when_the_media_is_there(scheduler):
@@ -343,6 +358,15 @@ def test_the_encoder_names_itself_for_every_item_of_a_request():
         "h2": {"encoder_id": "enc0"},
     }
     assert encoder.finished(request("text-only", [])) is None
+
+
+def test_the_encoders_answer_carries_vllms_item_entries_beside_its_id():
+    grid = {"image_grid_thw": [1, 4, 4]}
+    encoder = ProducerScheduler("enc0", lambda features: {"h1": {"metadata": grid}})
+    assert encoder.finished(request("described", ["h1", "h2"])) == {
+        "h1": {"metadata": grid, "encoder_id": "enc0"},
+        "h2": {"encoder_id": "enc0"},
+    }
 
 
 class NewRequest:

@@ -30,28 +30,30 @@ def routed(workdirs, reference):
     encoder_dir, pd_dir, logs = workdirs
     control, metrics = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
     encoder = start_encoder("enc-routed", encoder_dir, logs, control, metrics)
-    pds = {
-        name: start_vllm(
-            name,
-            workdir=pd_dir,
-            cpu=1,
-            log_dir=logs,
-            ec_transfer_config={
-                "ec_connector": "ECNixlConnector",
-                "ec_role": "ec_consumer",
-                "ec_connector_extra_config": {
-                    "encoders": {"enc0": control},
-                    "receive_bytes": 64 << 20,
-                    "consumer_id": name,
-                    "load_failure_policy": POLICY[name],
-                },
-            },
-        )  # fmt: skip
-        for name in PDS
-    }
-    servers = [encoder, *pds.values()]
+    servers = [encoder]
     try:
-        wait_healthy(servers)
+        wait_healthy(servers)  # as launch scripts do: the PDs then find it up from their start
+        pds = {
+            name: start_vllm(
+                name,
+                workdir=pd_dir,
+                cpu=1,
+                log_dir=logs,
+                ec_transfer_config={
+                    "ec_connector": "ECNixlConnector",
+                    "ec_role": "ec_consumer",
+                    "ec_connector_extra_config": {
+                        "encoders": {"enc0": control},
+                        "receive_bytes": 64 << 20,
+                        "consumer_id": name,
+                        "load_failure_policy": POLICY[name],
+                    },
+                },
+            )  # fmt: skip
+            for name in PDS
+        }
+        servers += pds.values()
+        wait_healthy(list(pds.values()))
         named = [f"{name}={pd.url}" for name, pd in pds.items()]
         proxy = start_proxy(encoders=[encoder.url], pd=named, log_dir=logs / "routed")
         servers.append(proxy)

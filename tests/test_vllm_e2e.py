@@ -36,20 +36,22 @@ def cluster(workdirs, reference):
         start_encoder(name, encoder_dir, logs, control, metrics[name], encoder_id=name)
         for name, control in controls.items()
     ]
-    pd = start_vllm(
-        "pd", workdir=pd_dir, cpu=1, log_dir=logs,
-        ec_transfer_config={
-            "ec_connector": "ECNixlConnector",  # by its short name: the vLLM plugin registers it
-            "ec_role": "ec_consumer",
-            "ec_connector_extra_config": {
-                "encoders": controls, "receive_bytes": 64 << 20,
-                "pull_timeout_s": PULL_TIMEOUT_S,
-            },
-        },
-    )  # fmt: skip
-    servers = [*encoders, pd]
+    servers = list(encoders)
     try:
-        wait_healthy(servers)
+        wait_healthy(encoders)  # as launch scripts do: PD then finds them up from its start
+        pd = start_vllm(
+            "pd", workdir=pd_dir, cpu=1, log_dir=logs,
+            ec_transfer_config={
+                "ec_connector": "ECNixlConnector",  # by its short name: vLLM's plugin registers it
+                "ec_role": "ec_consumer",
+                "ec_connector_extra_config": {
+                    "encoders": controls, "receive_bytes": 64 << 20,
+                    "pull_timeout_s": PULL_TIMEOUT_S,
+                },
+            },
+        )  # fmt: skip
+        servers.append(pd)
+        wait_healthy([pd])
         urls = [e.url for e in encoders]
         proxy = start_proxy(encoders=urls, pd=pd.url, log_dir=logs / "overlap", overlap=True)
         sequential = start_proxy(encoders=urls, pd=pd.url, log_dir=logs / "sequential")
