@@ -3,25 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
+from importlib.metadata import entry_points
 
+from ec_nixl import proxy
 from ec_nixl.bench import transfer
 
-# (command, integration module, help): benchmarks that start vLLM instances
-HARNESS_BENCHES = (
-    (
-        "ttft",
-        "bench_ttft",
-        "TTFT with ECNixlConnector vs ECExampleConnector vs one instance (needs vLLM)",
-    ),
-    (
-        "pull",
-        "bench_pull",
-        "one pull inside vLLM (PD's view), at each PD tensor-parallel size (needs vLLM)",
-    ),
-)
+# Benchmarks that start vLLM instances live with the test harness (`integration/`),
+# which registers them here as entry points of this group: the package never
+# imports the harness.
+HARNESS_BENCHES = "ec_nixl.benches"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,6 +23,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser(
+        "proxy",
+        help="the EPD proxy: each request to an encoder, then (or at once) to a PD",
+        description=proxy.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    proxy.add_arguments(serve)
+    serve.set_defaults(run=proxy.run)
     bench = commands.add_parser("bench", help="benchmarks against baselines in the same run")
     benches = bench.add_subparsers(dest="bench", required=True)
     bench_transfer = benches.add_parser(
@@ -41,21 +41,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     transfer.add_arguments(bench_transfer)
     bench_transfer.set_defaults(run=transfer.run)
-    for name, module, help_text in HARNESS_BENCHES:
+    for entry in sorted(entry_points(group=HARNESS_BENCHES), key=lambda e: e.name):
+        module = entry.load()
+        summary = (module.__doc__ or "").strip().splitlines()[0]  # "`ec-nixl bench X`: what"
         sub = benches.add_parser(
-            name,
-            help=help_text,
-            description=_harness(module).__doc__,
+            entry.name,
+            help=summary.split(": ", 1)[-1],
+            description=module.__doc__,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
-        _harness(module).add_arguments(sub)
-        sub.set_defaults(run=lambda args, module=module: _harness(module).run(args))
+        module.add_arguments(sub)
+        sub.set_defaults(run=module.run)
     return parser
-
-
-def _harness(module: str):
-    """Benchmarks that drive vLLM live in the integration harness: imported on demand."""
-    return importlib.import_module(f"integration.{module}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -173,7 +173,7 @@ def start_proxy(
     """The EPD proxy in front of one PD or several (`[NAME=]URL` each); `overlap` (PD
     runs ECNixlConnector): PD gets each request at once."""
     port = port or free_port()
-    argv = [sys.executable, "-m", "integration.proxy", "--port", str(port)]
+    argv = [sys.executable, "-m", "ec_nixl.proxy", "--port", str(port)]
     for one in [pd] if isinstance(pd, str) else pd:
         argv += ["--pd", one]
     if encoder_timeout_s is not None:

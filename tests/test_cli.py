@@ -43,6 +43,12 @@ def test_help_explains_the_ttft_benchmark():
     assert "ECCPUConnector" in result.stdout
 
 
+def test_help_explains_the_proxy():
+    result = ec_nixl("proxy", "--help")
+    assert result.returncode == 0
+    assert all(flag in result.stdout for flag in ("--encoder", "[NAME=]URL", "--overlap"))
+
+
 def test_a_bad_size_is_a_clear_usage_error():
     result = ec_nixl("bench", "transfer", "--sizes", "lots")
     assert result.returncode == 2 and "--sizes" in result.stderr

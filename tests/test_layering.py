@@ -1,7 +1,12 @@
-"""What each process loads: the PD scheduler's process coordinates, it never loads NIXL."""
+"""What each process loads: the PD scheduler's process coordinates, it never loads NIXL;
+and what ships: the package never imports the test harness."""
 
+import ast
 import subprocess
 import sys
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "ec_nixl"
 
 SCHEDULER_SIDE = "import ec_nixl.connector, ec_nixl.scheduler, ec_nixl.coordinator, ec_nixl.watch"
 
@@ -15,3 +20,18 @@ def test_the_scheduler_side_of_the_connector_does_not_load_nixl():
         .splitlines()[-1]
     )
     assert loaded == "[]"
+
+
+def test_the_package_imports_nothing_from_the_test_harness():
+    harness = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = (
+                [alias.name for alias in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
+            harness += [f"{path.name}: {n}" for n in names if n.split(".")[0] == "integration"]
+    assert harness == []

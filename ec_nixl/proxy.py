@@ -28,7 +28,7 @@ being skipped, PD gets the request without params and encodes locally.
 `/metrics` counts both, and times each request's two phases (encoders; PD's
 first chunk, which overlap with `--overlap`): where a TTFT goes.
 
-    python -m integration.proxy --encoder URL [--encoder URL ...] --pd [NAME=]URL [--pd ...]
+    ec-nixl proxy --encoder URL [--encoder URL ...] --pd [NAME=]URL [--pd ...]
         --port N [--overlap]
 """
 
@@ -310,10 +310,7 @@ def make_app(
     return app
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--encoder", action="append", required=True, help="encoder instance URL")
     parser.add_argument(
         "--pd", action="append", required=True, type=PD.parse, metavar="[NAME=]URL",
@@ -334,13 +331,19 @@ def main() -> None:
         "overlaps the encoding and PD pulls each item the moment it is announced; PD must "
         "run ECNixlConnector (with another connector PD would encode the images itself)",
     )  # fmt: skip
-    args = parser.parse_args()
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.getLogger().setLevel(logging.INFO)  # a server's log: one line per request
     app = make_app(args.encoder, args.pd, args.encoder_timeout, args.overlap)
     web.run_app(app, host=args.host, port=args.port, print=None)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_arguments(parser)
+    raise SystemExit(run(parser.parse_args()))
