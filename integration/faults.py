@@ -16,6 +16,8 @@ import socket
 import struct
 import threading
 
+from integration.servers import free_port
+
 CHUNK = 1 << 16
 
 
@@ -28,8 +30,8 @@ class TcpRelay:
         self._live: set[socket.socket] = set()
         self._flowing = threading.Event()
         self._flowing.set()
-        self._listener = socket.create_server((host, 0))
-        self.port = self._listener.getsockname()[1]
+        self.port = free_port()  # not an ephemeral one: `restore()` binds it again later
+        self._listener = socket.create_server((host, self.port))
         self._accept_thread = self._start_accepting()
 
     @property

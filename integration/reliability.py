@@ -109,7 +109,11 @@ class Row:
         ]
 
 
-def write_report(rows: list[Row], path: Path, setup: str) -> None:
+def write_report(
+    rows: list[Row], path: Path, setup: str, elsewhere: list[tuple[str, str]] = ()
+) -> None:
+    """The table and each scenario's notes; `elsewhere`: (attack or fault, the test that
+    checks it) for those checked below the whole deployment."""
     lines = [
         "# Reliability figures",
         "",
@@ -135,5 +139,15 @@ def write_report(rows: list[Row], path: Path, setup: str) -> None:
         lines += [f"- {note}" for note in row.notes]
         lines += [f"- error seen: {error}" for error in sorted(set(row.outcome.errors))[:5]]
         lines.append("")
+    if elsewhere:
+        lines += [
+            "## Checked below the whole deployment",
+            "",
+            "Attacks and faults that need no vLLM to show, each checked by a test against the",
+            "real exporter, receiver, NIXL and gRPC:",
+            "",
+            *(f"- {what}: `{test}`" for what, test in elsewhere),
+            "",
+        ]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))

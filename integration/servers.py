@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -27,9 +28,31 @@ HEALTH_TIMEOUT_S = 240.0
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port for one of our servers, free now and below the kernel's ephemeral range:
+    a port from that range (what binding port 0 gives) can be handed to another
+    socket (vLLM opens many) before the server that was meant to have it binds it."""
+    while True:
+        port = random.randrange(10000, max(_EPHEMERAL_LOW, 20000))
+        if port in _picked:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _picked.add(port)
+        return port
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
+_EPHEMERAL_LOW = _ephemeral_low()
+_picked: set[int] = set()  # never the same port twice in one process
 
 
 @dataclass

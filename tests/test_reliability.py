@@ -51,6 +51,7 @@ from integration.tiny_vlm import IMAGE_TOKENS, TEXT_HIDDEN, embedding_bytes
 POOL_ITEMS = 4
 LEASE_S = 5.0
 PULL_DEADLINE_S = 3.0
+FROZEN_S = 10.0  # longer than keepalive takes to give up a silent connection (2 + 5 s)
 ENCODER_TIMEOUT_S = 3.0
 REQUEST_DEADLINE_S = 90.0  # a request still unanswered after this counts as hung
 RSS_HEADROOM_MIB = 256  # growth allowed over the warm RSS: vLLM's own caches
@@ -66,6 +67,30 @@ SETUP = (
 )
 
 ROWS: list[Row] = []
+ELSEWHERE = [
+    ("an encoder that answers a resolve with a descriptor for another item",
+     "tests/test_pull.py::test_a_resolve_answered_for_other_items_is_refused_before_any_read"),
+    ("a link that dies without a reset, seen from both ends",
+     "tests/test_control.py::test_a_link_that_dies_silently_ends_the_watch_on_both_sides_within_seconds"),
+    ("one caller taking leases without bound",
+     "tests/test_pool.py::test_a_consumer_past_its_lease_bound_is_refused_and_others_are_not"),
+    ("a release or renewal of millions of lease ids",
+     "tests/test_control.py::test_a_release_or_renewal_of_more_leases_than_a_resolve_grants_is_refused"),
+    ("a TLS certificate without its key (would serve plaintext)",
+     "tests/test_connector_config.py::test_bad_config_fails_at_start_up_naming_the_key"),
+    ("unclaimed prefetches filling PD's receive arena",
+     "tests/test_scheduler.py::test_unclaimed_prefetches_hold_at_most_half_the_receive_arena_oldest_dropped_first"),
+    ("a stalled encoder PD had not met yet, against a pull's deadline",
+     "tests/test_pull.py::test_a_worker_order_keeps_its_deadline_with_a_stalled_encoder_not_met_yet"),
+    ("an item wider than the model (a multiple of its width)",
+     "tests/test_scheduler.py::test_an_item_of_the_wrong_shape_or_dtype_is_refused_unread_and_encoded_here"),
+    ("agent metadata naming its agent in bytes that are not UTF-8",
+     "tests/test_hostile_input.py::test_peer_metadata_naming_its_agent_in_bytes_that_are_not_utf8_is_refused_unloaded"),
+    ("a READ still in flight at its deadline (a hazard over RDMA)",
+     "tests/test_pull.py::test_a_read_past_its_deadline_disconnects_before_its_slot_is_reused"),
+    ("health checks held open by anyone",
+     "tests/test_hostile_input.py::test_health_checks_held_open_leave_the_export_service_its_threads"),
+]  # fmt: skip
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -73,7 +98,7 @@ def report(request):
     yield
     path = request.config.getoption("--reliability-report")
     if path and ROWS:
-        write_report(ROWS, Path(path), SETUP)
+        write_report(ROWS, Path(path), SETUP, ELSEWHERE)
 
 
 @pytest.fixture
@@ -438,6 +463,33 @@ def test_a_cut_control_link_falls_back_then_reconnects_within_seconds(rig, recor
     assert recovery_s < 10
 
 
+def test_a_control_link_gone_silent_is_noticed_and_pulls_resume_after(rig, record):
+    """Freezes the link between PD and E's control plane (no byte passes and no reset
+    comes: a path a broken switch left dead) for FROZEN_S while requests flow through
+    the proxy, then thaws it. PD's pulls must fail within their deadline (PD encodes
+    locally), its keepalive must give up the silent connection, and pulls resume once
+    the link is back (recovery)."""
+    before = rig.fallbacks()
+    rig.relay.freeze()
+    try:
+        frozen = send_all(rig.proxy.url, [chat_body(rig.fresh_image()) for _ in range(3)],
+                          concurrency=1, deadline_s=REQUEST_DEADLINE_S)  # fmt: skip
+        time.sleep(max(0.0, FROZEN_S - 3 * frozen.slowest_s))
+    finally:
+        rig.relay.thaw()
+    thawed_at = time.monotonic()
+    recovery_s, recovering = rig.until_pulled(thawed_at)
+    record(
+        "fault: control-plane link silent (frozen, no reset)",
+        frozen.add(recovering),
+        rig.fallbacks() - before,
+        recovery_s=recovery_s,
+        notes=[f"slowest answer while frozen {frozen.slowest_s:.1f} s"],
+    )
+    assert frozen.hung == 0 and frozen.answered == frozen.sent, frozen.errors
+    assert frozen.slowest_s < PULL_DEADLINE_S + 10  # the deadline, then a local encoding
+
+
 def test_an_encoder_killed_mid_pull_leaves_no_request_unanswered(rig, record):
     """Kills E (SIGKILL, its whole process group) while 16 requests flow through
     the proxy, 4 at a time, as soon as PD has pulled twice: requests inside E fail
@@ -544,3 +596,10 @@ def test_a_pd_killed_while_the_encoder_holds_its_items_gets_them_freed_and_resta
     assert held >= 3 * embedding_bytes()
     assert cut_off.hung == 0 and cut_off.clear_errors == cut_off.sent, cut_off.errors
     assert fresh == reference[RECOVERED[1]] and rig.pulled() == 1
+
+
+def test_every_check_the_report_points_to_exists():
+    root = Path(__file__).resolve().parent.parent
+    for _, test in ELSEWHERE:
+        path, name = test.split("::")
+        assert f"def {name}(" in (root / path).read_text(), test
