@@ -23,36 +23,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser(
-        "proxy",
-        help="the EPD proxy: each request to an encoder, then (or at once) to a PD",
-        description=proxy.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    proxy.add_arguments(serve)
-    serve.set_defaults(run=proxy.run)
+    _add(commands, "proxy", proxy, "the EPD proxy: each request to an encoder, then to a PD")
     bench = commands.add_parser("bench", help="benchmarks against baselines in the same run")
     benches = bench.add_subparsers(dest="bench", required=True)
-    bench_transfer = benches.add_parser(
-        "transfer",
-        help="NIXL pull (announced, cold) vs safetensors via /tmp vs memcpy, two processes",
-        description=transfer.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    transfer.add_arguments(bench_transfer)
-    bench_transfer.set_defaults(run=transfer.run)
+    _add(
+        benches, "transfer", transfer,
+        "NIXL pull (announced, cold) vs safetensors via /tmp vs memcpy, two processes",
+    )  # fmt: skip
     for entry in sorted(entry_points(group=HARNESS_BENCHES), key=lambda e: e.name):
         module = entry.load()
         summary = (module.__doc__ or "").strip().splitlines()[0]  # "`ec-nixl bench X`: what"
-        sub = benches.add_parser(
-            entry.name,
-            help=summary.split(": ", 1)[-1],
-            description=module.__doc__,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
-        module.add_arguments(sub)
-        sub.set_defaults(run=module.run)
+        _add(benches, entry.name, module, summary.split(": ", 1)[-1])
     return parser
+
+
+def _add(commands, name: str, module, help_text: str) -> None:
+    """A command whose module gives its description (docstring), flags and `run`."""
+    command = commands.add_parser(
+        name,
+        help=help_text,
+        description=module.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    module.add_arguments(command)
+    command.set_defaults(run=module.run)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -176,8 +176,8 @@ class PullCoordinator:
         with self._lock:
             if mm_hash in self._jobs or mm_hash in self._exported:
                 return True
-            since = self._encoding.get(mm_hash, ("", -self._timeout_s))[1]
-            return time.monotonic() - since < self._timeout_s
+            encoding = self._encoding.get(mm_hash)
+            return encoding is not None and time.monotonic() - encoding[1] < self._timeout_s
 
     def evicted(self, mm_hash: str, encoder_id: str) -> None:
         with self._lock:

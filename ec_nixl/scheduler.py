@@ -76,12 +76,16 @@ class ConsumerScheduler:
         for feature in request.mm_features:
             mm_hash = feature.identifier
             encoder_id = sources.items.get(mm_hash)
-            unnamed = request.ec_transfer_params is None and self._coordinator.known(mm_hash)
             position = feature.mm_position
             if (
-                (encoder_id is None and not sources.announced and not unnamed)
-                or mm_hash in self._resident
+                mm_hash in self._resident
                 or position.offset + position.length <= num_computed_tokens  # already used
+                or not (
+                    encoder_id is not None
+                    or sources.announced
+                    # no params at all: an item one of our encoders has or is encoding
+                    or (request.ec_transfer_params is None and self._coordinator.known(mm_hash))
+                )
             ):
                 continue
             num_embeds = position.get_num_embeds()
