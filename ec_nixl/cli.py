@@ -7,7 +7,7 @@ import logging
 import sys
 from importlib.metadata import entry_points
 
-from ec_nixl import proxy
+from ec_nixl import events, proxy
 from ec_nixl.bench import transfer
 
 # Benchmarks that start vLLM instances live with the test harness (`integration/`),
@@ -24,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     commands = parser.add_subparsers(dest="command", required=True)
     _add(commands, "proxy", proxy, "the EPD proxy: each request to an encoder, then to a PD")
+    _add(commands, "events", events, "an encoder's export events as JSON lines")
     bench = commands.add_parser("bench", help="benchmarks against baselines in the same run")
     benches = bench.add_subparsers(dest="bench", required=True)
     _add(

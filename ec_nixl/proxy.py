@@ -28,8 +28,14 @@ being skipped, PD gets the request without params and encodes locally.
 `/metrics` counts both, and times each request's two phases (encoders; PD's
 first chunk, which overlap with `--overlap`): where a TTFT goes.
 
+Each inline image gets its content's SHA-256 as its `uuid`, which vLLM takes
+as the item's mm_hash (a client's own uuid is replaced: it could name another
+tenant's image). With `--encoder-events`, the proxy follows the encoders'
+export events, and an image an encoder still holds (a chat's earlier turn) is
+not sent to an encoder again: PD pulls it from the holder (docs/EVENTS.md).
+
     ec-nixl proxy --encoder URL [--encoder URL ...] --pd [NAME=]URL [--pd ...]
-        --port N [--overlap]
+        --port N [--overlap] [--encoder-events ID=HOST:PORT ...]
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ import contextlib
 import itertools
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,7 +54,18 @@ import aiohttp
 import prometheus_client
 from aiohttp import web
 
-from ec_nixl.transfer_params import announce_params, consumer_params
+from ec_nixl.control.security import add_client_arguments, client_security
+from ec_nixl.encoder_directory import EncoderDirectory
+from ec_nixl.media import (
+    MediaError,
+    Named,
+    Position,
+    media_positions,
+    name_by_content,
+    split_by_item,
+    without,
+)
+from ec_nixl.transfer_params import ENCODER_ID, announce_params, consumer_params
 
 logger = logging.getLogger("ec_nixl.proxy")
 
@@ -56,44 +74,8 @@ DEFAULT_ENCODER_TIMEOUT_S = 30.0
 PD_TIMEOUT = aiohttp.ClientTimeout(total=600)
 
 
-MEDIA_PARTS = ("image_url", "image")
 DOWN_FOR_S = 5.0
 PHASE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 2, 5, 10)
-
-
-def split_by_image(body: dict[str, Any]) -> list[dict[str, Any]]:
-    """One chat request per image (the others removed), or [body] for one image or none.
-
-    An item's mm_hash depends on the item alone, so each encoder can encode its
-    share and PD finds every item by the hash it computes itself.
-    """
-    messages = body.get("messages")
-    if not isinstance(messages, list):
-        return [body]
-    images = [
-        (m, p)
-        for m, message in enumerate(messages)
-        if isinstance(message, dict) and isinstance(message.get("content"), list)
-        for p, part in enumerate(message["content"])
-        if isinstance(part, dict) and part.get("type") in MEDIA_PARTS
-    ]
-    if len(images) <= 1:
-        return [body]
-    return [
-        {**body, "messages": [_keep_only(message, m, keep) for m, message in enumerate(messages)]}
-        for keep in images
-    ]
-
-
-def _keep_only(message: Any, index: int, keep: tuple[int, int]) -> Any:
-    if not isinstance(message, dict) or not isinstance(message.get("content"), list):
-        return message
-    content = [
-        part
-        for p, part in enumerate(message["content"])
-        if (index, p) == keep or not (isinstance(part, dict) and part.get("type") in MEDIA_PARTS)
-    ]
-    return {**message, "content": content}
 
 
 @dataclass(frozen=True)
@@ -110,9 +92,15 @@ class PD:
 
 class EPDProxy:
     def __init__(
-        self, encoders: list[str], pds: list[PD], encoder_timeout_s: float, overlap: bool = False
+        self,
+        encoders: list[str],
+        pds: list[PD],
+        encoder_timeout_s: float,
+        overlap: bool = False,
+        directory: EncoderDirectory | None = None,
     ) -> None:
         self.encoders = encoders
+        self.directory = directory
         self.pds = pds
         self._next_pd = itertools.cycle(pds)
         self.overlap = overlap
@@ -133,6 +121,24 @@ class EPDProxy:
             "ec_nixl_proxy_encode_seconds", "From a request's arrival to its encoders' answers",
             buckets=PHASE_BUCKETS, registry=self.registry,
         )  # fmt: skip
+        self._encoder_hits = prometheus_client.Counter(
+            "ec_nixl_proxy_encoder_hits",
+            "Media items not sent to an encoder: one already held them (PD pulls them there)",
+            registry=self.registry,
+        )  # fmt: skip
+        self._media_items = prometheus_client.Counter(
+            "ec_nixl_proxy_media_items", "Inline media items named by their content",
+            registry=self.registry,
+        )  # fmt: skip
+        self._replaced_uuids = prometheus_client.Counter(
+            "ec_nixl_proxy_replaced_uuids",
+            "Client uuids on media items replaced by the item's content id",
+            registry=self.registry,
+        )  # fmt: skip
+        self._refused_requests = prometheus_client.Counter(
+            "ec_nixl_proxy_refused_requests", "Requests refused with 400 (media the proxy "
+            "cannot name)", registry=self.registry,
+        )  # fmt: skip
         self._pd_first_chunk_seconds = prometheus_client.Histogram(
             "ec_nixl_proxy_pd_first_chunk_seconds",
             "From forwarding a request to PD to its first chunk (whole answer if not streamed)",
@@ -144,6 +150,8 @@ class EPDProxy:
 
     async def stop(self, app: web.Application) -> None:
         await self._session.close()
+        if self.directory is not None:
+            self.directory.close()
 
     async def encode(self, path: str, body: dict[str, Any], pd: PD) -> list[dict[str, Any] | None]:
         """Spread the request's images over the encoders, telling them which PD will
@@ -151,7 +159,7 @@ class EPDProxy:
         None for a share no encoder answered."""
         if pd.name:
             body = {**body, "ec_transfer_params": consumer_params(pd.name)}
-        shares = split_by_image(body) if len(self.encoders) > 1 else [body]
+        shares = split_by_item(body) if len(self.encoders) > 1 else [body]
         with self._encode_seconds.time():
             return await asyncio.gather(*(self._encode_share(path, share) for share in shares))
 
@@ -197,21 +205,63 @@ class EPDProxy:
             body = await request.json()
         except ValueError:
             return web.json_response({"error": "body is not JSON"}, status=400)
+        if not isinstance(body, dict):
+            return web.json_response({"error": "body is not a JSON object"}, status=400)
         # Only an encoder may say where encoder outputs are: never pass on a client's claim.
         body.pop("ec_transfer_params", None)
+        try:
+            named = name_by_content(body)
+        except MediaError as exc:
+            self._refused_requests.inc()
+            logger.warning("refused a request: %s", exc)
+            return web.json_response({"error": str(exc)}, status=400)
+        self._media_items.inc(len(named.ids))
+        if named.replaced_uuids:
+            self._replaced_uuids.inc(named.replaced_uuids)
+            logger.warning(
+                "replaced %d client uuid(s) by content ids (a uuid names one image for "
+                "every tenant)", named.replaced_uuids
+            )  # fmt: skip
+        held = self._held(named)
+        body = named.body
+        to_encode = without(body, held)
+        held_params = make_params_by_holder(held.values())
         pd = next(self._next_pd)
         if self.overlap:
-            return await self._overlapped(request, body, pd)
-        answers = await self.encode(request.path, body, pd)
+            return await self._overlapped(request, body, to_encode, held_params, pd)
+        answers = [held_params]
+        if not held or media_positions(to_encode):  # all held: skip the encoders' round trip
+            answers += await self.encode(request.path, to_encode, pd)
         return await self._forward(request, with_params(body, answers), pd)
 
+    def _held(self, named: Named) -> dict[Position, tuple[str, str]]:
+        """The request's items an encoder holds: (content id, encoder id) by position."""
+        if self.directory is None or not named.hashes_known:
+            return {}
+        held = {}
+        for position, uid in named.ids.items():
+            encoder_id = self.directory.holder(uid)
+            if encoder_id is not None:
+                held[position] = (uid, encoder_id)
+        self._encoder_hits.inc(len(held))
+        return held
+
     async def _overlapped(
-        self, request: web.Request, body: dict[str, Any], pd: PD
+        self,
+        request: web.Request,
+        body: dict[str, Any],
+        to_encode: dict[str, Any],
+        held_params: dict[str, Any],
+        pd: PD,
     ) -> web.StreamResponse:
         first = asyncio.create_task(
-            self._forward(request, {**body, "ec_transfer_params": announce_params()}, pd)
+            self._forward(
+                request, {**body, "ec_transfer_params": {**held_params, **announce_params()}}, pd
+            )
         )
-        answers = await self.encode(request.path, body, pd)
+        if held_params and not media_positions(to_encode):
+            return await first
+        answers = await self.encode(request.path, to_encode, pd)
         if None not in answers or request.get("streaming"):
             return await first
         # An encoder failed: PD would wait out its deadline for items nobody announces.
@@ -220,7 +270,7 @@ class EPDProxy:
         first.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await first
-        again = with_params(body, answers)
+        again = with_params(body, [held_params, *answers])
         response = await self._forward(request, again, pd)
         if response.status >= 500 and not request.get("streaming"):
             # vLLM's front end may have sent the image to its engine only with the aborted
@@ -291,15 +341,25 @@ class EPDProxy:
 
 def with_params(body: dict[str, Any], answers: list[dict[str, Any] | None]) -> dict[str, Any]:
     """The request for PD, carrying the merged `ec_transfer_params` of the encoders that
-    answered; without any, PD encodes the images itself."""
+    answered (and of the items they held already); without any, PD encodes the images
+    itself."""
     merged = {k: v for answer in answers if answer for k, v in answer.items()}
     return {**body, "ec_transfer_params": merged} if merged else body
 
 
+def make_params_by_holder(held: Iterable[tuple[str, str]]) -> dict[str, Any]:
+    """`ec_transfer_params` for items (content id, encoder id) that encoders hold."""
+    return {uid: {ENCODER_ID: encoder_id} for uid, encoder_id in held}
+
+
 def make_app(
-    encoders: list[str], pds: list[PD], encoder_timeout_s: float, overlap: bool = False
+    encoders: list[str],
+    pds: list[PD],
+    encoder_timeout_s: float,
+    overlap: bool = False,
+    directory: EncoderDirectory | None = None,
 ) -> web.Application:
-    proxy = EPDProxy(encoders, pds, encoder_timeout_s, overlap)
+    proxy = EPDProxy(encoders, pds, encoder_timeout_s, overlap, directory)
     app = web.Application(client_max_size=64 << 20)
     app.on_startup.append(proxy.start)
     app.on_cleanup.append(proxy.stop)
@@ -326,6 +386,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "try the next; PD encodes locally if none answers (default %(default)s)",
     )  # fmt: skip
     parser.add_argument(
+        "--encoder-events", action="append", default=[], type=_encoder_events,
+        metavar="ID=HOST:PORT",
+        help="follow this encoder's export events (its control address; ID as PD's "
+        "`encoders` config names it) and send no encoder the media items an encoder "
+        "already holds: PD pulls them from it (an image repeated across a chat's turns is "
+        "encoded once)",
+    )  # fmt: skip
+    add_client_arguments(parser)
+    parser.add_argument(
         "--overlap", action="store_true",
         help="send each request to PD at the same time as to the encoders, so PD's front end "
         "overlaps the encoding and PD pulls each item the moment it is announced; PD must "
@@ -333,9 +402,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
+def _encoder_events(text: str) -> tuple[str, str]:
+    encoder_id, sep, address = text.partition("=")
+    if not (sep and encoder_id and address):
+        raise argparse.ArgumentTypeError(f"expected ID=HOST:PORT, got {text!r}")
+    return encoder_id, address
+
+
 def run(args: argparse.Namespace) -> int:
     logging.getLogger().setLevel(logging.INFO)  # a server's log: one line per request
-    app = make_app(args.encoder, args.pd, args.encoder_timeout, args.overlap)
+    directory = None
+    if args.encoder_events:
+        directory = EncoderDirectory(dict(args.encoder_events), client_security(args))
+    app = make_app(args.encoder, args.pd, args.encoder_timeout, args.overlap, directory)
     web.run_app(app, host=args.host, port=args.port, print=None)
     return 0
 

@@ -28,8 +28,8 @@ RETRY_S = (0.5, 1.0, 2.0, 5.0)  # between attempts to follow a lost stream
 class ExportWatcher:
     """Calls `on_event(event, encoder_id)` for each event of each encoder, from one
     thread per encoder, after `on_connect(encoder_id)` for each new stream (which
-    starts with everything the encoder holds); with `claim`, announcements carry
-    leases for `readers` READs."""
+    starts with everything the encoder holds), and `on_lost(encoder_id)` when a
+    stream ends; with `claim`, announcements carry leases for `readers` READs."""
 
     def __init__(
         self,
@@ -37,6 +37,7 @@ class ExportWatcher:
         encoders: dict[str, str],
         on_event: Callable[[Announcement, str], None],
         on_connect: Callable[[str], None] = lambda encoder_id: None,
+        on_lost: Callable[[str], None] = lambda encoder_id: None,
         *,
         claim: bool = False,
         readers: int = 1,
@@ -44,6 +45,7 @@ class ExportWatcher:
         self._resolver = resolver
         self._on_event = on_event
         self._on_connect = on_connect
+        self._on_lost = on_lost
         self._claim = claim
         self._readers = readers
         self._streams: dict[str, EventStream] = {}  # encoder id -> its stream now
@@ -57,6 +59,7 @@ class ExportWatcher:
     def _follow(self, encoder_id: str, address: str) -> None:
         failures = 0
         while not self._stopped.is_set():
+            connected = False
             try:
                 client = self._resolver.client(address)
                 consumer = self._resolver.consumer_id
@@ -65,6 +68,7 @@ class ExportWatcher:
                 if self._stopped.is_set():  # closed meanwhile
                     stream.close()
                 self._on_connect(encoder_id)
+                connected = True
                 for event in stream:
                     failures = 0
                     self._on_event(event, encoder_id)
@@ -73,6 +77,8 @@ class ExportWatcher:
                     logger.info("lost the export events of %s: %s; retrying", encoder_id, exc)
             except Exception:  # a thread boundary: never let one event end the stream
                 logger.exception("following the events of %s failed", encoder_id)
+            if connected:
+                self._on_lost(encoder_id)
             self._stopped.wait(RETRY_S[min(failures, len(RETRY_S) - 1)])
             failures += 1
 

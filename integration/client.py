@@ -45,6 +45,22 @@ def chat_body(images: str | list[str], max_tokens: int = 8, **extra: Any) -> dic
     }
 
 
+def conversation(url: str, image_url: str, questions: tuple[str, ...] = ("Describe it.", "More?")):
+    """The answers of a chat about one image, a turn per question: each turn sends the
+    whole history again, the image with it (as chat clients do)."""
+    messages: list[dict[str, Any]] = []
+    answers = []
+    for turn, question in enumerate(questions):
+        content: list[dict[str, Any]] = [{"type": "text", "text": question}]
+        if turn == 0:
+            content.insert(0, {"type": "image_url", "image_url": {"url": image_url}})
+        messages.append({"role": "user", "content": content})
+        body = {**chat_body([]), "messages": messages}
+        answers.append(post(url, body)["choices"][0]["message"]["content"])
+        messages = [*messages, {"role": "assistant", "content": answers[-1]}]
+    return answers
+
+
 def post(url: str, body: dict[str, Any], timeout_s: float = 120) -> dict[str, Any]:
     request = urllib.request.Request(
         url + "/v1/chat/completions",

@@ -192,9 +192,11 @@ def start_proxy(
     port: int | None = None,
     encoder_timeout_s: float | None = None,
     overlap: bool = False,
+    encoder_events: dict[str, str] | None = None,
 ) -> Server:
     """The EPD proxy in front of one PD or several (`[NAME=]URL` each); `overlap` (PD
-    runs ECNixlConnector): PD gets each request at once."""
+    runs ECNixlConnector): PD gets each request at once; `encoder_events` (encoder id ->
+    control address): the proxy skips items an encoder holds."""
     port = port or free_port()
     argv = [sys.executable, "-m", "ec_nixl.proxy", "--port", str(port)]
     for one in [pd] if isinstance(pd, str) else pd:
@@ -203,6 +205,8 @@ def start_proxy(
         argv += ["--encoder-timeout", str(encoder_timeout_s)]
     if overlap:
         argv.append("--overlap")
+    for encoder_id, address in (encoder_events or {}).items():
+        argv += ["--encoder-events", f"{encoder_id}={address}"]
     for encoder in encoders:
         argv += ["--encoder", encoder]
     root = Path(__file__).resolve().parent.parent

@@ -17,7 +17,7 @@ from ec_nixl.exporter import ExporterConfig
 from ec_nixl.exporter_process import ExporterProcess, TensorSpec
 from ec_nixl.puller import Puller
 from ec_nixl.resolver import Resolver
-from integration.client import answer, image
+from integration.client import answer, conversation, image
 from integration.servers import start_vllm, wait_healthy
 from integration.tiny_vlm import build
 
@@ -114,6 +114,16 @@ def puller():
     return Puller(Arena(64 * MiB))
 
 
+def wait_until(condition, timeout_s: float = 10.0) -> bool:
+    """Whether `condition()` came true within the time (checked every 10 ms)."""
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        if condition():
+            return True
+        time.sleep(0.01)
+    return condition()
+
+
 def spec(shape=(256, 1024), dtype=torch.bfloat16, seed=0) -> TensorSpec:
     return TensorSpec(dtype, tuple(shape), seed)
 
@@ -128,6 +138,7 @@ PREFETCHED = image(91)  # across hosts too: pulled before its request reaches PD
 RECOVERED = [image(seed) for seed in (95, 96, 97)]  # served after faults, checked to the bit
 ROUTED = [image(seed) for seed in (100, 101, 102, 103)]  # through a proxy in front of two PDs
 UNFORWARDED = image(104)  # to E, then to PD without E's params, as a stock EPD proxy does
+CHATTED = image(105)  # a chat's turns about it, through a proxy that follows E's events
 
 
 def start_encoder(
@@ -174,6 +185,7 @@ def reference(workdirs):
         )  # fmt: skip
         answers = {url: answer(server.url, url) for url in singles}
         answers["pair"] = answer(server.url, PAIR)
+        answers["chat"] = conversation(server.url, CHATTED)
         return answers
     finally:
         server.stop()

@@ -46,7 +46,14 @@ def test_help_explains_the_ttft_benchmark():
 def test_help_explains_the_proxy():
     result = ec_nixl("proxy", "--help")
     assert result.returncode == 0
-    assert all(flag in result.stdout for flag in ("--encoder", "[NAME=]URL", "--overlap"))
+    flags = ("--encoder", "[NAME=]URL", "--overlap", "--encoder-events", "EC_NIXL_TOKEN")
+    assert all(flag in result.stdout for flag in flags)
+
+
+def test_help_explains_the_event_stream():
+    result = ec_nixl("events", "--help")
+    assert result.returncode == 0
+    assert all(word in result.stdout for word in ("exported", "evicted", "encoding", "epoch"))
 
 
 def test_a_bad_size_is_a_clear_usage_error():

@@ -136,6 +136,7 @@ def test_a_request_crosses_three_hosts_and_matches_the_single_instance(hosts, wo
                     "ENCODER_URLS": f"http://{e}:8100",
                     "PD_URL": f"http://{pd}:8200",
                     "OVERLAP": "1",  # PD waits for E's announcement across the hop
+                    "ENCODERS": f"enc0={e}:7100",  # follows E's events across it too
                 },
                 ROOT,
                 logs / "proxy.log",

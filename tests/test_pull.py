@@ -10,7 +10,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import MiB, spec
+from conftest import MiB, spec, wait_until
 
 from ec_nixl.arena import Arena
 from ec_nixl.control.worker_link import PullOrder
@@ -30,15 +30,6 @@ from ec_nixl.resolver import Resolver
 
 # Failures must surface well within this, whatever the peer does.
 DEADLINE_S = 2.0
-
-
-def wait_until(condition, timeout_s: float = 5.0) -> bool:
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return condition()
 
 
 @pytest.mark.parametrize(

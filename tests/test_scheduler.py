@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from conftest import MiB, spec
+from conftest import MiB, spec, wait_until
 from vllm.multimodal.inputs import MultiModalFeatureSpec, MultiModalKwargsItem, PlaceholderRange
 from vllm.sampling_params import SamplingParams
 from vllm.v1.request import Request
@@ -111,13 +111,6 @@ def request(request_id: str, hashes: list[str], params=None, media: bool = True)
     )
 
 
-def wait_for(predicate, timeout_s: float = 10) -> None:
-    end = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < end, "timed out"
-        time.sleep(0.01)
-
-
 def settle(scheduler: ConsumerScheduler, req: Request, timeout_s: float = 10) -> None:
     end = time.monotonic() + timeout_s
     while not scheduler.ensure_available(req, 0):
@@ -146,7 +139,7 @@ def test_a_named_item_defers_the_request_until_every_worker_holds_it(
     # One lease for both ranks, ended by their two READs; E keeps the item cached.
     counters = scheduler.stats.take()["counters"]
     assert counters["items_pulled"] == 1 and "pull_failures" not in str(counters)
-    wait_for(lambda: producer.stats()["live_leases"] == 0)
+    assert wait_until(lambda: producer.stats()["live_leases"] == 0)
 
 
 def test_a_rank_that_cannot_read_fails_the_pull_everywhere_and_the_lease_goes_back(
@@ -162,8 +155,8 @@ def test_a_rank_that_cannot_read_fails_the_pull_everywhere_and_the_lease_goes_ba
         arena.free(filler)
     assert not scheduler.has_item("h-one-rank-full")
     assert scheduler.stats.take()["counters"]["pull_failures|PoolFullError"] == 1
-    wait_for(lambda: "h-one-rank-full" not in receiver[0].held)  # rank 0 drops its copy
-    wait_for(lambda: producer.stats()["live_leases"] == 0)  # given back, not left to expire
+    assert wait_until(lambda: "h-one-rank-full" not in receiver[0].held)  # rank 0 drops its copy
+    assert wait_until(lambda: producer.stats()["live_leases"] == 0)  # given back, not expired
 
 
 def test_a_pulled_item_is_lent_to_the_encoder_cache_uncopied_until_vllm_evicts_it(
@@ -322,8 +315,8 @@ def test_a_dead_rank_fails_the_pull_within_its_deadline_and_the_lease_goes_back(
         assert time.monotonic() - start < 1.0 + 2.0  # the pull deadline and its grace second
         assert not scheduler.has_item("h-dead-rank")
         assert scheduler.stats.take()["counters"]["fallbacks"] == 1
-        wait_for(lambda: "h-dead-rank" not in receiver[0].held)  # the live rank drops it
-        wait_for(lambda: producer.stats()["live_leases"] == 0)
+        assert wait_until(lambda: "h-dead-rank" not in receiver[0].held)  # the live rank drops it
+        assert wait_until(lambda: producer.stats()["live_leases"] == 0)
     finally:
         scheduler.close()
 
@@ -483,7 +476,7 @@ def test_a_request_with_params_gets_only_what_they_name(announced, producer):
 
 def test_an_item_the_encoder_dropped_since_announcing_it_is_awaited_afresh(announced, producer):
     producer.export("h-taken", item(seed=16))
-    wait_for(lambda: producer.stats()["live_leases"] == 0)
+    assert wait_until(lambda: producer.stats()["live_leases"] == 0)
     producer.export("h-filler", spec((32 * MiB,), seed=17))  # E's whole pool: evicts the rest
     time.sleep(0.3)  # the eviction has been announced too
     req = request("after-eviction", ["h-taken"], announce_params())
@@ -536,7 +529,7 @@ def test_an_item_announced_with_a_claim_for_this_pd_is_pulled_before_its_request
     time.sleep(0.3)  # the watcher's stream is open: a claim comes with live exports only
     producer.export("h-routed", item(seed=20), target="test-watch")  # the proxy named us
     producer.export("h-routed-elsewhere", item(seed=21), target="another-pd")
-    wait_for(lambda: announced.has_item("h-routed"))
+    assert wait_until(lambda: announced.has_item("h-routed"))
     assert "h-routed" in receiver[0].held and "h-routed" in other_rank[0].held
     assert announced.stats.take()["counters"]["claimed_pulls"] == 1
     assert announced._coordinator.job("h-routed-elsewhere") is None
@@ -546,7 +539,7 @@ def test_with_prefetch_an_exported_item_is_pulled_before_its_request_comes(
     prefetching, producer, receiver, other_rank
 ):
     producer.export("h-early", item(seed=8))
-    wait_for(lambda: prefetching.has_item("h-early"))
+    assert wait_until(lambda: prefetching.has_item("h-early"))
     assert "h-early" in receiver[0].held and "h-early" in other_rank[0].held
     req = request("early", ["h-early"], make_params("enc0", ["h-early"]))
     assert prefetching.ensure_available(req, 0)  # scheduled at once
@@ -560,7 +553,7 @@ def test_with_prefetch_an_exported_item_is_pulled_before_its_request_comes(
     # prefetched, too): one READ per rank, no resolve.
     assert data["counters"]["claimed_pulls"] >= 1  # more may still be in flight
     assert "resolve_seconds" not in data["observations"]
-    wait_for(lambda: producer.stats()["live_leases"] == 0)
+    assert wait_until(lambda: producer.stats()["live_leases"] == 0)
 
 
 def test_a_claim_that_lapsed_before_its_pull_is_resolved_afresh(
@@ -568,7 +561,7 @@ def test_a_claim_that_lapsed_before_its_pull_is_resolved_afresh(
 ):
     monkeypatch.setattr("ec_nixl.coordinator.CLAIM_MARGIN_S", 3600.0)  # every claim "lapsed"
     producer.export("h-lapsed", item(seed=19))
-    wait_for(lambda: prefetching.has_item("h-lapsed"))
+    assert wait_until(lambda: prefetching.has_item("h-lapsed"))
     assert "h-lapsed" in other_rank[0].held
     data = prefetching.stats.take()
     assert "claimed_pulls" not in data["counters"]
@@ -580,12 +573,12 @@ def test_a_prefetched_item_with_other_rows_than_its_request_needs_is_encoded_her
     prefetching, producer, receiver
 ):
     producer.export("h-long", item(seed=9, shape=(ROWS + 2, 1024)))
-    wait_for(lambda: prefetching.has_item("h-long"))
+    assert wait_until(lambda: prefetching.has_item("h-long"))
     req = request("long", ["h-long"], make_params("enc0", ["h-long"]))
     assert prefetching.ensure_available(req, 0)
     assert not prefetching.has_item("h-long")
     assert prefetching.stats.take()["counters"]["fallbacks"] == 1
-    wait_for(lambda: "h-long" not in receiver[0].held)
+    assert wait_until(lambda: "h-long" not in receiver[0].held)
 
 
 def test_a_prefetched_item_no_request_claims_is_dropped_after_a_while(
@@ -593,10 +586,10 @@ def test_a_prefetched_item_no_request_claims_is_dropped_after_a_while(
 ):
     monkeypatch.setattr("ec_nixl.coordinator.PREFETCH_TTL_S", 0.2)
     producer.export("h-unasked", item(seed=10))
-    wait_for(lambda: prefetching.has_item("h-unasked"))
+    assert wait_until(lambda: prefetching.has_item("h-unasked"))
     time.sleep(0.3)
     producer.export("h-next", item(seed=11))  # the next prefetch sweeps
-    wait_for(lambda: "h-unasked" not in receiver[0].held)
+    assert wait_until(lambda: "h-unasked" not in receiver[0].held)
     assert prefetching._coordinator.job("h-unasked") is None
 
 
@@ -607,9 +600,9 @@ def test_unclaimed_prefetches_hold_at_most_half_the_receive_arena_oldest_dropped
     names = [f"h-orphan-{n}" for n in range(6)]
     for n, name in enumerate(names):
         producer.export(name, item(seed=30 + n, shape=big))
-        wait_for(lambda name=name: prefetching.has_item(name))
+        assert wait_until(lambda name=name: prefetching.has_item(name))
     for rank in (receiver, other_rank):  # the two oldest made room for the newest
-        wait_for(lambda rank=rank: not {"h-orphan-0", "h-orphan-1"} & set(rank[0].held))
+        assert wait_until(lambda rank=rank: not {"h-orphan-0", "h-orphan-1"} & set(rank[0].held))
         assert set(names[2:]) <= set(rank[0].held)
     assert prefetching.stats.take()["counters"]["prefetches_dropped"] >= 2
 

@@ -132,6 +132,7 @@ class Announcement:
     kind: EventKind
     mm_hash: str
     length: int
+    epoch: int = 0  # of the exporter process that sent it
     claim: RemoteItem | None = None
     received_at: float = field(default_factory=time.monotonic)
 

@@ -6,7 +6,9 @@ in constant time; health checks stay open so orchestrators can probe.
 
 from __future__ import annotations
 
+import argparse
 import hmac
+import os
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +18,7 @@ import grpc
 from ec_nixl.errors import ConfigError
 
 AUTH_HEADER = "authorization"
+TOKEN_ENV = "EC_NIXL_TOKEN"  # where commands that call encoders take the token from
 OPEN_METHODS = ("/grpc.health.v1.Health/",)
 
 
@@ -54,6 +57,23 @@ class Security:
         if not self.tls_ca_file:
             return None
         return grpc.ssl_channel_credentials(root_certificates=Path(self.tls_ca_file).read_bytes())
+
+
+def add_client_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--token` and `--tls-ca` for a command that calls encoders' control planes."""
+    parser.add_argument(
+        "--token", default=os.environ.get(TOKEN_ENV),
+        help=f"the encoders' control-plane token (default: ${TOKEN_ENV}, which keeps it "
+        "out of the process list)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--tls-ca", type=Path, metavar="FILE",
+        help="CA that signed the encoders' control-plane certificates (TLS)",
+    )  # fmt: skip
+
+
+def client_security(args: argparse.Namespace) -> Security:
+    return Security(token=args.token, tls_ca_file=args.tls_ca)
 
 
 class AccessInterceptor(grpc.ServerInterceptor):

@@ -20,6 +20,10 @@ Configure with environment variables:
                 while the encoders encode; meant for E and PD on separate
                 hosts, no gain measured on one small host); 0: only after
                 the encoders answered, with where their outputs are [0]
+  ENCODERS      id=HOST:PORT of each encoder's export service, comma-separated,
+                as PD's ENCODERS: the proxy follows their events and does
+                not send an encoder images an encoder still holds (a chat's
+                earlier turns); PD pulls those. Token: $EC_NIXL_TOKEN  [unset]
   PYTHON        interpreter with ec_nixl     [repo .venv, else python3]
 USAGE
 }
@@ -31,6 +35,7 @@ source "$here/common.sh"
 
 args=()
 for url in ${ENCODER_URLS//,/ }; do args+=(--encoder "$url"); done
+for encoder in ${ENCODERS//,/ }; do args+=(--encoder-events "$encoder"); done
 [[ "${OVERLAP:-0}" == 1 ]] && args+=(--overlap)
 cd "$REPO"
 exec "$PYTHON" -m ec_nixl.proxy "${args[@]}" --pd "$PD_URL" --host "${HOST:-0.0.0.0}" \
