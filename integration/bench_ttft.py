@@ -29,6 +29,7 @@ Triton with a backend for the device); where it cannot, the table says so.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import sys
@@ -129,6 +130,18 @@ class ConnectorSide:
         p50, mean = p50_and_mean(self.save_ms)
         return {"p50": round(p50, 3), "mean": round(mean, 3)}
 
+    def critical_path(self) -> dict[str, float]:
+        """What the connector adds to a request's critical path, per item: save + ready."""
+        save, ready = self.save(), self.ready.ms()
+        return {stat: round(save[stat] + ready[stat], 3) for stat in ("p50", "mean")}
+
+    def plus(self, other: ConnectorSide) -> ConnectorSide:
+        return ConnectorSide(
+            self.ready.plus(other.ready),
+            self.announce_waits.plus(other.announce_waits),
+            self.save_ms + other.save_ms,
+        )
+
 
 def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     """Every way up at once; each level's stream in blocks that take turns between them."""
@@ -156,7 +169,7 @@ def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                  for name in CONNECTORS}  # fmt: skip
         roles[OVERLAP] = roles["ECNixlConnector"]
         levels = {(name, c): Level(name, c) for name in names for c in args.concurrency}
-        sides = {name: ConnectorSide() for name in roles}
+        sides = {(name, c): ConnectorSide() for name in roles for c in args.concurrency}
         for name, url in urls.items():
             send(url, [image(next(seeds)) for _ in range(WARM_UP_REQUESTS)], 1, Level(name, 1))
         for c in args.concurrency:
@@ -167,7 +180,8 @@ def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 for name in names[turn:] + names[:turn]:
                     time.sleep(QUIET_S)
                     pictures = [image(next(seeds)) for _ in range(block_size(c))]
-                    with sides[name].measuring(*roles[name]) if name in sides else nullcontext():
+                    side = sides.get((name, c))
+                    with side.measuring(*roles[name]) if side else nullcontext():
                         send(urls[name], pictures, c, levels[name, c])
             for name in roles:
                 levels[name, c].phases_ms = phase_means_ms(phases[name], proxy_phases(urls[name]))
@@ -191,13 +205,24 @@ def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             name: {server: round(mib) for server, mib in deployment.peak_rss_mib.items()}
             for name, deployment in deployments.items()
         }
-    announced = sides[OVERLAP].announce_waits
+    overall = {
+        name: functools.reduce(ConnectorSide.plus, (sides[name, c] for c in args.concurrency))
+        for name in roles
+    }
+    announced = overall[OVERLAP].announce_waits
     return {
         "levels": list(levels.values()),
         "repeated": repeated,
         "embedding_bytes": embedding_bytes(args.text_hidden),
-        "embeddings_ready_ms": {name: side.ready.ms() for name, side in sides.items()},
-        "encoder_save_ms": {name: side.save() for name, side in sides.items()},
+        "embeddings_ready_ms": {name: side.ready.ms() for name, side in overall.items()},
+        "encoder_save_ms": {name: side.save() for name, side in overall.items()},
+        "critical_path_ms": {
+            "overall": {name: side.critical_path() for name, side in overall.items()},
+            **{
+                f"concurrency {c}": {name: sides[name, c].critical_path() for name in roles}
+                for c in args.concurrency
+            },
+        },
         "announce_wait_ms": {
             "way": OVERLAP,
             "items": int(announced.count),

@@ -84,7 +84,13 @@ def deploy(
     try:
         startup_s = wait_healthy(servers)
         if connector is not None:
-            servers.append(start_proxy(encoders=[servers[0].url], pd=servers[1].url, log_dir=logs))
+            control = encoder_config["ec_connector_extra_config"].get("control_address")
+            servers.append(
+                start_proxy(
+                    encoders=[servers[0].url], pd=servers[1].url, log_dir=logs,
+                    encoder_events={"enc0": control} if control else None,
+                )
+            )  # fmt: skip
             wait_healthy(servers[-1:])
         print(f"[{name}] healthy in {startup_s:.1f} s; logs in {logs}", file=sys.stderr, flush=True)
         with PeakRss(servers) as rss:

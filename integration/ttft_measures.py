@@ -158,6 +158,9 @@ class Ready:
     waits: Histogram = field(default_factory=Histogram)
     load_ms: list[float] = field(default_factory=list)  # per item
 
+    def plus(self, other: Ready) -> Ready:
+        return Ready(self.waits.plus(other.waits), self.load_ms + other.load_ms)
+
     def ms(self) -> dict[str, float]:
         wait_p50, wait_mean = self.waits.quantile_ms(0.5), self.waits.mean_ms()
         load_p50, load_mean = p50_and_mean(self.load_ms)

@@ -43,6 +43,12 @@ def test_help_explains_the_ttft_benchmark():
     assert "ECCPUConnector" in result.stdout
 
 
+def test_help_explains_the_serving_benchmark():
+    result = ec_nixl("bench", "serve", "--help")
+    assert result.returncode == 0
+    assert all(word in result.stdout for word in ("random-mm", "ECExampleConnector", "--images"))
+
+
 def test_help_explains_the_proxy():
     result = ec_nixl("proxy", "--help")
     assert result.returncode == 0
