@@ -1,4 +1,9 @@
-"""The PD scheduler's side of a pull: lease once, order every worker to READ, track it.
+"""The PD scheduler's items: one table of what is known of each, and the pulls.
+
+Each item's entry says which encoder holds it or is encoding it (from their
+events), our pull of it, and whether vLLM's encoder cache has it; it changes
+only here, from announcements, pull results and vLLM's allocations and
+evictions, under one lock, and goes once nothing of it is left.
 
 vLLM's scheduler must never block, so each pull runs as a job on a small thread
 pool and the scheduler thread only looks at its state (and never waits on the
@@ -22,7 +27,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import Enum
@@ -84,6 +88,20 @@ class PullJob:
         return self.encoder_id is None and self.error is None
 
 
+@dataclass
+class Item:
+    """What PD's scheduler knows of one item."""
+
+    holder: str | None = None  # the encoder that announced it, until it evicts it
+    encoding: tuple[str, float] | None = None  # (the encoder encoding it, since when)
+    job: PullJob | None = None  # our pull of it
+    resident: bool = False  # in vLLM's encoder cache: never pulled again
+
+    @property
+    def empty(self) -> bool:
+        return not (self.holder or self.encoding or self.job or self.resident)
+
+
 class PullCoordinator:
     def __init__(
         self,
@@ -102,23 +120,20 @@ class PullCoordinator:
         self._encoders = encoders
         self._workers = workers
         self._timeout_s = timeout_s
-        self._lock = threading.Lock()  # jobs: the scheduler's thread and prefetch watchers
-        self._jobs: dict[str, PullJob] = {}
+        # The table: vLLM's scheduler thread, event watchers and pulls all change it.
+        self._lock = threading.Lock()
+        self._items: dict[str, Item] = {}
         self._pool = ThreadPoolExecutor(MAX_CONCURRENT_PULLS, thread_name_prefix="ec-nixl-pull")
         self._met: set[str] = set()
         self._incompatible: set[str] = set()
-        self._exported: dict[str, str] = {}  # mm_hash -> the encoder that announced it
-        # mm_hash -> (the encoder encoding it, since when), oldest first
-        self._encoding: OrderedDict[str, tuple[str, float]] = OrderedDict()
         self._landed = threading.Event()  # a pull ended: a request waiting for it may go on
 
     def start(self, mm_hash: str, encoder_id: str, num_embeds: int) -> PullJob:
         """Start pulling `mm_hash` from `encoder_id` for a request, unless a job for it
         exists; a prefetched item is claimed (and its rows checked once pulled)."""
         with self._lock:
-            job = self._jobs.get(mm_hash)
-            if job is None:
-                job = self._jobs[mm_hash] = PullJob(mm_hash, None, num_embeds)
+            item = self._item(mm_hash)
+            job = item.job = item.job or PullJob(mm_hash, None, num_embeds)
             if job.awaiting:
                 self._submit_locked(job, encoder_id)
         return self._claim(job, num_embeds)
@@ -127,11 +142,12 @@ class PullCoordinator:
         """Pull `mm_hash` for a request once an encoder announces it (at once if one has);
         the request fails over to local encoding if none has by the pull deadline."""
         with self._lock:
-            job = self._jobs.get(mm_hash)
+            item = self._item(mm_hash)
+            job = item.job
             if job is None:
-                job = self._jobs[mm_hash] = PullJob(mm_hash, None, num_embeds, expected=True)
-                if mm_hash in self._exported:
-                    self._submit_locked(job, self._exported[mm_hash])
+                job = item.job = PullJob(mm_hash, None, num_embeds, expected=True)
+                if item.holder is not None:
+                    self._submit_locked(job, item.holder)
         if job.awaiting and time.monotonic() - job.started_at > self._timeout_s:
             self.stats.count("pull_failures", label=DeadlineExceededError.__name__)
             self._fail(job, DeadlineExceededError(
@@ -141,17 +157,18 @@ class PullCoordinator:
 
     def announced(self, announcement: Announcement, encoder_id: str, *, prefetch: bool) -> None:
         """An encoder exported an item: pull it for a request expecting it, or, with
-        `prefetch`, for the request that will come. A claim the announcement carries
-        spares that pull its Resolve; one no pull takes goes back to the encoder."""
-        mm_hash = announcement.mm_hash
+        `prefetch`, for the request that will come (unless vLLM's encoder cache has it).
+        A claim the announcement carries spares that pull its Resolve; one no pull takes
+        goes back to the encoder."""
         with self._lock:
-            self._exported[mm_hash] = encoder_id
-            self._encoding.pop(mm_hash, None)
-            job = self._jobs.get(mm_hash)
+            item = self._item(announcement.mm_hash)
+            item.holder, item.encoding = encoder_id, None
+            job = item.job
             if job is not None and job.awaiting:
                 self._submit_locked(job, encoder_id, announcement)
                 return
-        if not (prefetch and job is None and self.prefetch(announcement, encoder_id)):
+            wanted = prefetch and job is None and not item.resident
+        if not (wanted and self.prefetch(announcement, encoder_id)):
             self._give_back(announcement, encoder_id)
 
     def _give_back(self, announcement: Announcement, encoder_id: str) -> None:
@@ -165,32 +182,87 @@ class PullCoordinator:
         a pull deadline (what is older than that is forgotten)."""
         now = time.monotonic()
         with self._lock:
-            self._encoding.pop(mm_hash, None)
-            self._encoding[mm_hash] = (encoder_id, now)
-            while next(iter(self._encoding.values()))[1] < now - self._timeout_s:
-                self._encoding.popitem(last=False)
+            for stale, item in list(self._items.items()):
+                if item.encoding and item.encoding[1] < now - self._timeout_s:
+                    item.encoding = None
+                    self._prune(stale)
+            self._item(mm_hash).encoding = (encoder_id, now)
 
     def known(self, mm_hash: str) -> bool:
         """A job for `mm_hash` exists, or an encoder announced it (and has not evicted it)
         or is encoding it."""
         with self._lock:
-            if mm_hash in self._jobs or mm_hash in self._exported:
-                return True
-            encoding = self._encoding.get(mm_hash)
-            return encoding is not None and time.monotonic() - encoding[1] < self._timeout_s
+            item = self._items.get(mm_hash)
+            if item is None:
+                return False
+            encoding = item.encoding
+            return bool(
+                item.job
+                or item.holder
+                or (encoding and time.monotonic() - encoding[1] < self._timeout_s)
+            )
 
     def evicted(self, mm_hash: str, encoder_id: str) -> None:
         with self._lock:
-            if self._exported.get(mm_hash) == encoder_id:
-                del self._exported[mm_hash]
+            item = self._items.get(mm_hash)
+            if item is not None and item.holder == encoder_id:
+                item.holder = None
+                self._prune(mm_hash)
 
     def reconnected(self, encoder_id: str) -> None:
         """A new event stream from the encoder starts with everything it holds: forget
         what it announced before, whose evictions the lost stream may not have told."""
         with self._lock:
-            self._exported = {h: e for h, e in self._exported.items() if e != encoder_id}
-            for mm_hash in [h for h, (e, _) in self._encoding.items() if e == encoder_id]:
-                del self._encoding[mm_hash]
+            for mm_hash, item in list(self._items.items()):
+                if item.holder == encoder_id:
+                    item.holder = None
+                if item.encoding and item.encoding[0] == encoder_id:
+                    item.encoding = None
+                self._prune(mm_hash)
+
+    def resident(self, mm_hash: str) -> bool:
+        """vLLM's encoder cache has the item (allocated and not freed since)."""
+        with self._lock:
+            item = self._items.get(mm_hash)
+            return item is not None and item.resident
+
+    def allocated(self, mm_hash: str) -> bool:
+        """vLLM reserved encoder-cache room for the item: it is resident from now on.
+        True when our pulled copy is to be loaded into it (its job ends here)."""
+        with self._lock:
+            item = self._item(mm_hash)
+            item.resident = True
+            job = item.job
+            if job is None or job.state is not PullState.READY:
+                return False
+            item.job = None
+        if job.claimed_at is not None:
+            # Waiting for the encoder to announce the item is encoding, not transfer.
+            announced = max(job.claimed_at, job.started_at)
+            if job.expected:
+                self.stats.observe("announce_wait_seconds", announced - job.claimed_at)
+            self.stats.observe("ready_wait_seconds", max(0.0, job.ready_at - announced))
+        return True
+
+    def freed(self, mm_hashes: list[str]) -> None:
+        """vLLM evicted these from its encoder cache: pull them again if asked."""
+        with self._lock:
+            for mm_hash in mm_hashes:
+                item = self._items.get(mm_hash)
+                if item is not None:
+                    item.resident = False
+                    self._prune(mm_hash)
+
+    def _item(self, mm_hash: str) -> Item:
+        item = self._items.get(mm_hash)
+        if item is None:
+            item = self._items[mm_hash] = Item()
+        return item
+
+    def _prune(self, mm_hash: str) -> None:
+        """An entry with nothing left in it goes: the table holds what is live."""
+        if self._items[mm_hash].empty:
+            del self._items[mm_hash]
 
     def _submit_locked(
         self, job: PullJob, encoder_id: str, announcement: Announcement | None = None
@@ -205,8 +277,9 @@ class PullCoordinator:
         request waits for one."""
         with self._lock:
             waiting = any(
-                job.claimed_at is not None and job.state is PullState.RUNNING
-                for job in self._jobs.values()
+                item.job.claimed_at is not None and item.job.state is PullState.RUNNING
+                for item in self._items.values()
+                if item.job is not None
             )
         if waiting:
             self._landed.wait(timeout_s)
@@ -237,16 +310,15 @@ class PullCoordinator:
         now = time.monotonic()
         with self._lock:  # stale ones leave under the lock: no request can claim them after
             stale = [
-                job
-                for job in self._jobs.values()
-                if job.claimed_at is None and now - job.started_at > PREFETCH_TTL_S
+                job for job in self._unclaimed_locked() if now - job.started_at > PREFETCH_TTL_S
             ]
             for job in stale:
-                del self._jobs[job.mm_hash]
-            started = mm_hash not in self._jobs
+                self._end_job_locked(job)
+            item = self._item(mm_hash)
+            started = item.job is None
             if started:
                 stale += self._make_room_locked(announcement.length)
-                job = self._jobs[mm_hash] = PullJob(mm_hash, None, 0, nbytes=announcement.length)
+                job = item.job = PullJob(mm_hash, None, 0, nbytes=announcement.length)
                 self._submit_locked(job, encoder_id, announcement)
         for job in stale:
             self._drop_when_done(job)
@@ -255,19 +327,29 @@ class PullCoordinator:
     def _make_room_locked(self, nbytes: int) -> list[PullJob]:
         """Unclaimed prefetches to drop, oldest first, so that `nbytes` more fit."""
         unclaimed = sorted(  # prefetches (a request's own job has no size: never dropped)
-            (job for job in self._jobs.values() if job.claimed_at is None and job.nbytes),
+            (job for job in self._unclaimed_locked() if job.nbytes),
             key=lambda job: job.started_at,
         )
         held = sum(job.nbytes for job in unclaimed)
         dropped = []
         while unclaimed and held + nbytes > self._prefetch_bytes:
             job = unclaimed.pop(0)
-            del self._jobs[job.mm_hash]
+            self._end_job_locked(job)
             held -= job.nbytes
             dropped.append(job)
         if dropped:
             self.stats.count("prefetches_dropped", len(dropped))
         return dropped
+
+    def _unclaimed_locked(self) -> list[PullJob]:
+        return [i.job for i in self._items.values() if i.job and i.job.claimed_at is None]
+
+    def _end_job_locked(self, job: PullJob) -> None:
+        """The item's entry no longer has this job (if it still had it)."""
+        item = self._items.get(job.mm_hash)
+        if item is not None and item.job is job:
+            item.job = None
+            self._prune(job.mm_hash)
 
     def meet(self, encoder_id: str) -> None:
         """Handshake with an encoder once, in the background, to catch a mismatch early:
@@ -288,13 +370,18 @@ class PullCoordinator:
 
     def job(self, mm_hash: str) -> PullJob | None:
         with self._lock:
-            return self._jobs.get(mm_hash)
+            item = self._items.get(mm_hash)
+            return item.job if item is not None else None
 
-    def forget(self, mm_hash: str, *, drop: bool) -> None:
-        """Stop tracking an item; with `drop`, workers free it if they hold it."""
+    def forget(self, mm_hash: str) -> None:
+        """A request that needed the item ended: a pull not loaded by then ends, and the
+        workers free what they got of it."""
         with self._lock:
-            job = self._jobs.pop(mm_hash, None)
-        if job is not None and drop:
+            item = self._items.get(mm_hash)
+            job = item.job if item is not None else None
+            if job is not None:
+                self._end_job_locked(job)
+        if job is not None:
             self._drop_when_done(job)
 
     def _drop_when_done(self, job: PullJob) -> None:
@@ -380,9 +467,9 @@ class PullCoordinator:
         if job.future is not None:  # some workers may hold it
             self._drop(job.mm_hash)
         with self._lock:  # a failed prefetch is forgotten: a request will try afresh
-            prefetch = job.claimed_at is None and self._jobs.get(job.mm_hash) is job
+            prefetch = job.claimed_at is None
             if prefetch:
-                del self._jobs[job.mm_hash]
+                self._end_job_locked(job)
             job.error = exc
         source = job.encoder_id or "any encoder"
         if isinstance(exc, HandshakeError):

@@ -55,8 +55,6 @@ class ConsumerScheduler:
         self._encode_on_failure = encode_on_failure
         self._to_load: list[str] = []
         self._unavailable: set[str] = set()
-        # What vLLM's encoder cache holds (allocated and not yet freed): never pulled again.
-        self._resident: set[str] = set()
         self._warned_unmatched = False
         self._fell_back: set[tuple[str, str]] = set()  # (request id, mm_hash), for counting
         self._refused: set[str] = set()  # request ids whose params were refused, for counting
@@ -78,8 +76,8 @@ class ConsumerScheduler:
             encoder_id = sources.items.get(mm_hash)
             position = feature.mm_position
             if (
-                mm_hash in self._resident
-                or position.offset + position.length <= num_computed_tokens  # already used
+                position.offset + position.length <= num_computed_tokens  # already used
+                or self._coordinator.resident(mm_hash)
                 or not (
                     encoder_id is not None
                     or sources.announced
@@ -105,7 +103,7 @@ class ConsumerScheduler:
             self.stats.count("refused_params")
             logger.warning("request %s: %s", request.request_id, exc)
         for feature in request.mm_features:
-            if feature.identifier not in self._resident:
+            if not self._coordinator.resident(feature.identifier):
                 self._fall_back(request, feature, str(exc))
 
     def _fall_back(self, request: Any, feature: Any, reason: str) -> None:
@@ -125,17 +123,8 @@ class ConsumerScheduler:
 
     def on_alloc(self, mm_hash: str) -> None:
         """vLLM reserved encoder-cache room for an item; a pulled one is loaded this step."""
-        self._resident.add(mm_hash)
-        job = self._coordinator.job(mm_hash)
-        if job is not None and job.state is PullState.READY:
+        if self._coordinator.allocated(mm_hash):
             self._to_load.append(mm_hash)
-            self._coordinator.forget(mm_hash, drop=False)
-            if job.claimed_at is not None:
-                # Waiting for the encoder to announce the item is encoding, not transfer.
-                announced = max(job.claimed_at, job.started_at)
-                if job.expected:
-                    self.stats.observe("announce_wait_seconds", announced - job.claimed_at)
-                self.stats.observe("ready_wait_seconds", max(0.0, job.ready_at - announced))
 
     def on_event(self, event: Announcement, encoder_id: str) -> None:
         """An encoder exported or dropped an item: a request waiting for it pulls it
@@ -148,8 +137,7 @@ class ConsumerScheduler:
             self._coordinator.encoding(event.mm_hash, encoder_id)
         else:
             eager = self._prefetch or event.claim is not None
-            prefetch = eager and event.mm_hash not in self._resident
-            self._coordinator.announced(event, encoder_id, prefetch=prefetch)
+            self._coordinator.announced(event, encoder_id, prefetch=eager)
 
     def on_connect(self, encoder_id: str) -> None:
         """An encoder's event stream (re)started: it will announce what it holds anew."""
@@ -157,7 +145,7 @@ class ConsumerScheduler:
 
     def on_freed(self, mm_hashes: list[str]) -> None:
         """vLLM evicted these from its encoder cache: pull them again if asked."""
-        self._resident.difference_update(mm_hashes)
+        self._coordinator.freed(mm_hashes)
 
     def idle_step(self) -> None:
         """vLLM's scheduler found nothing to run this step."""
@@ -175,7 +163,7 @@ class ConsumerScheduler:
         """Items pulled for a request that ended without loading them are dropped."""
         self._refused.discard(request.request_id)
         for feature in request.mm_features:
-            self._coordinator.forget(feature.identifier, drop=True)
+            self._coordinator.forget(feature.identifier)
             self._fell_back.discard((request.request_id, feature.identifier))
 
     def _warn_if_unmatched(self, request: Any, where: dict[str, str]) -> None:

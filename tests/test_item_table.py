@@ -1,0 +1,74 @@
+"""PD's item table (`PullCoordinator`): what its scheduler knows of each item, changed by
+encoders' events and vLLM's encoder cache, and emptied of whatever is no longer live.
+No vLLM, no worker, no encoder: these transitions contact nobody."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from ec_nixl.control.messages import Announcement
+from ec_nixl.coordinator import PullCoordinator
+from ec_nixl.pool import EventKind
+from ec_nixl.resolver import Resolver
+
+TIMEOUT_S = 0.2
+
+
+@pytest.fixture
+def table():
+    encoders = {"enc0": "127.0.0.1:1", "enc1": "127.0.0.1:2"}
+    coordinator = PullCoordinator(Resolver(consumer_id="table"), encoders, [], TIMEOUT_S)
+    yield coordinator
+    coordinator.close()
+
+
+def exported(mm_hash: str) -> Announcement:
+    return Announcement(EventKind.EXPORTED, mm_hash, 1024)
+
+
+def test_an_announced_item_is_known_until_its_holder_evicts_it(table):
+    table.announced(exported("h"), "enc0", prefetch=False)
+    assert table.known("h") and table.job("h") is None  # known, not pulled
+    table.evicted("h", "enc1")  # another encoder's copy
+    assert table.known("h")
+    table.evicted("h", "enc0")
+    assert not table.known("h") and table._items == {}
+
+
+def test_an_item_being_encoded_is_known_for_a_pull_deadline(table):
+    table.encoding("h", "enc0")
+    assert table.known("h")
+    time.sleep(TIMEOUT_S + 0.05)
+    assert not table.known("h")
+    table.encoding("other", "enc0")  # the next event clears what went stale
+    assert set(table._items) == {"other"}
+
+
+def test_the_announcement_ends_the_encoding(table):
+    table.encoding("h", "enc0")
+    table.announced(exported("h"), "enc0", prefetch=False)
+    assert table._items["h"].encoding is None and table._items["h"].holder == "enc0"
+
+
+def test_a_reconnected_encoder_is_forgotten_until_it_announces_again(table):
+    table.announced(exported("a"), "enc0", prefetch=False)
+    table.encoding("b", "enc0")
+    table.announced(exported("c"), "enc1", prefetch=False)
+    table.reconnected("enc0")
+    assert (table.known("a"), table.known("b"), table.known("c")) == (False, False, True)
+    assert set(table._items) == {"c"}
+
+
+def test_an_allocated_item_is_resident_until_vllm_frees_it(table):
+    assert not table.allocated("h")  # nothing pulled: vLLM encodes it
+    assert table.resident("h")
+    table.freed(["h"])
+    assert not table.resident("h") and table._items == {}
+
+
+def test_a_resident_item_is_not_prefetched_when_announced(table):
+    table.allocated("h")
+    table.announced(exported("h"), "enc0", prefetch=True)
+    assert table.job("h") is None and table.resident("h")
