@@ -9,6 +9,7 @@ and a first-fit allocator over them, safe to call from several threads.
 from __future__ import annotations
 
 import bisect
+import mmap
 import threading
 from dataclasses import dataclass
 from math import prod
@@ -26,6 +27,24 @@ class Slot:
     length: int
 
 
+def _allocate(capacity: int, device: torch.device) -> torch.Tensor:
+    """The arena's bytes, every page touched now rather than in the first transfer.
+
+    Host memory is asked for in huge pages where the kernel has them (transparent
+    huge pages): a READ between processes on one host (UCX's cma transport,
+    `process_vm_readv`) pins the source's pages and copies them one page at a time,
+    and 512 times fewer pages make that copy faster.
+    """
+    if device.type != "cpu":
+        return torch.zeros(capacity, dtype=torch.uint8, device=device)
+    memory = mmap.mmap(-1, capacity, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        memory.madvise(mmap.MADV_HUGEPAGE)
+    buffer = torch.frombuffer(memory, dtype=torch.uint8)
+    buffer.zero_()
+    return buffer
+
+
 class Arena:
     """A uint8 buffer on `device` with a first-fit allocator of aligned slots."""
 
@@ -39,8 +58,7 @@ class Arena:
             raise ValueError(
                 f"arena capacity {capacity} must be a positive multiple of {alignment}"
             )
-        # zeros, not empty: touch every page now, not on the first transfer into it.
-        self.buffer = torch.zeros(capacity, dtype=torch.uint8, device=device)
+        self.buffer = _allocate(capacity, torch.device(device))
         self.capacity = capacity
         self.alignment = alignment
         self._lock = threading.Lock()
