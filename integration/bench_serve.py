@@ -88,7 +88,8 @@ def bench(args: argparse.Namespace, workdir: Path) -> list[dict[str, Any]]:
                 )
                 print(f"[{name}] vllm bench serve {shlex.join(argv)}", file=sys.stderr, flush=True)
                 before = {count: metric(pd, count) for count in PD_COUNTS}
-                row = {"connector": name, "images": images, **vllm_bench_serve(argv)}
+                row = {"connector": name, "case": case, "images": images}
+                row |= vllm_bench_serve(argv)
                 rows.append(row | {c: metric(pd, c) - before[c] for c in PD_COUNTS})
     return rows
 
@@ -100,9 +101,9 @@ def table(rows: list[dict[str, Any]]) -> str:
         "| PD pulled (encoded) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    baseline = {row["images"]: row for row in rows if row["connector"] == BASELINE}
+    baseline = {row["case"]: row for row in rows if row["connector"] == BASELINE}
     for row in rows:
-        ratio = baseline[row["images"]]["mean_ttft_ms"] / row["mean_ttft_ms"]
+        ratio = baseline[row["case"]]["mean_ttft_ms"] / row["mean_ttft_ms"]
         lines.append(
             f"| {row['connector']} | {row['images']} | {row['completed']} ({row['failed']}) "
             f"| {row['mean_ttft_ms']:.1f} | {row['median_ttft_ms']:.1f} | {row['p99_ttft_ms']:.1f} "
