@@ -58,7 +58,8 @@ ENCODERS=$(IFS=,; echo "${encoder_map[*]}") HOST=127.0.0.1 PORT=8200 CPU_BIND="$
 pids+=($!)
 for url in "${encoder_urls[@]}" http://127.0.0.1:8200; do wait_healthy "$url"; done
 ENCODER_URLS=$(IFS=,; echo "${encoder_urls[*]}") PD_URL=http://127.0.0.1:8200 HOST=127.0.0.1 \
-  PORT="${PROXY_PORT:-8000}" "$roles/proxy.sh" >epd-logs/proxy.log 2>&1 &
+  ENCODERS=$(IFS=,; echo "${encoder_map[*]}") PORT="${PROXY_PORT:-8000}" \
+  "$roles/proxy.sh" >epd-logs/proxy.log 2>&1 &
 pids+=($!)
 wait_healthy "http://127.0.0.1:${PROXY_PORT:-8000}"
 echo "ready: http://127.0.0.1:${PROXY_PORT:-8000}/v1/chat/completions ($encoders encoder(s) + 1 PD); Ctrl-C stops"
