@@ -11,6 +11,7 @@ from contextlib import contextmanager
 import grpc
 import pytest
 import torch
+from pd_rig import make_scheduler, serve_rank
 
 from ec_nixl.arena import Arena
 from ec_nixl.exporter import ExporterConfig
@@ -189,3 +190,22 @@ def reference(workdirs):
         return answers
     finally:
         server.stop()
+
+
+# A PD scheduler's two worker ranks, for the scheduler tests (see pd_rig).
+@pytest.fixture(scope="module")
+def receiver(tmp_path_factory, producer):
+    """Rank 0: (its Receiver, its socket)."""
+    yield from serve_rank(tmp_path_factory, producer, 0)
+
+
+@pytest.fixture(scope="module")
+def other_rank(tmp_path_factory, producer):
+    yield from serve_rank(tmp_path_factory, producer, 1)
+
+
+@pytest.fixture
+def scheduler(producer, receiver, other_rank):
+    scheduler = make_scheduler(producer, receiver, other_rank)
+    yield scheduler
+    scheduler.close()

@@ -1,0 +1,98 @@
+"""A PD scheduler for tests: real vLLM Requests, two worker ranks (tensor parallel 2),
+each a real worker service on a local socket with real NIXL READs behind it, and an
+exporter's events."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from vllm.multimodal.inputs import MultiModalFeatureSpec, MultiModalKwargsItem, PlaceholderRange
+from vllm.sampling_params import SamplingParams
+from vllm.v1.request import Request
+
+from ec_nixl.arena import Arena
+from ec_nixl.control.worker_link import WorkerClient, serve_worker
+from ec_nixl.coordinator import PullCoordinator
+from ec_nixl.exporter_process import TensorSpec
+from ec_nixl.receiver import ModelShape, Receiver
+from ec_nixl.resolver import Resolver
+from ec_nixl.scheduler import ConsumerScheduler
+from ec_nixl.watch import ExportWatcher
+
+MiB = 1 << 20
+
+
+def serve_rank(tmp_path_factory, producer, rank: int):
+    resolver = Resolver(consumer_id=f"test-worker-{rank}")
+    model = ModelShape(torch.bfloat16, width=1024)
+    receiver = Receiver(Arena(32 * MiB), resolver, {"enc0": producer.address}, model)
+    receiver.meet_encoders()  # as a PD worker does when it starts
+    address = f"unix:{tmp_path_factory.mktemp('sock') / f'worker-{rank}.sock'}"
+    server = serve_worker(receiver, address)
+    yield receiver, address
+    server.stop(grace=0)
+    resolver.close()
+
+
+def make_scheduler(
+    producer,
+    receiver,
+    other_rank,
+    *,
+    prefetch=False,
+    timeout_s=5.0,
+    encode_on_failure=True,
+    **resolver_args,
+) -> ConsumerScheduler:
+    encoders = {"enc0": producer.address}
+    workers = [WorkerClient(rank[1]) for rank in (receiver, other_rank)]
+    resolver = Resolver(consumer_id="test-scheduler", **resolver_args)
+    coordinator = PullCoordinator(resolver, encoders, workers, timeout_s, receive_bytes=32 * MiB)
+    return ConsumerScheduler(
+        coordinator, encoders, prefetch=prefetch, encode_on_failure=encode_on_failure
+    )
+
+
+def watching(scheduler: ConsumerScheduler, producer, *, claim: bool = False) -> ExportWatcher:
+    """The encoder's events reach the scheduler, as in the connector (which asks for
+    claims for its two ranks when it prefetches)."""
+    resolver = Resolver(consumer_id="test-watch")
+    encoders = {"enc0": producer.address}
+    return ExportWatcher(
+        resolver, encoders, scheduler.on_event, scheduler.on_connect, claim=claim, readers=2
+    )
+
+
+ROWS = 8  # each test item's placeholder: ROWS x 1024 bf16, what the exports below hold
+
+
+def item(seed: int, shape=(ROWS, 1024), dtype=torch.bfloat16):
+    return TensorSpec(dtype, tuple(shape), seed)
+
+
+def request(request_id: str, hashes: list[str], params=None, media: bool = True) -> Request:
+    features = [
+        MultiModalFeatureSpec(
+            data=MultiModalKwargsItem.dummy() if media else None,
+            modality="image",
+            identifier=mm_hash,
+            mm_position=PlaceholderRange(offset=1 + 10 * i, length=ROWS),
+        )
+        for i, mm_hash in enumerate(hashes)
+    ]
+    extra = {"ec_transfer_params": params} if params is not None else None
+    return Request(
+        request_id=request_id,
+        prompt_token_ids=list(range(50)),
+        sampling_params=SamplingParams(max_tokens=4, extra_args=extra),
+        pooling_params=None,
+        mm_features=features,
+    )
+
+
+def settle(scheduler: ConsumerScheduler, req: Request, timeout_s: float = 10) -> None:
+    end = time.monotonic() + timeout_s
+    while not scheduler.ensure_available(req, 0):
+        assert time.monotonic() < end, "pull never finished"
+        time.sleep(0.01)

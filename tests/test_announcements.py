@@ -1,0 +1,271 @@
+"""PD following its encoders' events: items pulled when announced, awaited while being
+encoded, prefetched with claims, forgotten on eviction or reconnect, and the idle
+scheduler parked until a pull lands (tests/pd_rig.py)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import pytest
+import torch
+from conftest import MiB, spec, wait_until
+from pd_rig import ROWS, item, make_scheduler, request, settle, watching
+
+from ec_nixl.arena import Arena
+from ec_nixl.receiver import ModelShape, Receiver
+from ec_nixl.resolver import Resolver
+from ec_nixl.transfer_params import announce_params, make_params
+
+
+@pytest.fixture
+def prefetching(producer, receiver, other_rank):
+    """As the connector runs with prefetch: announcements carry claims for both ranks."""
+    scheduler = make_scheduler(producer, receiver, other_rank, prefetch=True)
+    watcher = watching(scheduler, producer, claim=True)
+    yield scheduler
+    watcher.close()
+    scheduler.close()
+
+
+@pytest.fixture
+def announced(producer, receiver, other_rank):
+    """Without prefetch: only what a request waits for is pulled."""
+    scheduler = make_scheduler(producer, receiver, other_rank, timeout_s=1.0)
+    watcher = watching(scheduler, producer)
+    yield scheduler
+    watcher.close()
+    scheduler.close()
+
+
+def test_an_item_still_being_encoded_is_pulled_the_moment_its_encoder_announces_it(
+    announced, producer, receiver
+):
+    req = request("early-to-pd", ["h-coming"], announce_params())
+    assert not announced.ensure_available(req, 0)  # deferred: nothing to pull yet
+    time.sleep(0.2)  # the encoder is still encoding
+    assert not announced.ensure_available(req, 0)
+    producer.export("h-coming", item(seed=12))
+    settle(announced, req)
+    announced.on_alloc("h-coming")
+    assert announced.take_loads() == ["h-coming"]
+    assert torch.equal(receiver[0].take("h-coming"), item(seed=12).make())
+    waits = announced.stats.take()["observations"]
+    assert waits["announce_wait_seconds"][0] >= 0.2  # encoding, counted apart
+    assert waits["ready_wait_seconds"][0] < 0.2  # the transfer alone
+
+
+def test_an_item_announced_before_its_request_came_is_pulled_at_once(announced, producer, receiver):
+    producer.export("h-before", item(seed=13))
+    time.sleep(0.3)  # the announcement has passed
+    req = request("late-to-pd", ["h-before"], announce_params())
+    settle(announced, req, timeout_s=0.5)  # well within the 1 s deadline
+    assert announced.has_item("h-before")
+    assert "h-before" in receiver[0].held
+    announced.request_finished(req)
+
+
+def test_a_request_without_params_gets_what_an_encoder_announced_pulled(
+    announced, producer, receiver
+):
+    producer.export("h-stock-proxy", item(seed=25))  # the proxy sent the request to E first
+    time.sleep(0.3)  # announced
+    req = request("no-params", ["h-stock-proxy", "h-never-at-e"])  # then, unchanged, to PD
+    settle(announced, req)
+    assert announced.has_item("h-stock-proxy")
+    assert announced._coordinator.job("h-never-at-e") is None  # encoded here, at once
+    announced.on_alloc("h-stock-proxy")
+    assert torch.equal(receiver[0].take("h-stock-proxy"), item(seed=25).make())
+
+
+def test_a_request_without_params_waits_for_an_item_its_encoder_is_encoding(
+    announced, producer, receiver
+):
+    time.sleep(0.3)  # the watcher's stream is open (what is encoding is not replayed)
+    producer.encoding(["h-being-encoded"])  # E's step is about to encode it
+    time.sleep(0.3)  # the word has passed
+    req = request("no-params-early", ["h-being-encoded"])
+    assert not announced.ensure_available(req, 0)  # deferred: it is coming
+    producer.export("h-being-encoded", item(seed=27))
+    settle(announced, req)
+    announced.on_alloc("h-being-encoded")
+    assert torch.equal(receiver[0].take("h-being-encoded"), item(seed=27).make())
+
+
+def test_a_request_with_params_gets_only_what_they_name(announced, producer):
+    producer.export("h-announced-unnamed", item(seed=26))
+    time.sleep(0.3)
+    params = make_params("enc0", ["h-other"])
+    req = request("named", ["h-announced-unnamed", "h-other"], params, media=True)
+    announced.ensure_available(req, 0)
+    assert announced._coordinator.job("h-announced-unnamed") is None
+    announced.request_finished(req)
+
+
+def test_an_item_the_encoder_dropped_since_announcing_it_is_awaited_afresh(announced, producer):
+    producer.export("h-taken", item(seed=16))
+    assert wait_until(lambda: producer.stats()["live_leases"] == 0)
+    producer.export("h-filler", spec((32 * MiB,), seed=17))  # E's whole pool: evicts the rest
+    time.sleep(0.3)  # the eviction has been announced too
+    req = request("after-eviction", ["h-taken"], announce_params())
+    assert not announced.ensure_available(req, 0)
+    time.sleep(0.3)
+    assert not announced.ensure_available(req, 0)  # waiting, not failed on what E dropped
+    producer.export("h-taken", item(seed=16))  # E encodes it again
+    settle(announced, req)
+    assert announced.has_item("h-taken")
+    assert "pull_failures" not in str(announced.stats.take()["counters"])
+    announced.request_finished(req)
+
+
+def test_after_a_reconnect_pd_forgets_what_the_encoder_announced_before(announced, producer):
+    producer.export("h-before-reconnect", item(seed=24))
+    time.sleep(0.3)  # announced
+    announced.on_connect("enc0")  # a new stream: E will announce what it still holds
+    req = request("after-reconnect", ["h-before-reconnect"], announce_params())
+    assert not announced.ensure_available(req, 0)  # waits for the new stream's word
+    assert announced._coordinator.job("h-before-reconnect").awaiting
+    announced.request_finished(req)
+
+
+def test_an_item_no_encoder_announces_in_time_is_encoded_here(announced):
+    req = request("never-announced", ["h-silent"], announce_params())
+    assert not announced.ensure_available(req, 0)
+    settle(announced, req, timeout_s=3)  # the 1 s deadline, not forever
+    assert not announced.has_item("h-silent")
+    assert announced.take_unavailable() == set()
+    counters = announced.stats.take()["counters"]
+    assert counters == {"pull_failures|DeadlineExceededError": 1, "fallbacks": 1}
+
+
+def test_an_item_no_encoder_announces_fails_a_request_without_media(announced):
+    req = request("silent-no-media", ["h-silent-2"], announce_params(), media=False)
+    settle(announced, req, timeout_s=3)
+    assert announced.take_unavailable() == {"silent-no-media"}
+
+
+def test_without_prefetch_an_item_no_request_waits_for_is_not_pulled(announced, producer, receiver):
+    producer.export("h-unwanted", item(seed=14))
+    time.sleep(0.3)
+    assert announced._coordinator.job("h-unwanted") is None
+    assert "h-unwanted" not in receiver[0].held
+
+
+def test_an_item_announced_with_a_claim_for_this_pd_is_pulled_before_its_request_comes(
+    announced, producer, receiver, other_rank
+):
+    time.sleep(0.3)  # the watcher's stream is open: a claim comes with live exports only
+    producer.export("h-routed", item(seed=20), target="test-watch")  # the proxy named us
+    producer.export("h-routed-elsewhere", item(seed=21), target="another-pd")
+    assert wait_until(lambda: announced.has_item("h-routed"))
+    assert "h-routed" in receiver[0].held and "h-routed" in other_rank[0].held
+    assert announced.stats.take()["counters"]["claimed_pulls"] == 1
+    assert announced._coordinator.job("h-routed-elsewhere") is None
+
+
+def test_with_prefetch_an_exported_item_is_pulled_before_its_request_comes(
+    prefetching, producer, receiver, other_rank
+):
+    producer.export("h-early", item(seed=8))
+    assert wait_until(lambda: prefetching.has_item("h-early"))
+    assert "h-early" in receiver[0].held and "h-early" in other_rank[0].held
+    req = request("early", ["h-early"], make_params("enc0", ["h-early"]))
+    assert prefetching.ensure_available(req, 0)  # scheduled at once
+    prefetching.on_alloc("h-early")
+    assert prefetching.take_loads() == ["h-early"]
+    assert torch.equal(receiver[0].take("h-early"), item(seed=8).make())
+    data = prefetching.stats.take()
+    assert data["counters"]["prefetch_hits"] == 1
+    assert data["observations"]["ready_wait_seconds"][0] < 0.5
+    # Each announcement's claim was the lease (E's cached items are announced, and
+    # prefetched, too): one READ per rank, no resolve.
+    assert data["counters"]["claimed_pulls"] >= 1  # more may still be in flight
+    assert "resolve_seconds" not in data["observations"]
+    assert wait_until(lambda: producer.stats()["live_leases"] == 0)
+
+
+def test_a_claim_that_lapsed_before_its_pull_is_resolved_afresh(
+    prefetching, producer, other_rank, monkeypatch
+):
+    monkeypatch.setattr("ec_nixl.coordinator.CLAIM_MARGIN_S", 3600.0)  # every claim "lapsed"
+    producer.export("h-lapsed", item(seed=19))
+    assert wait_until(lambda: prefetching.has_item("h-lapsed"))
+    assert "h-lapsed" in other_rank[0].held
+    data = prefetching.stats.take()
+    assert "claimed_pulls" not in data["counters"]
+    # E's cached items were announced (and prefetched) too; some may still be in flight.
+    assert len(data["observations"]["resolve_seconds"]) >= data["counters"]["items_pulled"] >= 1
+
+
+def test_a_prefetched_item_with_other_rows_than_its_request_needs_is_encoded_here(
+    prefetching, producer, receiver
+):
+    producer.export("h-long", item(seed=9, shape=(ROWS + 2, 1024)))
+    assert wait_until(lambda: prefetching.has_item("h-long"))
+    req = request("long", ["h-long"], make_params("enc0", ["h-long"]))
+    assert prefetching.ensure_available(req, 0)
+    assert not prefetching.has_item("h-long")
+    assert prefetching.stats.take()["counters"]["fallbacks"] == 1
+    assert wait_until(lambda: "h-long" not in receiver[0].held)
+
+
+def test_a_prefetched_item_no_request_claims_is_dropped_after_a_while(
+    prefetching, producer, receiver, monkeypatch
+):
+    monkeypatch.setattr("ec_nixl.coordinator.PREFETCH_TTL_S", 0.2)
+    producer.export("h-unasked", item(seed=10))
+    assert wait_until(lambda: prefetching.has_item("h-unasked"))
+    time.sleep(0.3)
+    producer.export("h-next", item(seed=11))  # the next prefetch sweeps
+    assert wait_until(lambda: "h-unasked" not in receiver[0].held)
+    assert prefetching._coordinator.job("h-unasked") is None
+
+
+def test_unclaimed_prefetches_hold_at_most_half_the_receive_arena_oldest_dropped_first(
+    prefetching, producer, receiver, other_rank
+):
+    big = (4 * MiB // 2048, 1024)  # 4 MiB each: half of the 32 MiB arena holds four
+    names = [f"h-orphan-{n}" for n in range(6)]
+    for n, name in enumerate(names):
+        producer.export(name, item(seed=30 + n, shape=big))
+        assert wait_until(lambda name=name: prefetching.has_item(name))
+    for rank in (receiver, other_rank):  # the two oldest made room for the newest
+        assert wait_until(lambda rank=rank: not {"h-orphan-0", "h-orphan-1"} & set(rank[0].held))
+        assert set(names[2:]) <= set(rank[0].held)
+    assert prefetching.stats.take()["counters"]["prefetches_dropped"] >= 2
+
+
+def test_a_worker_meets_its_encoders_at_start_and_skips_one_that_is_down(producer, caplog):
+    caplog.set_level(logging.INFO, logger="ec_nixl")
+    resolver = Resolver(consumer_id="early")
+    encoders = {"enc0": producer.address, "down": "127.0.0.1:1"}
+    receiver = Receiver(Arena(MiB), resolver, encoders, ModelShape(torch.bfloat16, width=1024))
+    try:
+        receiver.meet_encoders()
+        peer = resolver.peer(producer.address)  # cached by the meeting: no new handshake
+        assert receiver.puller.agent.has_peer(peer.agent_name)
+        assert "encoder down not met at start" in caplog.text
+    finally:
+        resolver.close()
+
+
+def test_an_idle_step_parks_until_the_awaited_pull_lands(announced, producer):
+    req = request("parked", ["h-parked"], announce_params())
+    assert not announced.ensure_available(req, 0)
+    threading.Timer(0.1, producer.export, ("h-parked", item(seed=15))).start()
+    steps, deadline = 0, time.monotonic() + 5
+    while not announced.has_item("h-parked"):
+        assert time.monotonic() < deadline
+        announced.idle_step()
+        announced.ensure_available(req, 0)
+        steps += 1
+    assert steps < 50  # ~100 ms of encoding in 10 ms parks, then woken by the pull
+    announced.request_finished(req)
+
+
+def test_an_idle_step_with_nothing_awaited_does_not_wait(scheduler):
+    start = time.monotonic()
+    for _ in range(100):
+        scheduler.idle_step()
+    assert time.monotonic() - start < 0.5  # 100 parks of 10 ms would take a second
