@@ -3,7 +3,7 @@
 One object per line, in the order the encoder sent them:
 
     {"encoder": "10.0.0.5:50051", "kind": "exported", "mm_hash": "9f2c...",
-     "length": 4718592, "epoch": 1733112000123, "time": 1733112010.52}
+     "length": 4718592, "epoch": 1733112000123, "snapshot": false, "time": 1733112010.52}
 
 - kind: "exported" (the item is held and can be pulled), "encoding" (an
   encoder step is about to encode it; "exported" follows unless the step
@@ -11,9 +11,9 @@ One object per line, in the order the encoder sent them:
 - length: the item's bytes; epoch: changes with every encoder process (a new
   epoch means nothing of the old one is held); time: when this side received
   it (Unix seconds).
-The stream begins with an "exported" line for every item held at that moment,
-so a follower that reconnects is in sync again; an item may be announced
-twice. A router keeps `mm_hash -> encoder` from it; an operator watches what
+The stream begins with an "exported" line for every item held at that moment
+("snapshot": true), so a follower that reconnects is in sync again; an item
+may be announced twice. A router keeps `mm_hash -> encoder` from it; an operator watches what
 an encoder holds. The schema is `ec_nixl.v1.ExportService/WatchEvents`
 (docs/EVENTS.md); lines only gain keys. Exits 0 when the encoder ends the
 stream, 1 with the reason when it cannot be reached or refuses the token.
@@ -40,6 +40,7 @@ def event_json(event: Announcement, encoder: str, received_at: float) -> dict[st
         "mm_hash": event.mm_hash,
         "length": event.length,
         "epoch": event.epoch,
+        "snapshot": event.snapshot,
         "time": round(received_at, 3),
     }
 

@@ -136,7 +136,9 @@ class ConsumerScheduler:
         elif event.kind is EventKind.ENCODING:
             self._coordinator.encoding(event.mm_hash, encoder_id)
         else:
-            eager = self._prefetch or event.claim is not None
+            # What was held when the stream began is known, not fetched: after a reconnect
+            # it would be everything the encoder holds, much of it pulled here before.
+            eager = (self._prefetch or event.claim is not None) and not event.snapshot
             self._coordinator.announced(event, encoder_id, prefetch=eager)
 
     def on_connect(self, encoder_id: str) -> None:

@@ -5,8 +5,9 @@ encoder waits for its items to be announced (`ec_transfer_params` "*"), and,
 with `prefetch`, PD pulls every exported item before its request arrives. A
 prefetching PD asks for claims: each announcement then carries a lease for all
 of its ranks, and the pull is one READ per rank. On (re)connecting, an encoder
-first announces everything it holds, so nothing exported while a stream was
-down is missed.
+first lists everything it holds (without claims), so PD knows what it may pull
+for a request, including what was exported while a stream was down; it
+prefetches only what is exported from then on.
 """
 
 from __future__ import annotations

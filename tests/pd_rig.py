@@ -56,14 +56,18 @@ def make_scheduler(
 
 def watching(scheduler: ConsumerScheduler, producer, *, claim: bool = False) -> ExportWatcher:
     """The encoder's events reach the scheduler, as in the connector (which asks for
-    claims for its two ranks when it prefetches)."""
+    claims for its two ranks when it prefetches), from a stream open on return: what
+    a test exports next is a new export, not part of the stream's opening list."""
     resolver = Resolver(consumer_id="test-watch")
     encoders = {"enc0": producer.address}
-    return ExportWatcher(
+    watcher = ExportWatcher(
         resolver, encoders, scheduler.on_event, scheduler.on_connect, claim=claim, readers=2
     )
+    time.sleep(STREAM_OPEN_S)
+    return watcher
 
 
+STREAM_OPEN_S = 0.3  # a watch stream on loopback is open well within this
 ROWS = 8  # each test item's placeholder: ROWS x 1024 bf16, what the exports below hold
 
 

@@ -37,9 +37,9 @@ def events_command(address: str, token: str | None) -> subprocess.Popen:
 def test_events_prints_what_is_held_then_each_change_as_json_lines():
     config = ExporterConfig(capacity_bytes=ROOM_FOR_4, security=Security(TOKEN))
     exporter = Exporter(config)
+    exporter.export("held-before", embedding())
     command = events_command(exporter.address, TOKEN)
     try:
-        exporter.export("held-before", embedding())
         first = json.loads(command.stdout.readline())
         for n in range(4):  # the fourth takes the room of the least recently used
             exporter.export(f"later-{n}", embedding())
@@ -47,7 +47,8 @@ def test_events_prints_what_is_held_then_each_change_as_json_lines():
     finally:
         command.kill()
         exporter.close()
-    assert set(first) == {"encoder", "kind", "mm_hash", "length", "epoch", "time"}
+    assert set(first) == {"encoder", "kind", "mm_hash", "length", "epoch", "snapshot", "time"}
+    assert first["snapshot"] and not any(line["snapshot"] for line in lines)
     assert first["encoder"] == exporter.address and first["epoch"] == exporter.epoch
     assert (first["kind"], first["mm_hash"], first["length"]) == ("exported", "held-before", 1024)
     assert [(line["kind"], line["mm_hash"]) for line in lines[3:]] == [

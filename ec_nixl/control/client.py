@@ -146,7 +146,9 @@ class EventStream:
             except RefusedError as exc:  # its lease expires on its own
                 logger.warning("exporter %s announced a bad claim: %s", self._address, exc)
                 claim = None
-        return Announcement(_KINDS[event.kind], event.mm_hash, event.length, event.epoch, claim)
+        return Announcement(
+            _KINDS[event.kind], event.mm_hash, event.length, event.epoch, claim, event.snapshot
+        )
 
     def close(self) -> None:
         self._call.cancel()

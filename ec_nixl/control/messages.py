@@ -134,6 +134,7 @@ class Announcement:
     length: int
     epoch: int = 0  # of the exporter process that sent it
     claim: RemoteItem | None = None
+    snapshot: bool = False  # held when the stream began, not a new export
     received_at: float = field(default_factory=time.monotonic)
 
 

@@ -7,7 +7,6 @@ life of their lease.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import queue
 import threading
@@ -143,7 +142,9 @@ class ExportServicer(pb_grpc.ExportServiceServicer):
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"at most {MAX_WATCHERS} watchers")
         readers = request.readers or 1
         try:
-            for event in itertools.chain(self._pool.snapshot(), self._stream(q, context)):
+            for message in self._snapshot_pb():
+                yield message
+            for event in self._stream(q, context):
                 if event.again and event.target != request.consumer_id and not request.claim:
                     continue  # announced again for another consumer: nothing new here
                 message = self._event_pb(event)
@@ -153,6 +154,14 @@ class ExportServicer(pb_grpc.ExportServiceServicer):
                 yield message
         finally:
             self._events.unsubscribe(q)
+
+    def _snapshot_pb(self) -> list[pb.ExportEvent]:
+        """What is held as the stream begins, unclaimed: a reconnecting consumer learns what
+        it may ask for, and does not fetch again what it already had."""
+        messages = [self._event_pb(event) for event in self._pool.snapshot()]
+        for message in messages:
+            message.snapshot = True
+        return messages
 
     def _claim(self, message: pb.ExportEvent, readers: int, consumer: str) -> None:
         """Lease the announced item for the watcher, unless it was evicted meanwhile

@@ -99,11 +99,13 @@ class ExportServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def WatchEvents(self, request, context):
-        """What is held now (as EXPORTED events), then items exported and evicted
-        from then on, so a consumer can keep a local directory and answer "is it
-        there?" without a round trip. An item may be announced twice. A watcher
-        that asks for claims gets, with each EXPORTED event, a leased descriptor:
-        everything it needs to READ the item at once, no Resolve.
+        """What is held now (as EXPORTED events marked `snapshot`), then items
+        exported and evicted from then on, so a consumer can keep a local
+        directory and answer "is it there?" without a round trip. An item may be
+        announced twice. A watcher that asks for claims gets, with each new
+        EXPORTED event, a leased descriptor: everything it needs to READ the item
+        at once, no Resolve (the snapshot comes without claims: it lists what a
+        consumer may ask for, not what it should fetch).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
