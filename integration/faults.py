@@ -15,10 +15,12 @@ import selectors
 import socket
 import struct
 import threading
+import time
 
 from integration.servers import free_port
 
 CHUNK = 1 << 16
+CUT_WAIT_S = 2.0  # for the pumps of a cut link to close their sockets
 
 
 class TcpRelay:
@@ -51,6 +53,11 @@ class TcpRelay:
                 sock.shutdown(socket.SHUT_RD)
             except OSError:
                 pass
+        # Until its pump has closed a pair, Linux still delivers what arrives after SHUT_RD:
+        # a call made right after cut() could cross the "dead" link (seen once in CI).
+        deadline = time.monotonic() + CUT_WAIT_S
+        while self._live and time.monotonic() < deadline:
+            time.sleep(0.005)
 
     def restore(self) -> None:
         self._listener = socket.create_server((self._host, self.port))
