@@ -28,8 +28,8 @@ RETRY_S = (0.5, 1.0, 2.0, 5.0)  # between attempts to follow a lost stream
 
 class ExportWatcher:
     """Calls `on_event(event, encoder_id)` for each event of each encoder, from one
-    thread per encoder, after `on_connect(encoder_id)` for each new stream (which
-    starts with everything the encoder holds), and `on_lost(encoder_id)` when a
+    thread per encoder, after `on_connect(encoder_id)` once each new stream is open
+    (it starts with everything the encoder holds), and `on_lost(encoder_id)` when a
     stream ends; with `claim`, announcements carry leases for `readers` READs."""
 
     def __init__(
@@ -68,6 +68,7 @@ class ExportWatcher:
                 self._streams[encoder_id] = stream
                 if self._stopped.is_set():  # closed meanwhile
                     stream.close()
+                stream.wait_open()
                 self._on_connect(encoder_id)
                 connected = True
                 for event in stream:

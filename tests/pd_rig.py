@@ -4,6 +4,7 @@ exporter's events."""
 
 from __future__ import annotations
 
+import threading
 import time
 
 import torch
@@ -60,14 +61,20 @@ def watching(scheduler: ConsumerScheduler, producer, *, claim: bool = False) -> 
     a test exports next is a new export, not part of the stream's opening list."""
     resolver = Resolver(consumer_id="test-watch")
     encoders = {"enc0": producer.address}
+    opened = threading.Event()
+
+    def on_connect(encoder_id: str) -> None:
+        scheduler.on_connect(encoder_id)
+        opened.set()
+
     watcher = ExportWatcher(
-        resolver, encoders, scheduler.on_event, scheduler.on_connect, claim=claim, readers=2
+        resolver, encoders, scheduler.on_event, on_connect, claim=claim, readers=2
     )
-    time.sleep(STREAM_OPEN_S)
+    assert opened.wait(STREAM_OPEN_S), "the watch stream did not open"
     return watcher
 
 
-STREAM_OPEN_S = 0.3  # a watch stream on loopback is open well within this
+STREAM_OPEN_S = 10.0
 ROWS = 8  # each test item's placeholder: ROWS x 1024 bf16, what the exports below hold
 
 

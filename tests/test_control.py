@@ -181,7 +181,7 @@ def test_a_watcher_that_asks_for_claims_gets_a_lease_for_its_readers_with_each_e
     exporter, client
 ):
     stream = client.watch("pd-claims", claim=True, readers=2)
-    time.sleep(0.3)  # the stream is open: "claimed" is a new export, not in its opening list
+    stream.wait_open()  # "claimed" is then a new export, not in the stream's opening list
     exporter.export("claimed", embedding(3.0))
     event = next(e for e in stream if e.mm_hash == "claimed")
     stream.close()

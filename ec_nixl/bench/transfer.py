@@ -96,6 +96,7 @@ class Claims:
     def __init__(self, resolver: Resolver, address: str) -> None:
         self._announced: queue.Queue[Announcement] = queue.Queue()
         self._stream = resolver.client(address).watch(resolver.consumer_id, claim=True)
+        self._stream.wait_open()  # exports from now on come with claims
         threading.Thread(target=self._follow, daemon=True).start()
 
     def _follow(self) -> None:

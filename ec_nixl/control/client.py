@@ -150,5 +150,10 @@ class EventStream:
             _KINDS[event.kind], event.mm_hash, event.length, event.epoch, claim, event.snapshot
         )
 
+    def wait_open(self) -> None:
+        """Until the exporter follows this stream (or it ended): an export after this is
+        announced as new, not in the stream's opening list. Bounded by keepalive."""
+        self._call.initial_metadata()
+
     def close(self) -> None:
         self._call.cancel()

@@ -141,6 +141,7 @@ class ExportServicer(pb_grpc.ExportServiceServicer):
         if q is None:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"at most {MAX_WATCHERS} watchers")
         readers = request.readers or 1
+        context.send_initial_metadata(())  # subscribed: what follows the snapshot is live
         try:
             for message in self._snapshot_pb():
                 yield message
