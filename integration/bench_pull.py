@@ -16,19 +16,17 @@ the wait for the item once announced (`ec_nixl:ready_wait_seconds`).
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
-import tempfile
 import time
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 from integration.client import answer, image, scrape
-from integration.deploy import QUIET_S, deploy
+from integration.deploy import QUIET_S, deploy, run_rows_bench
 from integration.servers import Server, start_proxy, wait_healthy
-from integration.tiny_vlm import add_text_hidden_argument, build, embedding_bytes
+from integration.tiny_vlm import add_text_hidden_argument, build
 from integration.ttft_measures import histogram_in, p50_and_mean
 
 PULL_LINE = re.compile(
@@ -124,10 +122,4 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    with tempfile.TemporaryDirectory(prefix="ec-nixl-pull-") as tmp:
-        rows = bench(args, Path(tmp))
-    print(f"embedding: {embedding_bytes(args.text_hidden) / (1 << 20):.2f} MiB per image")
-    print(table(rows))
-    if args.json:
-        args.json.write_text(json.dumps({"rows": rows}, indent=2))
-    return 0
+    return run_rows_bench(args, "pull", bench, table)

@@ -22,16 +22,15 @@ import contextlib
 import json
 import shlex
 import sys
-import tempfile
 import time
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 from integration.client import metric
-from integration.deploy import CONNECTORS, QUIET_S, deploy
+from integration.deploy import CONNECTORS, QUIET_S, deploy, run_rows_bench
 from integration.servers import MODEL_NAME
-from integration.tiny_vlm import add_text_hidden_argument, build, embedding_bytes
+from integration.tiny_vlm import add_text_hidden_argument, build
 
 BASELINE = "ECExampleConnector"
 # ECNixlConnector's PD: items pulled, and items it encoded itself after a failed pull
@@ -130,10 +129,4 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    with tempfile.TemporaryDirectory(prefix="ec-nixl-serve-") as tmp:
-        rows = bench(args, Path(tmp))
-    print(f"embedding: {embedding_bytes(args.text_hidden) / (1 << 20):.2f} MiB per image")
-    print(table(rows))
-    if args.json:
-        args.json.write_text(json.dumps({"rows": rows}, indent=2))
-    return 0
+    return run_rows_bench(args, "serve", bench, table)

@@ -7,7 +7,9 @@ runs, the peak resident memory of each vLLM instance is sampled.
 
 from __future__ import annotations
 
+import json
 import sys
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -21,6 +23,7 @@ from integration.servers import (
     start_vllm,
     wait_healthy,
 )
+from integration.tiny_vlm import embedding_bytes
 
 CONNECTORS = ("ECNixlConnector", "ECExampleConnector")
 # vLLM's workers busy-poll for a second after their last step, and on 2 cores that
@@ -98,3 +101,15 @@ def deploy(
     finally:
         for server in servers:
             server.stop()
+
+
+def run_rows_bench(args, name: str, bench, table) -> int:
+    """Run a benchmark whose result is rows (`bench(args, workdir)`) in a fresh workdir;
+    print the embedding size and `table(rows)`, and write the rows to `--json`."""
+    with tempfile.TemporaryDirectory(prefix=f"ec-nixl-{name}-") as tmp:
+        rows = bench(args, Path(tmp))
+    print(f"embedding: {embedding_bytes(args.text_hidden) / (1 << 20):.2f} MiB per image")
+    print(table(rows))
+    if args.json:
+        args.json.write_text(json.dumps({"rows": rows}, indent=2))
+    return 0
