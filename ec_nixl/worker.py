@@ -19,14 +19,12 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterable
-from pathlib import Path
 
-import grpc
 import torch
 
 from ec_nixl.arena import Arena
 from ec_nixl.connector_config import ConnectorConfig
-from ec_nixl.control.worker_link import serve_worker, worker_address
+from ec_nixl.control.worker_link import WorkerServer, worker_address
 from ec_nixl.errors import ECNixlError
 from ec_nixl.exporter import Exporter, ExporterConfig
 from ec_nixl.receiver import ModelShape, Receiver
@@ -88,7 +86,7 @@ class ConsumerWorker:
         arena = Arena(config.receive_bytes, device)
         self.receiver = Receiver(arena, resolver, config.encoders, model)
         self.address = worker_address(engine_id, rank)
-        self._server: grpc.Server = serve_worker(self.receiver, self.address)
+        self._server = WorkerServer(self.receiver, self.address)
         threading.Thread(target=self.receiver.meet_encoders, daemon=True).start()
         logger.info("PD worker %d receives pulls on %s", rank, self.address)
 
@@ -108,6 +106,5 @@ class ConsumerWorker:
                 encoder_cache[mm_hash] = tensor
 
     def close(self) -> None:
-        self._server.stop(grace=0)
+        self._server.stop()
         self.receiver.resolver.close()
-        Path(self.address.removeprefix("unix:")).unlink(missing_ok=True)

@@ -13,7 +13,7 @@ from vllm.sampling_params import SamplingParams
 from vllm.v1.request import Request
 
 from ec_nixl.arena import Arena
-from ec_nixl.control.worker_link import WorkerClient, serve_worker
+from ec_nixl.control.worker_link import WorkerClient, WorkerServer
 from ec_nixl.coordinator import PullCoordinator
 from ec_nixl.exporter_process import TensorSpec
 from ec_nixl.receiver import ModelShape, Receiver
@@ -30,9 +30,9 @@ def serve_rank(tmp_path_factory, producer, rank: int):
     receiver = Receiver(Arena(32 * MiB), resolver, {"enc0": producer.address}, model)
     receiver.meet_encoders()  # as a PD worker does when it starts
     address = f"unix:{tmp_path_factory.mktemp('sock') / f'worker-{rank}.sock'}"
-    server = serve_worker(receiver, address)
+    server = WorkerServer(receiver, address)
     yield receiver, address
-    server.stop(grace=0)
+    server.stop()
     resolver.close()
 
 

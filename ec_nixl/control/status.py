@@ -1,4 +1,5 @@
-"""One table between typed errors and gRPC status codes, used in both directions."""
+"""One table between typed errors and gRPC status codes, used in both directions
+(and by the worker link, which carries the same codes over its own socket)."""
 
 from __future__ import annotations
 
@@ -35,8 +36,12 @@ def status_of(exc: ECNixlError) -> grpc.StatusCode:
     )
 
 
+def error_of(code: grpc.StatusCode, message: str) -> ECNixlError:
+    """The typed error for a status code; a code we do not map means an unusable peer."""
+    return _ERROR_OF.get(code, PeerDeadError)(message)
+
+
 def translate(exc: grpc.RpcError, peer: str) -> ECNixlError:
     """The typed error for a failed call; the message names the peer."""
     code = exc.code()
-    error = _ERROR_OF.get(code, PeerDeadError)
-    return error(f"{peer}: {code.name}: {exc.details()}")
+    return error_of(code, f"{peer}: {code.name}: {exc.details()}")

@@ -7,6 +7,32 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class WorkerCall(_message.Message):
+    __slots__ = ("pull", "drop")
+    PULL_FIELD_NUMBER: _ClassVar[int]
+    DROP_FIELD_NUMBER: _ClassVar[int]
+    pull: PullRequest
+    drop: DropRequest
+    def __init__(self, pull: _Optional[_Union[PullRequest, _Mapping]] = ..., drop: _Optional[_Union[DropRequest, _Mapping]] = ...) -> None: ...
+
+class WorkerAnswer(_message.Message):
+    __slots__ = ("pull", "drop", "failure")
+    PULL_FIELD_NUMBER: _ClassVar[int]
+    DROP_FIELD_NUMBER: _ClassVar[int]
+    FAILURE_FIELD_NUMBER: _ClassVar[int]
+    pull: PullResponse
+    drop: DropResponse
+    failure: Failure
+    def __init__(self, pull: _Optional[_Union[PullResponse, _Mapping]] = ..., drop: _Optional[_Union[DropResponse, _Mapping]] = ..., failure: _Optional[_Union[Failure, _Mapping]] = ...) -> None: ...
+
+class Failure(_message.Message):
+    __slots__ = ("code", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+
 class PullRequest(_message.Message):
     __slots__ = ("encoder_id", "items", "timeout_ms", "num_embeds", "valid_ms")
     ENCODER_ID_FIELD_NUMBER: _ClassVar[int]
