@@ -16,9 +16,10 @@ from hypothesis import strategies as st
 from ec_nixl.arena import Arena
 from ec_nixl.control.client import ExportClient
 from ec_nixl.control.security import Security
-from ec_nixl.errors import HandshakeError, PeerDeadError, RefusedError
+from ec_nixl.errors import DeadlineExceededError, HandshakeError, PeerDeadError, RefusedError
 from ec_nixl.exporter import Exporter, ExporterConfig
 from ec_nixl.exporter_process import ExporterProcess
+from ec_nixl.metadata_probe import probe
 from ec_nixl.puller import Puller, pull
 from ec_nixl.transfer import TransferAgent
 from ec_nixl.v1 import export_pb2 as pb
@@ -149,6 +150,18 @@ def test_agent_metadata_that_would_crash_ucx_is_refused_and_pulls_go_on(producer
     producer.export("after-a-forgery", spec(seed=5))
     [item] = pull(resolver, puller, producer.address, ["after-a-forgery"])
     assert torch.equal(item.tensor, spec(seed=5).make())
+
+
+def test_a_probe_slower_than_its_pull_goes_on_and_later_pulls_get_its_verdict():
+    forged = ucx_address_of_another_version(TransferAgent("slow-probe").metadata)
+    with pytest.raises(DeadlineExceededError, match="a later pull gets its verdict"):
+        probe(forged, "exporter slow", time.monotonic() + 0.01)  # a helper takes ~0.7 s
+    with pytest.raises(HandshakeError, match="killed the process that loaded it .SIGABRT"):
+        probe(forged, "exporter slow", time.monotonic() + 30)
+    start = time.monotonic()
+    with pytest.raises(HandshakeError, match="SIGABRT"):
+        probe(forged, "exporter slow", time.monotonic() + 30)
+    assert time.monotonic() - start < 0.1  # the refusal stands: no helper each time
 
 
 def test_a_call_without_the_token_is_turned_away_before_its_body_arrives(exporter, channel):
