@@ -6,14 +6,10 @@ only here, from announcements, pull results and vLLM's allocations and
 evictions, under one lock, and goes once nothing of it is left.
 
 vLLM's scheduler must never block, so each pull runs as a job on a small thread
-pool and the scheduler thread only looks at its state (and never waits on the
-network: drops and give-backs run on the pool too). Every worker
-(tensor-parallel rank) needs the whole embedding: the job holds one lease that
-counts each rank as a reader and orders all ranks at once; E frees the lease
-when every rank's READ has completed. The lease is the claim that came with
-the encoder's announcement when there is a usable one (a pull is then one READ
-per rank), else a Resolve. A job fails as a whole: workers that did READ drop
-the item, and the lease goes back.
+pool (its network work is `pull_runner`'s) and the scheduler thread only looks
+at its state (and never waits on the network: drops and give-backs run on the
+pool too). A job fails as a whole: workers that did READ drop the item, and
+the lease goes back.
 
 A job starts in one of three ways: a request names where its item is
 (`start`); a request says its item is still being encoded (`expect`: the pull
@@ -33,16 +29,11 @@ from enum import Enum
 
 from ec_nixl.connector_config import DEFAULT_RECEIVE_BYTES
 from ec_nixl.control.messages import Announcement
-from ec_nixl.control.worker_link import PendingPull, PullOrder, PullReport, WorkerClient
-from ec_nixl.errors import (
-    DeadlineExceededError,
-    ECNixlError,
-    HandshakeError,
-    PeerDeadError,
-    RefusedError,
-)
+from ec_nixl.control.worker_link import WorkerClient
+from ec_nixl.errors import DeadlineExceededError, ECNixlError, HandshakeError, RefusedError
 from ec_nixl.metrics import Stats
-from ec_nixl.resolver import Resolution, Resolver
+from ec_nixl.pull_runner import PullRunner
+from ec_nixl.resolver import Resolver
 
 logger = logging.getLogger(__name__)
 
@@ -50,8 +41,6 @@ logger = logging.getLogger(__name__)
 MAX_CONCURRENT_PULLS = 16
 # A prefetched item whose request has not come by then is not coming to this instance.
 PREFETCH_TTL_S = 30.0
-# A claim with less time left is not used: a READ begun on it could outlive it.
-CLAIM_MARGIN_S = 0.5
 
 
 class PullState(Enum):
@@ -116,9 +105,7 @@ class PullCoordinator:
         # Unclaimed prefetches may fill at most this much of each worker's receive arena:
         # the rest stays for the pulls of requests that are here.
         self._prefetch_bytes = receive_bytes // 2
-        self._resolver = resolver
-        self._encoders = encoders
-        self._workers = workers
+        self._runner = PullRunner(resolver, encoders, workers, self.stats)
         self._timeout_s = timeout_s
         # The table: vLLM's scheduler thread, event watchers and pulls all change it.
         self._lock = threading.Lock()
@@ -172,10 +159,8 @@ class PullCoordinator:
             self._give_back(announcement, encoder_id)
 
     def _give_back(self, announcement: Announcement, encoder_id: str) -> None:
-        """An unused claim pins memory at the encoder until it expires: release it now."""
         if announcement.claim is not None:
-            address = self._encoders[encoder_id]
-            self._pool.submit(self._resolver.release, address, [announcement.claim.lease_id])
+            self._pool.submit(self._runner.release_claim, announcement, encoder_id)
 
     def encoding(self, mm_hash: str, encoder_id: str) -> None:
         """An encoder is about to encode `mm_hash`: its announcement should follow within
@@ -361,7 +346,7 @@ class PullCoordinator:
 
     def _meet(self, encoder_id: str) -> None:
         try:
-            self._resolver.peer(self._encoders[encoder_id])
+            self._runner.resolver.peer(self._runner.encoders[encoder_id])
         except HandshakeError as exc:
             self._report_incompatible(encoder_id, exc)
         except ECNixlError as exc:
@@ -390,38 +375,32 @@ class PullCoordinator:
 
     def _drop(self, mm_hash: str) -> None:
         """Workers forget the item, on the pool: never on the caller's (scheduler) thread."""
-        for worker in self._workers:
+        for worker in self._runner.workers:
             self._pool.submit(worker.drop, [mm_hash])
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
-        for worker in self._workers:
+        for worker in self._runner.workers:
             worker.close()
 
     def _run(self, job: PullJob, announcement: Announcement | None) -> None:
         deadline = job.started_at + self._timeout_s
         resolution = None
         try:
-            resolution, via = self._lease(job, announcement, deadline)
-            order = PullOrder(
-                job.encoder_id, resolution.items, [job.num_embeds], resolution.valid_until, deadline
+            resolution, via = self._runner.lease(
+                job.mm_hash, job.encoder_id, announcement, deadline
             )
-            reports = _results([worker.pull(order) for worker in self._workers])
+            reports = self._runner.read(job.encoder_id, resolution, job.num_embeds, deadline)
         except Exception as exc:  # a thread boundary: whatever fails here fails this pull only
             if not isinstance(exc, ECNixlError):
                 logger.exception("pull of %s failed unexpectedly", job.mm_hash)
                 exc = ECNixlError(f"unexpected {type(exc).__name__}: {exc}")
             self.stats.count("pull_failures", label=type(exc).__name__)
             self._fail(job, exc)
-            if resolution is None:
-                return
-            # After the request learned of the failure, so a stalled encoder holds this
-            # thread (a second at most), not the request. A deadline here may be a rank's,
-            # not the encoder's: only a dead encoder keeps its leases (it has none left).
-            if isinstance(exc, PeerDeadError):
-                self._resolver.forget_peer(resolution.address)
-            else:
-                self._resolver.release(resolution.address, resolution.lease_ids)
+            if resolution is not None:
+                # After the request learned of the failure, so a stalled encoder holds
+                # this thread (a second at most), not the request.
+                self._runner.give_back(resolution, exc)
             return
         with self._lock:
             job.rows = resolution.items[0].shape[0]
@@ -435,25 +414,6 @@ class PullCoordinator:
             job.mm_hash, job.encoder_id, elapsed * 1000, via,
             "/".join(f"{r.read_s * 1000:.1f}" for r in reports),
         )  # fmt: skip
-
-    def _lease(
-        self, job: PullJob, announcement: Announcement | None, deadline: float
-    ) -> tuple[Resolution, str]:
-        """The announcement's claim while it has time left, else a Resolve for every rank;
-        and which it was, for the log."""
-        address = self._encoders[job.encoder_id]
-        if announcement is not None and announcement.claim is not None:
-            claim = self._resolver.checked(
-                address, [announcement.claim], announcement.received_at, deadline
-            )
-            if claim.valid_until - time.monotonic() > CLAIM_MARGIN_S:
-                self.stats.count("claimed_pulls")
-                return claim, "claimed when announced"
-        asked = time.monotonic()
-        resolution = self._resolver.resolve(address, [job.mm_hash], deadline, len(self._workers))
-        resolve_s = time.monotonic() - asked
-        self.stats.observe("resolve_seconds", resolve_s)
-        return resolution, f"resolve {resolve_s * 1000:.1f} ms"
 
     def _report_incompatible(self, encoder_id: str, exc: HandshakeError) -> None:
         if encoder_id not in self._incompatible:
@@ -478,17 +438,3 @@ class PullCoordinator:
             logger.info("prefetch of %s from %s failed: %s", job.mm_hash, source, exc)
         else:
             logger.warning("pull of %s from %s failed: %s", job.mm_hash, source, exc)
-
-
-def _results(pending: list[PendingPull]) -> list[PullReport]:
-    """Every rank's report; after all have answered, the first failure if any did fail
-    (ranks that did READ are dropped by the caller)."""
-    reports, failure = [], None
-    for call in pending:
-        try:
-            reports.append(call.result())
-        except ECNixlError as exc:
-            failure = failure or exc
-    if failure is not None:
-        raise failure
-    return reports

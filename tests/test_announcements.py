@@ -212,7 +212,7 @@ def test_what_the_encoder_held_when_the_stream_began_is_known_not_fetched(
 def test_a_claim_that_lapsed_before_its_pull_is_resolved_afresh(
     prefetching, producer, other_rank, monkeypatch
 ):
-    monkeypatch.setattr("ec_nixl.coordinator.CLAIM_MARGIN_S", 3600.0)  # every claim "lapsed"
+    monkeypatch.setattr("ec_nixl.pull_runner.CLAIM_MARGIN_S", 3600.0)  # every claim "lapsed"
     producer.export("h-lapsed", item(seed=19))
     assert wait_until(lambda: prefetching.has_item("h-lapsed"))
     assert "h-lapsed" in other_rank[0].held
