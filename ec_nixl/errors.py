@@ -32,6 +32,11 @@ class PeerDeadError(ECNixlError):
     """The remote process is gone or unreachable."""
 
 
+class WorkerLostError(ECNixlError):
+    """A PD worker (tensor-parallel rank) closed its link to the scheduler mid-call:
+    it died or restarted. The encoder is not at fault: its lease goes back."""
+
+
 class DeadlineExceededError(ECNixlError, TimeoutError):
     """A call or a transfer did not finish before its deadline."""
 

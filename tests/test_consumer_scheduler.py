@@ -4,6 +4,7 @@ parallel 2) reading with real NIXL (tests/pd_rig.py)."""
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -11,7 +12,7 @@ import torch
 from conftest import wait_until
 from pd_rig import ROWS, item, make_scheduler, request, settle
 
-from ec_nixl.control.worker_link import WorkerClient
+from ec_nixl.control.worker_link import WorkerClient, WorkerServer
 from ec_nixl.coordinator import PullCoordinator
 from ec_nixl.receiver import ModelShape
 from ec_nixl.resolver import Resolver
@@ -219,6 +220,45 @@ def test_a_dead_rank_fails_the_pull_within_its_deadline_and_the_lease_goes_back(
         assert wait_until(lambda: "h-dead-rank" not in receiver[0].held)  # the live rank drops it
         assert wait_until(lambda: producer.stats()["live_leases"] == 0)
     finally:
+        scheduler.close()
+
+
+def test_a_rank_that_dies_mid_read_fails_the_pull_and_the_lease_goes_back_at_once(
+    producer, receiver, tmp_path
+):
+    reading, dying = threading.Event(), threading.Event()
+
+    class DyingRank:
+        def read(self, order):
+            reading.set()
+            dying.wait(10)
+            raise AssertionError("its link was cut first")
+
+        def drop(self, mm_hashes):
+            pass
+
+    address = f"unix:{tmp_path / 'dying-rank.sock'}"
+    dying_rank = WorkerServer(DyingRank(), address)
+    encoders = {"enc0": producer.address}
+    workers = [WorkerClient(receiver[1]), WorkerClient(address)]
+    coordinator = PullCoordinator(Resolver(consumer_id="dying-rank"), encoders, workers, 30.0)
+    scheduler = ConsumerScheduler(coordinator, encoders)
+    try:
+        producer.export("h-dying-rank", item(seed=23))
+        req = request("dying-rank", ["h-dying-rank"], make_params("enc0", ["h-dying-rank"]))
+        assert not scheduler.ensure_available(req, 0)
+        assert reading.wait(10)
+        dying_rank.stop()  # the rank's process is gone: its link closes mid-call
+        settle(scheduler, req)
+        assert not scheduler.has_item("h-dying-rank")
+        counters = scheduler.stats.take()["counters"]
+        assert counters["fallbacks"] == 1
+        assert counters["pull_failures|WorkerLostError"] == 1
+        assert wait_until(lambda: "h-dying-rank" not in receiver[0].held)  # the live rank drops it
+        # Given back, not left to expire (30 s): the encoder is not at fault.
+        assert wait_until(lambda: producer.stats()["live_leases"] == 0, timeout_s=5)
+    finally:
+        dying.set()
         scheduler.close()
 
 

@@ -23,7 +23,7 @@ from ec_nixl.control.worker_link import (
     WorkerClient,
     WorkerServer,
 )
-from ec_nixl.errors import DeadlineExceededError, PeerDeadError, RefusedError
+from ec_nixl.errors import DeadlineExceededError, PeerDeadError, RefusedError, WorkerLostError
 from ec_nixl.region import Region
 
 ITEM = RemoteItem(
@@ -154,7 +154,7 @@ def test_a_stopped_worker_fails_the_call_in_flight_and_leaves_no_socket(
     assert wait_until(lambda: reader.orders)
     server.stop()
     reader.gate.set()
-    with pytest.raises(PeerDeadError, match="closed the link"):
+    with pytest.raises(WorkerLostError, match="closed the link"):
         pending.result()
     assert not socket_path(address).exists()
 

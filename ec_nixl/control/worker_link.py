@@ -35,7 +35,7 @@ from google.protobuf.message import DecodeError, Message
 
 from ec_nixl.control.messages import RemoteItem
 from ec_nixl.control.status import error_of, status_of
-from ec_nixl.errors import DeadlineExceededError, ECNixlError, PeerDeadError, RefusedError
+from ec_nixl.errors import DeadlineExceededError, ECNixlError, RefusedError, WorkerLostError
 from ec_nixl.v1 import worker_pb2 as pb
 
 logger = logging.getLogger(__name__)
@@ -124,7 +124,7 @@ class WorkerServer:
                 _send(conn, self._answer(call))
         except RefusedError as exc:
             logger.warning("closed a worker-link connection: %s", exc)
-        except (OSError, PeerDeadError):
+        except OSError:
             pass  # the scheduler went away, or gave up on an answer
         finally:
             with self._lock:
@@ -252,7 +252,7 @@ class WorkerClient:
                 time.sleep(CONNECT_RETRY_S)
             except OSError as exc:
                 conn.close()
-                raise PeerDeadError(f"worker {self.address}: {exc}") from exc
+                raise WorkerLostError(f"worker {self.address}: {exc}") from exc
 
     def _answer(self, conn: socket.socket, deadline: float) -> pb.WorkerAnswer:
         """The answer to the call written on `conn`, which is then free for the next
@@ -261,15 +261,16 @@ class WorkerClient:
             conn.settimeout(max(0.001, deadline - time.monotonic()))
             answer = _receive(conn, pb.WorkerAnswer)
             if answer is None:
-                raise PeerDeadError(f"worker {self.address} closed the link before answering")
+                raise ConnectionResetError("the worker closed the link before answering")
         except TimeoutError as exc:
             conn.close()
             raise DeadlineExceededError(f"worker {self.address} did not answer in time") from exc
-        except (OSError, ECNixlError) as exc:
+        except OSError as exc:
             conn.close()
-            if isinstance(exc, ECNixlError):
-                raise
-            raise PeerDeadError(f"worker {self.address}: {exc}") from exc
+            raise WorkerLostError(f"worker {self.address}: {exc}") from exc
+        except ECNixlError:
+            conn.close()
+            raise
         conn.settimeout(None)
         with self._lock:
             self._idle.append(conn)
@@ -294,7 +295,7 @@ def _receive(conn: socket.socket, kind: type[_M]) -> _M | None:
         raise RefusedError(f"a {length}-byte frame on the worker link (at most {MAX_FRAME_BYTES})")
     body = _read(conn, length) if length else b""
     if body is None:
-        raise PeerDeadError("the worker link closed in the middle of a frame")
+        raise ConnectionResetError("the worker link closed in the middle of a frame")
     message = kind()
     try:
         message.ParseFromString(body)
@@ -311,6 +312,6 @@ def _read(conn: socket.socket, size: int) -> bytes | None:
         if not chunk:
             if not data:
                 return None
-            raise PeerDeadError("the worker link closed in the middle of a frame")
+            raise ConnectionResetError("the worker link closed in the middle of a frame")
         data += chunk
     return bytes(data)
