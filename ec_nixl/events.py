@@ -41,7 +41,8 @@ def event_json(event: Announcement, encoder: str, received_at: float) -> dict[st
         "length": event.length,
         "epoch": event.epoch,
         "snapshot": event.snapshot,
-        "time": round(received_at, 3),
+        "published": round(event.published_unix_ns / 1e9, 6),
+        "time": round(received_at, 6),
     }
 
 

@@ -62,6 +62,11 @@ METRICS: dict[str, Metric] = {
     "announce_wait_seconds": Metric(
         "histogram", "From a request asking for an item still being encoded to its announcement"
     ),
+    "announce_transit_seconds": Metric(
+        "histogram",
+        "From an encoder publishing an export to this instance receiving it (both hosts' "
+        "wall clocks: their skew is in it)",
+    ),
     "prefetch_hits": Metric("counter", "Items pulled before their request arrived"),
     "prefetches_dropped": Metric(
         "counter", "Prefetched items no request claimed, dropped for room (a worker's arena)"

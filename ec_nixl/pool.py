@@ -47,6 +47,7 @@ class PoolEvent:
     length: int
     target: str = ""  # EXPORTED for this consumer: its watcher gets a claim with it
     again: bool = False  # EXPORTED: an item already held, announced again for `target`
+    published_unix_ns: int = field(default_factory=time.time_ns, compare=False)
 
 
 @dataclass

@@ -22,6 +22,7 @@ media, the request fails), as after a failed pull.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -136,6 +137,9 @@ class ConsumerScheduler:
         elif event.kind is EventKind.ENCODING:
             self._coordinator.encoding(event.mm_hash, encoder_id)
         else:
+            if event.published_unix_ns and not event.snapshot:
+                transit_ns = max(0, time.time_ns() - event.published_unix_ns)
+                self.stats.observe("announce_transit_seconds", transit_ns / 1e9)
             # What was held when the stream began is known, not fetched: after a reconnect
             # it would be everything the encoder holds, much of it pulled here before.
             eager = (self._prefetch or event.claim is not None) and not event.snapshot

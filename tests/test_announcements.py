@@ -57,8 +57,11 @@ def test_an_item_still_being_encoded_is_pulled_the_moment_its_encoder_announces_
 
 
 def test_an_item_announced_before_its_request_came_is_pulled_at_once(announced, producer, receiver):
+    announced.stats.take()
     producer.export("h-before", item(seed=13))
     time.sleep(0.3)  # the announcement has passed
+    [transit_s] = announced.stats.take()["observations"]["announce_transit_seconds"]
+    assert 0 <= transit_s < 0.3  # published by the encoder, then received here
     req = request("late-to-pd", ["h-before"], announce_params())
     settle(announced, req, timeout_s=0.5)  # well within the 1 s deadline
     assert announced.has_item("h-before")

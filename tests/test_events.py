@@ -47,8 +47,11 @@ def test_events_prints_what_is_held_then_each_change_as_json_lines():
     finally:
         command.kill()
         exporter.close()
-    assert set(first) == {"encoder", "kind", "mm_hash", "length", "epoch", "snapshot", "time"}
+    assert set(first) == {
+        "encoder", "kind", "mm_hash", "length", "epoch", "snapshot", "published", "time"
+    }  # fmt: skip
     assert first["snapshot"] and not any(line["snapshot"] for line in lines)
+    assert all(0 <= line["time"] - line["published"] < 5 for line in lines)  # one host: one clock
     assert first["encoder"] == exporter.address and first["epoch"] == exporter.epoch
     assert (first["kind"], first["mm_hash"], first["length"]) == ("exported", "held-before", 1024)
     assert [(line["kind"], line["mm_hash"]) for line in lines[3:]] == [

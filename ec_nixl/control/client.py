@@ -147,7 +147,13 @@ class EventStream:
                 logger.warning("exporter %s announced a bad claim: %s", self._address, exc)
                 claim = None
         return Announcement(
-            _KINDS[event.kind], event.mm_hash, event.length, event.epoch, claim, event.snapshot
+            _KINDS[event.kind],
+            event.mm_hash,
+            event.length,
+            event.epoch,
+            claim,
+            event.snapshot,
+            event.published_unix_ns,
         )
 
     def wait_open(self) -> None:

@@ -135,6 +135,7 @@ class Announcement:
     epoch: int = 0  # of the exporter process that sent it
     claim: RemoteItem | None = None
     snapshot: bool = False  # held when the stream began, not a new export
+    published_unix_ns: int = field(default=0, compare=False)  # encoder's wall clock; 0: unsaid
     received_at: float = field(default_factory=time.monotonic)
 
 

@@ -192,7 +192,11 @@ class ExportServicer(pb_grpc.ExportServiceServicer):
             EventKind.ENCODING: pb.ExportEvent.ENCODING,
         }
         return pb.ExportEvent(
-            kind=kinds[event.kind], mm_hash=event.mm_hash, length=event.length, epoch=self._epoch
+            kind=kinds[event.kind],
+            mm_hash=event.mm_hash,
+            length=event.length,
+            epoch=self._epoch,
+            published_unix_ns=event.published_unix_ns,
         )
 
     def _describe(self, lease: Lease) -> pb.ItemDescriptor:

@@ -130,7 +130,7 @@ class WatchEventsRequest(_message.Message):
     def __init__(self, consumer_id: _Optional[str] = ..., claim: _Optional[bool] = ..., readers: _Optional[int] = ...) -> None: ...
 
 class ExportEvent(_message.Message):
-    __slots__ = ("kind", "mm_hash", "length", "epoch", "claim", "snapshot")
+    __slots__ = ("kind", "mm_hash", "length", "epoch", "claim", "snapshot", "published_unix_ns")
     class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         KIND_UNSPECIFIED: _ClassVar[ExportEvent.Kind]
@@ -147,10 +147,12 @@ class ExportEvent(_message.Message):
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     CLAIM_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    PUBLISHED_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
     kind: ExportEvent.Kind
     mm_hash: str
     length: int
     epoch: int
     claim: ItemDescriptor
     snapshot: bool
-    def __init__(self, kind: _Optional[_Union[ExportEvent.Kind, str]] = ..., mm_hash: _Optional[str] = ..., length: _Optional[int] = ..., epoch: _Optional[int] = ..., claim: _Optional[_Union[ItemDescriptor, _Mapping]] = ..., snapshot: _Optional[bool] = ...) -> None: ...
+    published_unix_ns: int
+    def __init__(self, kind: _Optional[_Union[ExportEvent.Kind, str]] = ..., mm_hash: _Optional[str] = ..., length: _Optional[int] = ..., epoch: _Optional[int] = ..., claim: _Optional[_Union[ItemDescriptor, _Mapping]] = ..., snapshot: _Optional[bool] = ..., published_unix_ns: _Optional[int] = ...) -> None: ...
