@@ -346,7 +346,7 @@ class PullCoordinator:
 
     def _meet(self, encoder_id: str) -> None:
         try:
-            self._runner.resolver.peer(self._runner.encoders[encoder_id])
+            self._runner.meet(encoder_id)
         except HandshakeError as exc:
             self._report_incompatible(encoder_id, exc)
         except ECNixlError as exc:

@@ -3,14 +3,15 @@
 One object per line, in the order the encoder sent them:
 
     {"encoder": "10.0.0.5:50051", "kind": "exported", "mm_hash": "9f2c...",
-     "length": 4718592, "epoch": 1733112000123, "snapshot": false, "time": 1733112010.52}
+     "length": 4718592, "epoch": 1733112000123, "snapshot": false,
+     "published": 1733112010.518402, "time": 1733112010.519876}
 
 - kind: "exported" (the item is held and can be pulled), "encoding" (an
   encoder step is about to encode it; "exported" follows unless the step
   fails), "evicted" (its room went to a newer export);
 - length: the item's bytes; epoch: changes with every encoder process (a new
-  epoch means nothing of the old one is held); time: when this side received
-  it (Unix seconds).
+  epoch means nothing of the old one is held); published: when the encoder
+  published it, by its clock; time: when this side received it (Unix seconds).
 The stream begins with an "exported" line for every item held at that moment
 ("snapshot": true), so a follower that reconnects is in sync again; an item
 may be announced twice. A router keeps `mm_hash -> encoder` from it; an operator watches what

@@ -36,6 +36,10 @@ class PullRunner:
         self.workers = workers
         self.stats = stats
 
+    def meet(self, encoder_id: str) -> None:
+        """Handshake with the encoder now (cached after the first)."""
+        self.resolver.peer(self.encoders[encoder_id])
+
     def lease(
         self,
         mm_hash: str,

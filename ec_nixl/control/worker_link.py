@@ -105,13 +105,14 @@ class WorkerServer:
             except OSError:
                 return  # stopped
             uid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[1]
+            stranger = uid != os.getuid()
+            if stranger:
+                logger.warning("refused a worker-link connection from uid %d", uid)
             with self._lock:
-                refused = self._stopped or uid != os.getuid()
+                refused = stranger or self._stopped
                 if not refused:
                     self._connections.add(conn)
             if refused:
-                if uid != os.getuid():
-                    logger.warning("refused a worker-link connection from uid %d", uid)
                 conn.close()
                 continue
             threading.Thread(
