@@ -15,13 +15,16 @@ the tiny LLaVA with LLaVA-1.5-7B's embedding shape by default: 576 x 4096 bf16
 = 4.5 MiB per image. "Embeddings ready", per item: how long PD's scheduler
 waited for the item once it existed (ECNixlConnector's
 ec_nixl:ready_wait_seconds, counted from the later of the request and E's
-announcement; shared storage's file is there when the request arrives) plus
-the PD worker's load into the encoder cache (logged by
-integration.timed_connectors for both connectors). "Encoder save", per item:
+announcement reaching PD; with --overlap, where the request is always first,
+plus the announcement's transit from E, ec_nixl:announce_transit_seconds;
+shared storage's file is there when the request arrives) plus the PD worker's
+load into the encoder cache (logged by integration.timed_connectors for both
+connectors). "Encoder save", per item:
 the E worker's save of each output in its step (a file in shared storage, or a
 copy into the export pool), logged the same way: with embeddings ready, what a
 connector adds to a request's critical path. The time PD spent waiting for E
-to encode is shown apart (ec_nixl:announce_wait_seconds).
+to encode is shown apart (ec_nixl:announce_wait_seconds, which ends when the
+announcement reaches PD: the transit is in it too).
 vLLM's ECCPUConnector runs only where vLLM's V2 model runner does (it needs
 Triton with a backend for the device); where it cannot, the table says so.
 """
@@ -63,6 +66,7 @@ from integration.ttft_report import document, plot, table
 
 DEFAULT_CONCURRENCY = (1, 2, 4)
 REPEATED_IMAGES, REPEATS = 3, 4
+ANNOUNCE_TRANSIT = "ec_nixl:announce_transit_seconds"
 READY_WAIT = "ec_nixl:ready_wait_seconds"
 ANNOUNCE_WAIT = "ec_nixl:announce_wait_seconds"
 OVERLAP = "ECNixlConnector --overlap"  # ECNixlConnector's E and PD, PD sent to at once
@@ -105,6 +109,9 @@ class ConnectorSide:
     """What a way's connector did over its distinct-image blocks, from E's log and PD's
     /metrics and log."""
 
+    # With --overlap every request is at PD before its item's announcement: the
+    # announcement's way from E to PD is then on the critical path (otherwise it is not).
+    announced_after_request: bool = False
     ready: Ready = field(default_factory=Ready)
     announce_waits: Histogram = field(default_factory=Histogram)
     save_ms: list[float] = field(default_factory=list)  # per item, in E's worker
@@ -117,10 +124,12 @@ class ConnectorSide:
         loads = len(timings_in_log(pd, LOAD_LINE))
         yield
         after = scrape(pd.url)
-        waits, announced = (
+        transits, waits, announced = (
             histogram_in(after, name).since(histogram_in(before, name))
-            for name in (READY_WAIT, ANNOUNCE_WAIT)
+            for name in (ANNOUNCE_TRANSIT, READY_WAIT, ANNOUNCE_WAIT)
         )
+        if self.announced_after_request:
+            self.ready.transits = self.ready.transits.plus(transits)
         self.ready.waits = self.ready.waits.plus(waits)
         self.announce_waits = self.announce_waits.plus(announced)
         self.ready.load_ms += per_item_ms(timings_in_log(pd, LOAD_LINE)[loads:])
@@ -137,6 +146,7 @@ class ConnectorSide:
 
     def plus(self, other: ConnectorSide) -> ConnectorSide:
         return ConnectorSide(
+            self.announced_after_request,
             self.ready.plus(other.ready),
             self.announce_waits.plus(other.announce_waits),
             self.save_ms + other.save_ms,
@@ -169,7 +179,11 @@ def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                  for name in CONNECTORS}  # fmt: skip
         roles[OVERLAP] = roles["ECNixlConnector"]
         levels = {(name, c): Level(name, c) for name in names for c in args.concurrency}
-        sides = {(name, c): ConnectorSide() for name in roles for c in args.concurrency}
+        sides = {
+            (name, c): ConnectorSide(announced_after_request=name == OVERLAP)
+            for name in roles
+            for c in args.concurrency
+        }
         for name, url in urls.items():
             send(url, [image(next(seeds)) for _ in range(WARM_UP_REQUESTS)], 1, Level(name, 1))
         for c in args.concurrency:

@@ -151,27 +151,35 @@ def per_item_ms(timings: list[tuple[int, float]]) -> list[float]:
 @dataclass
 class Ready:
     """What "embeddings ready" is made of, over a connector's distinct-image requests: the
-    scheduler's wait for the item (ECNixlConnector's ready_wait_seconds histogram; nil for
-    shared storage, whose file exists when the request arrives) and the worker's load into
-    the encoder cache (the same log line for both)."""
+    announcement's transit from E to PD where the request was at PD before it (with
+    --overlap; ECNixlConnector's announce_transit_seconds), the scheduler's wait for the
+    item once announced (its ready_wait_seconds; nil for shared storage, whose file exists
+    when the request arrives) and the worker's load into the encoder cache (the same log
+    line for both)."""
 
+    transits: Histogram = field(default_factory=Histogram)
     waits: Histogram = field(default_factory=Histogram)
     load_ms: list[float] = field(default_factory=list)  # per item
 
     def plus(self, other: Ready) -> Ready:
-        return Ready(self.waits.plus(other.waits), self.load_ms + other.load_ms)
+        return Ready(
+            self.transits.plus(other.transits),
+            self.waits.plus(other.waits),
+            self.load_ms + other.load_ms,
+        )
 
     def ms(self) -> dict[str, float]:
-        wait_p50, wait_mean = self.waits.quantile_ms(0.5), self.waits.mean_ms()
         load_p50, load_mean = p50_and_mean(self.load_ms)
-        return {
-            "p50": round(wait_p50 + load_p50, 3),
-            "wait_p50": round(wait_p50, 3),
-            "load_p50": round(load_p50, 3),
-            "mean": round(wait_mean + load_mean, 3),
-            "wait_mean": round(wait_mean, 3),
-            "load_mean": round(load_mean, 3),
+        parts = {
+            "transit": (self.transits.quantile_ms(0.5), self.transits.mean_ms()),
+            "wait": (self.waits.quantile_ms(0.5), self.waits.mean_ms()),
+            "load": (load_p50, load_mean),
         }
+        figures = {}
+        for stat, index in (("p50", 0), ("mean", 1)):
+            figures[stat] = round(sum(part[index] for part in parts.values()), 3)
+            figures |= {f"{name}_{stat}": round(part[index], 3) for name, part in parts.items()}
+        return figures
 
 
 def p50_ratio(baseline: list[float], ours: list[float]) -> tuple[float, float, float]:

@@ -83,14 +83,16 @@ def table(result: dict[str, Any]) -> str:
         lines.append(f"| {level.connector} | {level.percentiles()['p50']} | {rss} |")
     lines += [
         "",
-        "Embeddings ready, per item, ms: the scheduler's wait for the item + the PD worker's "
+        "Embeddings ready, per item, ms: the announcement's transit from E to PD where the "
+        f"request was first ({overlap}) + the scheduler's wait for the item + the PD worker's "
         "load into the encoder cache",
         "",
-        "| connector | p50 | (wait p50 + load p50) | mean | (wait mean + load mean) |",
+        "| connector | p50 | (transit + wait + load) | mean | (transit + wait + load) |",
         "|---|---|---|---|---|",
         *(
-            f"| {name} | {ms['p50']} | {ms['wait_p50']} + {ms['load_p50']} | {ms['mean']} "
-            f"| {ms['wait_mean']} + {ms['load_mean']} |"
+            f"| {name} | {ms['p50']} | {ms['transit_p50']} + {ms['wait_p50']} + "
+            f"{ms['load_p50']} | {ms['mean']} | {ms['transit_mean']} + {ms['wait_mean']} + "
+            f"{ms['load_mean']} |"
             for name, ms in ready.items()
         ),
         "",

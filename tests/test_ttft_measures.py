@@ -11,6 +11,8 @@ from integration.servers import free_port
 from integration.ttft_measures import (
     LOAD_LINE,
     SAVE_LINE,
+    Histogram,
+    Ready,
     histogram,
     p50_ratio,
     per_item_ms,
@@ -63,6 +65,20 @@ def test_waits_that_were_all_zero_have_a_zero_median(endpoint):
         waits.observe(0.0)
     waits.observe(0.003)
     assert histogram(url, "waits_seconds").quantile_ms(0.5) == 0.0
+
+
+def test_embeddings_ready_adds_transit_wait_and_load_and_says_each():
+    """With --overlap the announcement's way from E is on the path; otherwise no transit
+    is read, and its part is zero."""
+    inf = float("inf")
+    transits = Histogram({0.001: 2.0, inf: 2.0}, sum_s=0.002)  # two of 1 ms
+    waits = Histogram({0.002: 2.0, inf: 2.0}, sum_s=0.004)  # two of 2 ms
+    overlap = Ready(transits, waits, load_ms=[0.5, 0.5]).ms()
+    assert overlap["mean"] == pytest.approx(1.0 + 2.0 + 0.5)
+    assert (overlap["transit_mean"], overlap["wait_mean"], overlap["load_mean"]) == (1, 2, 0.5)
+    sequential = Ready(waits=waits, load_ms=[0.5, 0.5]).ms()
+    assert sequential["transit_p50"] == sequential["transit_mean"] == 0.0
+    assert sequential["mean"] == pytest.approx(2.5)
 
 
 def test_the_ttft_ratio_interval_holds_1_for_equal_samples_and_not_for_a_clear_win():
