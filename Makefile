@@ -3,13 +3,14 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+STOCK_PROXY := .cache/vllm-0.32.0-disagg_epd_proxy.py
 
 .PHONY: demo test reliability bench lint proto clean
 
 demo: $(STAMP)  ## the main job: E + PD + proxy on this machine, ECNixlConnector vs ECExampleConnector TTFT
 	$(BIN)/python -m integration.demo
 
-test: $(STAMP)  ## the whole test suite
+test: $(STAMP) $(STOCK_PROXY)  ## the whole test suite
 	$(BIN)/python -m pytest
 
 reliability: $(STAMP)  ## load, faults and hostile input through real E + PD; writes docs/RELIABILITY.md
@@ -40,5 +41,9 @@ $(STAMP): pyproject.toml Makefile
 	  printf '%s\nimport ec_nixl_cpu_vision\n' "$(CURDIR)/integration/site" > "$$site/ec_nixl_cpu_vision.pth"
 	touch $@
 
+# vLLM's example EPD proxy, for the drop-in tests: only vLLM's sdist has it.
+$(STOCK_PROXY): integration/stock_proxy.py | $(STAMP)
+	$(BIN)/python -m integration.stock_proxy
+
 clean:
-	rm -rf $(VENV) *.egg-info
+	rm -rf $(VENV) *.egg-info .cache

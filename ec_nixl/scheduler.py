@@ -59,6 +59,7 @@ class ConsumerScheduler:
         self._warned_unmatched = False
         self._fell_back: set[tuple[str, str]] = set()  # (request id, mm_hash), for counting
         self._refused: set[str] = set()  # request ids whose params were refused, for counting
+        self._unmatched: set[str] = set()  # request ids whose params named none of their items
         self.stats = coordinator.stats
 
     def ensure_available(self, request: Any, num_computed_tokens: int) -> bool:
@@ -70,7 +71,7 @@ class ConsumerScheduler:
             return True  # encode locally, or let the scheduler reach the failure
         for encoder_id in set(sources.items.values()):
             self._coordinator.meet(encoder_id)
-        self._warn_if_unmatched(request, sources.items)
+        self._note_if_unmatched(request, sources.items)
         pending = False
         for feature in request.mm_features:
             mm_hash = feature.identifier
@@ -168,19 +169,27 @@ class ConsumerScheduler:
     def request_finished(self, request: Any) -> None:
         """Items pulled for a request that ended without loading them are dropped."""
         self._refused.discard(request.request_id)
+        self._unmatched.discard(request.request_id)
         for feature in request.mm_features:
             self._coordinator.forget(feature.identifier)
             self._fell_back.discard((request.request_id, feature.identifier))
 
-    def _warn_if_unmatched(self, request: Any, where: dict[str, str]) -> None:
-        if not where or self._warned_unmatched:
+    def _note_if_unmatched(self, request: Any, where: dict[str, str]) -> None:
+        if not where or any(feature.identifier in where for feature in request.mm_features):
             return
-        if not any(feature.identifier in where for feature in request.mm_features):
+        if request.request_id in self._unmatched:
+            return
+        self._unmatched.add(request.request_id)
+        self.stats.count("unmatched_params")
+        if not self._warned_unmatched:
             self._warned_unmatched = True
             logger.warning(
-                "request %s: its ec_transfer_params name none of its items. Were the encoder "
-                "and this instance started with the same --model string? It is part of every "
-                "mm_hash. (Said once.)",
+                "request %s: its ec_transfer_params name none of its items, so they are "
+                "encoded here. Were the encoder and this instance started with the same "
+                "--model string, and given the same media uuid by the proxy (or none)? Both "
+                "make the mm_hash; vLLM's example EPD proxy gives the encoder a uuid and, "
+                "for models without placeholder metadata (LLaVA), sends PD the media "
+                "without it unless started with --no-rewrite. (Said once.)",
                 request.request_id,
             )
 

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from integration import stock_proxy
+
 MODEL_NAME = "tiny-llava"
 HEALTH_TIMEOUT_S = 240.0
 
@@ -211,6 +213,21 @@ def start_proxy(
         argv += ["--encoder", encoder]
     root = Path(__file__).resolve().parent.parent
     return _spawn("proxy", argv, cwd=root, env={}, log_dir=log_dir, port=port)
+
+
+def start_stock_proxy(
+    *, encoders: list[str], pd: str, log_dir: Path, rewrite: bool = True
+) -> Server:
+    """vLLM 0.32's example EPD proxy (see integration.stock_proxy), as its users start it
+    for E + PD; `rewrite=False` is its `--no-rewrite`."""
+    port = free_port()
+    argv = [
+        sys.executable, str(stock_proxy.fetch()), "--host", "127.0.0.1", "--port", str(port),
+        "--encode-servers-urls", ",".join(encoders), "--decode-servers-urls", pd,
+    ]  # fmt: skip
+    if not rewrite:
+        argv.append("--no-rewrite")
+    return _spawn("stock-proxy", argv, cwd=log_dir, env={}, log_dir=log_dir, port=port)
 
 
 def wait_healthy(servers: list[Server], timeout_s: float = HEALTH_TIMEOUT_S) -> float:

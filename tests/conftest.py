@@ -140,6 +140,8 @@ RECOVERED = [image(seed) for seed in (95, 96, 97)]  # served after faults, check
 ROUTED = [image(seed) for seed in (100, 101, 102, 103)]  # through a proxy in front of two PDs
 UNFORWARDED = image(104)  # to E, then to PD without E's params, as a stock EPD proxy does
 CHATTED = image(105)  # a chat's turns about it, through a proxy that follows E's events
+# Through vLLM's own example EPD proxy: with --no-rewrite, one image and two; rewriting.
+STOCK, STOCK_PAIR, REWRITTEN = image(106), [image(107), image(108)], image(109)
 
 
 def start_encoder(
@@ -182,10 +184,11 @@ def reference(workdirs):
         wait_healthy([server])
         singles = (
             PROXIED + DIRECT + AFTER_FAILURE + [ACROSS_HOSTS, PREFETCHED, UNFORWARDED]
-            + RECOVERED + ROUTED
+            + RECOVERED + ROUTED + [STOCK, REWRITTEN]
         )  # fmt: skip
         answers = {url: answer(server.url, url) for url in singles}
         answers["pair"] = answer(server.url, PAIR)
+        answers["stock pair"] = answer(server.url, STOCK_PAIR)
         answers["chat"] = conversation(server.url, CHATTED)
         return answers
     finally:

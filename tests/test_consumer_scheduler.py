@@ -269,6 +269,8 @@ def test_an_encoder_serving_another_model_is_reported_once(producer, receiver, o
             # E hashed with its own model string: none of its hashes match ours.
             req = request(f"mismatch-{i}", [f"ours-{i}"], make_params("enc0", [f"theirs-{i}"]))
             assert scheduler.ensure_available(req, 0)
+            assert scheduler.ensure_available(req, 0)  # a request is counted once
+        assert scheduler.stats.take()["counters"]["unmatched_params"] == 3
         end = time.monotonic() + 5
         while "cannot serve this instance" not in caplog.text and time.monotonic() < end:
             time.sleep(0.02)

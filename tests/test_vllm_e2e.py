@@ -12,14 +12,31 @@ from __future__ import annotations
 import re
 import threading
 import time
+from contextlib import contextmanager
 
 import pytest
-from conftest import AFTER_FAILURE, DIRECT, PAIR, PROXIED, UNFORWARDED, start_encoder
+from conftest import (
+    AFTER_FAILURE,
+    DIRECT,
+    PAIR,
+    PROXIED,
+    REWRITTEN,
+    STOCK,
+    STOCK_PAIR,
+    UNFORWARDED,
+    start_encoder,
+)
 
 from ec_nixl.control.client import ExportClient
 from ec_nixl.pool import EventKind
 from integration.client import answer, chat_body, image, metric, post, stream_ttft
-from integration.servers import free_port, start_proxy, start_vllm, wait_healthy
+from integration.servers import (
+    free_port,
+    start_proxy,
+    start_stock_proxy,
+    start_vllm,
+    wait_healthy,
+)
 from integration.tiny_vlm import embedding_bytes
 
 PULL_TIMEOUT_S = 5
@@ -150,6 +167,46 @@ def test_pd_pulls_what_an_encoder_announced_for_a_request_without_params(cluster
     before = pulls_in_log(cluster["pd"], "enc0")
     assert answer(cluster["pd"].url, UNFORWARDED) == reference[UNFORWARDED]
     assert pulls_in_log(cluster["pd"], "enc0") == before + 1
+
+
+@contextmanager
+def vllms_example_proxy(cluster, workdirs, *, rewrite: bool):
+    """vLLM 0.32's example EPD proxy, unchanged, in front of both encoders and PD."""
+    encoders = [cluster["encoder"].url, cluster["encoder1"].url]
+    log_dir = workdirs[2] / f"stock-proxy-{'rewrite' if rewrite else 'no-rewrite'}"
+    proxy = start_stock_proxy(encoders=encoders, pd=cluster["pd"].url, log_dir=log_dir,
+                              rewrite=rewrite)  # fmt: skip
+    try:
+        wait_healthy([proxy])
+        yield proxy
+    finally:
+        proxy.stop()
+
+
+def test_behind_vllms_example_proxy_with_no_rewrite_pd_pulls_every_image(
+    cluster, workdirs, reference
+):
+    """What LLaVA users run: both sides hash the media alike, and PD takes E's
+    ec_transfer_params as that proxy forwards them (every encoder's answer, by mm_hash)."""
+    with vllms_example_proxy(cluster, workdirs, rewrite=False) as proxy:
+        before = pulls_in_log(cluster["pd"])
+        assert answer(proxy.url, STOCK) == reference[STOCK]
+        assert pulls_in_log(cluster["pd"]) == before + 1
+        assert answer(proxy.url, STOCK_PAIR) == reference["stock pair"]  # one per encoder
+        assert pulls_in_log(cluster["pd"]) == before + 3
+
+
+def test_vllms_example_proxy_rewriting_for_llava_leaves_pd_to_encode_and_pd_says_why(
+    cluster, workdirs, reference
+):
+    """By default that proxy gives E each item under a uuid of its own, but sends LLaVA's
+    PD the media without it (LLaVA has no placeholder metadata to rewrite it to): PD's
+    mm_hash is not E's, for any connector, so PD encodes (with its own vision weights)."""
+    unmatched = metric(cluster["pd"].url, "ec_nixl:unmatched_params_total")
+    with vllms_example_proxy(cluster, workdirs, rewrite=True) as proxy:
+        assert answer(proxy.url, REWRITTEN) != reference[REWRITTEN]
+    assert metric(cluster["pd"].url, "ec_nixl:unmatched_params_total") == unmatched + 1
+    assert "--no-rewrite" in cluster["pd"].log_path.read_text(errors="replace")  # said once
 
 
 def test_pd_counts_its_pulls_on_vllms_own_metrics_endpoint(cluster):
