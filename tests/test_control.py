@@ -194,6 +194,18 @@ def test_a_watcher_that_asks_for_claims_gets_a_lease_for_its_readers_with_each_e
     assert exporter.pool.renew([event.claim.lease_id]) == [event.claim.lease_id]
 
 
+def test_a_watcher_that_left_is_claimed_for_no_more(exporter, client):
+    """Its claims would pin the encoder's memory until they expire, for nobody."""
+    stream = client.watch("pd-gone", claim=True)
+    stream.wait_open()
+    stream.close()
+    time.sleep(0.1)  # the cancellation reaches the encoder
+    leases = exporter.pool.live_leases
+    exporter.export("after-the-watcher-left", embedding(5.0))
+    time.sleep(0.3)
+    assert exporter.pool.live_leases == leases
+
+
 def follow(client: ExportClient, consumer_id: str) -> list:
     """Events of a stream opened now, as they come."""
     events: list = []

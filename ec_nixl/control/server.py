@@ -63,8 +63,13 @@ class EventHub:
             return q
 
     def unsubscribe(self, q: queue.Queue) -> None:
+        """No more events for this stream; what it has not taken yet is dropped, and it
+        ends at its next look (a departed watcher must not be claimed for)."""
         with self._lock:
-            self._queues.remove(q)
+            if q in self._queues:
+                self._queues.remove(q)
+                q.queue.clear()
+                q.put_nowait(None)
 
 
 class ExportServicer(pb_grpc.ExportServiceServicer):
@@ -141,6 +146,10 @@ class ExportServicer(pb_grpc.ExportServiceServicer):
         if q is None:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"at most {MAX_WATCHERS} watchers")
         readers = request.readers or 1
+        # The moment the call ends (the watcher closed it, or left): its stream thread may
+        # be waiting for the next event, and must not claim that for nobody.
+        if not context.add_callback(lambda: self._events.unsubscribe(q)):
+            self._events.unsubscribe(q)
         context.send_initial_metadata(())  # subscribed: what follows the snapshot is live
         try:
             for message in self._snapshot_pb():
