@@ -7,6 +7,7 @@ grpc.RpcError.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterator, Sequence
 
 import grpc
@@ -132,6 +133,7 @@ class EventStream:
     def __init__(self, call: grpc.Call, address: str) -> None:
         self._call = call
         self._address = address
+        self._opening = False
 
     def __iter__(self) -> Iterator[Announcement]:
         return self
@@ -165,7 +167,16 @@ class EventStream:
     def wait_open(self) -> None:
         """Until the exporter follows this stream (or it ended): an export after this is
         announced as new, not in the stream's opening list. Bounded by keepalive."""
-        self._call.initial_metadata()
+        self._opening = True
+        try:
+            self._call.initial_metadata()
+        finally:
+            self._opening = False
 
     def close(self) -> None:
-        self._call.cancel()
+        """Cancel the stream, without waiting for an exporter that never answered: a
+        stream read on its own thread holds the call while waiting to open."""
+        if self._opening:
+            threading.Thread(target=self._call.cancel, daemon=True).start()
+        else:
+            self._call.cancel()
