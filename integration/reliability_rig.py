@@ -71,9 +71,12 @@ class Rig:
         return server
 
     def restart(self, name: str) -> Server:
-        """Kill (if alive) and start again on the same ports and configuration."""
+        """Kill (if alive) and start again on the same ports and configuration; the old
+        process's log stays beside the new one as NAME.N.log."""
         old = self.servers[name]
         old.kill()
+        earlier = len(list(old.log_path.parent.glob(f"{name}.*.log")))
+        old.log_path.rename(old.log_path.with_suffix(f".{earlier + 1}.log"))  # for a failure
         server = self.launch(name, old.port)
         wait_healthy([server])
         return server
