@@ -175,9 +175,9 @@ class ConsumerScheduler:
             self._fell_back.discard((request.request_id, feature.identifier))
 
     def _note_if_unmatched(self, request: Any, where: dict[str, str]) -> None:
-        if not where or any(feature.identifier in where for feature in request.mm_features):
+        if not where or request.request_id in self._unmatched:
             return
-        if request.request_id in self._unmatched:
+        if any(feature.identifier in where for feature in request.mm_features):
             return
         self._unmatched.add(request.request_id)
         self.stats.count("unmatched_params")

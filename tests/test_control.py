@@ -13,7 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from ec_nixl.control.client import ExportClient
 from ec_nixl.control.messages import PROTOCOL_VERSION
 from ec_nixl.control.security import Security
-from ec_nixl.control.server import MAX_ITEMS_PER_CALL, MAX_READERS
+from ec_nixl.control.server import MAX_ITEMS_PER_CALL, MAX_READERS, WATCH_QUEUE_DEPTH, EventHub
 from ec_nixl.errors import (
     AuthError,
     HandshakeError,
@@ -23,7 +23,7 @@ from ec_nixl.errors import (
     RefusedError,
 )
 from ec_nixl.exporter import Exporter, ExporterConfig
-from ec_nixl.pool import EventKind
+from ec_nixl.pool import EventKind, PoolEvent
 from ec_nixl.v1 import export_pb2 as pb
 from ec_nixl.v1 import export_pb2_grpc as pb_grpc
 from integration.faults import TcpRelay
@@ -204,6 +204,17 @@ def test_a_watcher_that_left_is_claimed_for_no_more(exporter, client):
     exporter.export("after-the-watcher-left", embedding(5.0))
     time.sleep(0.3)
     assert exporter.pool.live_leases == leases
+
+
+def test_a_watcher_too_slow_for_its_queue_is_cut_off_and_gets_nothing_more():
+    """The encoder never waits for a watcher: it ends the stream (the watcher reconnects
+    and learns what is held from the opening list)."""
+    hub = EventHub()
+    slow = hub.subscribe()
+    for n in range(WATCH_QUEUE_DEPTH + 2):
+        hub.publish(PoolEvent(EventKind.EXPORTED, f"item-{n}", 1))
+    assert slow.get_nowait() is None  # the end of its stream, and nothing else
+    assert slow.empty()
 
 
 def follow(client: ExportClient, consumer_id: str) -> list:

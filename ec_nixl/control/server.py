@@ -47,12 +47,11 @@ class EventHub:
 
     def publish(self, event: PoolEvent) -> None:
         with self._lock:
-            for q in self._queues:
+            for q in list(self._queues):
                 try:
                     q.put_nowait(event)
                 except queue.Full:
-                    q.queue.clear()
-                    q.put_nowait(None)  # tells the stream to end; the watcher reconnects
+                    self._end_locked(q)  # the watcher reconnects
 
     def subscribe(self) -> queue.Queue[PoolEvent | None] | None:
         with self._lock:
@@ -66,10 +65,13 @@ class EventHub:
         """No more events for this stream; what it has not taken yet is dropped, and it
         ends at its next look (a departed watcher must not be claimed for)."""
         with self._lock:
-            if q in self._queues:
-                self._queues.remove(q)
-                q.queue.clear()
-                q.put_nowait(None)
+            self._end_locked(q)
+
+    def _end_locked(self, q: queue.Queue) -> None:
+        if q in self._queues:
+            self._queues.remove(q)
+            q.queue.clear()
+            q.put_nowait(None)  # tells the stream to end
 
 
 class ExportServicer(pb_grpc.ExportServiceServicer):
