@@ -96,6 +96,9 @@ class Rig:
     def pull_failures(self) -> float:
         return metric(self.pd.url, "ec_nixl:pull_failures_total")
 
+    def deadlines_missed(self) -> float:
+        return metric(self.pd.url, "ec_nixl:pull_failures_total", cause="DeadlineExceededError")
+
     def fallbacks(self) -> float:
         local = metric(self.proxy.url, "ec_nixl_proxy_local_encodes_total")
         return local + metric(self.pd.url, "ec_nixl:fallbacks_total")

@@ -522,7 +522,8 @@ def test_an_encoder_restarted_on_its_address_is_a_new_generation(rig, reference,
     """Starts a new E on the killed one's ports. PD meets a new exporter generation
     (epoch) at the same address: a request naming an item of the old E falls back
     (NOT_FOUND: nothing of the old process is ever read), and the next image is
-    pulled from the new E and answered exactly as the single-instance reference.
+    pulled from the new E and answered exactly as the single-instance reference
+    (or, if meeting the new E outlasted that pull's deadline, the one after).
     Recovery: from the restart to that pull (mostly vLLM's start-up)."""
     if rig.orphaned is None:  # run on its own
         rig.orphaned = rig.orphan()
@@ -532,8 +533,16 @@ def test_an_encoder_restarted_on_its_address_is_a_new_generation(rig, reference,
     rig.restart("encoder")
     stale = send_all(rig.pd.url, [chat_body(old_url, ec_transfer_params=old_params)],
                      concurrency=1, deadline_s=REQUEST_DEADLINE_S)  # fmt: skip
-    pulled = rig.pulled()
-    fresh = post(rig.proxy.url, chat_body(RECOVERED[0]))["choices"][0]["message"]["content"]
+    deadlines = rig.deadlines_missed()
+    for fresh_image in (RECOVERED[0], RECOVERED[2]):
+        pulled = rig.pulled()
+        fresh = post(rig.proxy.url, chat_body(fresh_image))["choices"][0]["message"]["content"]
+        if rig.pulled() == pulled + 1:
+            break
+        # Meeting a new generation loads its NIXL metadata in a helper process first; on a
+        # loaded host that can outlast a pull's deadline (CI: the probe still running at
+        # 3 s). Those pulls miss it, PD encodes, the probe goes on for the next request.
+        assert rig.deadlines_missed() > deadlines
     recovery_s = time.monotonic() - restarted_at
     met = re.escape(f"exporter {rig.relay.address} is agent ")
     log = rig.pd.log_path.read_text(errors="replace")
@@ -550,7 +559,7 @@ def test_an_encoder_restarted_on_its_address_is_a_new_generation(rig, reference,
         ],
     )
     assert stale.answered == 1
-    assert fresh == reference[RECOVERED[0]] and rig.pulled() == pulled + 1
+    assert fresh == reference[fresh_image] and rig.pulled() == pulled + 1
     assert len(epochs) >= 2
 
 
