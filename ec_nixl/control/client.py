@@ -10,6 +10,7 @@ import logging
 from collections.abc import Iterator, Sequence
 
 import grpc
+import grpc.experimental
 
 from ec_nixl.control.messages import PROTOCOL_VERSION, Announcement, PeerInfo, RemoteItem
 from ec_nixl.control.security import Security
@@ -39,7 +40,12 @@ KEEPALIVE_OPTIONS = (
 )
 # After a dropped connection gRPC reconnects with exponential backoff; its default
 # ceiling (120 s) would keep PD encoding locally for minutes after the encoder is back.
+# A watch stream's events are read by the thread that iterates it, not handed over by
+# the channel's spin thread: one thread wake-up less between an export and PD's pull,
+# on --overlap's critical path (two A/B pairs of 96 announcements inside vLLM: transit
+# p50 1.80 / 1.67 ms against 2.41 / 1.85, mean 10.0 / 8.2 against 15.8 / 12.8).
 CHANNEL_OPTIONS = (
+    (grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, 1),
     ("grpc.initial_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 2000),
     *KEEPALIVE_OPTIONS,
