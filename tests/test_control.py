@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 
@@ -215,6 +216,24 @@ def test_a_watcher_too_slow_for_its_queue_is_cut_off_and_gets_nothing_more():
         hub.publish(PoolEvent(EventKind.EXPORTED, f"item-{n}", 1))
     assert slow.get_nowait() is None  # the end of its stream, and nothing else
     assert slow.empty()
+
+
+def test_closing_a_stream_whose_exporter_never_answers_returns_at_once():
+    """A PD shutting down must not wait for an encoder that took the connection and went
+    silent (until keepalive gives up on it, seconds later)."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        client = ExportClient(f"127.0.0.1:{silent.getsockname()[1]}")
+        stream = client.watch("pd-leaving")
+        opening = threading.Thread(target=stream.wait_open, daemon=True)
+        opening.start()
+        time.sleep(0.3)  # waiting for the exporter's answer
+        assert opening.is_alive()
+        start = time.monotonic()
+        stream.close()
+        assert time.monotonic() - start < 1.0  # not keepalive's 7 s
+        client.close()
 
 
 def follow(client: ExportClient, consumer_id: str) -> list:
