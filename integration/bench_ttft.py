@@ -48,6 +48,7 @@ from typing import Any
 from integration.client import chat_body, image, metric, scrape, stream_ttft
 from integration.deploy import CONNECTORS, QUIET_S, deploy
 from integration.servers import Server, start_proxy, wait_healthy
+from integration.stall_gauge import StallGauge, summary
 from integration.tiny_vlm import add_text_hidden_argument, build, embedding_bytes
 from integration.ttft_measures import (
     LOAD_LINE,
@@ -186,6 +187,8 @@ def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         }
         for name, url in urls.items():
             send(url, [image(next(seeds)) for _ in range(WARM_UP_REQUESTS)], 1, Level(name, 1))
+        gauge = stack.enter_context(StallGauge())
+        blocks_of: dict[str, list[tuple[int, int]]] = {name: [] for name in names}
         for c in args.concurrency:
             phases = {name: proxy_phases(urls[name]) for name in roles}
             blocks = -(-args.requests // block_size(c))
@@ -195,8 +198,10 @@ def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                     time.sleep(QUIET_S)
                     pictures = [image(next(seeds)) for _ in range(block_size(c))]
                     side = sides.get((name, c))
+                    began = time.time_ns()
                     with side.measuring(*roles[name]) if side else nullcontext():
                         send(urls[name], pictures, c, levels[name, c])
+                    blocks_of[name].append((began, time.time_ns()))
             for name in roles:
                 levels[name, c].phases_ms = phase_means_ms(phases[name], proxy_phases(urls[name]))
             for name in names:
@@ -206,6 +211,13 @@ def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                     file=sys.stderr,
                     flush=True,
                 )
+        stalls = {
+            name: summary(
+                [stall for block in blocks for stall in gauge.between(*block)],
+                sum(end - began for began, end in blocks) / 1e9,
+            )
+            for name, blocks in blocks_of.items()
+        }
         repeated = [Level(name, 1) for name in names]  # ECNixlConnector's first: fresh images
         first = next(seeds)
         pictures = [image(first + i % REPEATED_IMAGES) for i in range(REPEATED_IMAGES * REPEATS)]
@@ -246,6 +258,7 @@ def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "repeated_stream": (REPEATED_IMAGES, REPEATS),
         "pulls_repeated": pulls_repeated,
         "peak_rss_mib": peak_rss,
+        "stalls": stalls,
     }
 
 

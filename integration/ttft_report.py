@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from integration.stall_gauge import STALL_MS
 from integration.ttft_measures import PHASES, p50_ratio
 
 BASELINE = "ECExampleConnector"
@@ -115,6 +116,17 @@ def table(result: dict[str, Any]) -> str:
     ]
     for scope, path in paths.items():
         lines += ["", f"Save + ready, shared storage over ours ({scope}):", *baseline_ratios(path)]
+    lines += [
+        "",
+        "The machine's stalls during each way's blocks (integration.stall_gauge: a process "
+        f"that only sleeps, woken over {STALL_MS:.0f} ms late; they lengthen whatever was on "
+        "a CPU or waking then, and set most of a mean's distance from its p50):",
+        *(
+            f"- {name}: {n['count']} stalls, longest {n['max_ms']} ms, "
+            f"{n['ms_per_minute']} ms lost per minute"
+            for name, n in result["stalls"].items()
+        ),
+    ]
     images, repeats = result["repeated_stream"]
     lines.append("")
     lines.append(
@@ -163,5 +175,6 @@ def document(result: dict[str, Any]) -> dict[str, Any]:
         "critical_path_ms": result["critical_path_ms"],
         "pulls_repeated": result["pulls_repeated"],
         "peak_rss_mib": result["peak_rss_mib"],
+        "stalls": result["stalls"],
         "embedding_bytes": result["embedding_bytes"],
     }

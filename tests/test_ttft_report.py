@@ -33,6 +33,7 @@ def result() -> dict:
         "repeated_stream": (3, 4),
         "pulls_repeated": 3,
         "peak_rss_mib": {OURS: {"encoder": 2600, "pd": 3100}, BASELINE: {"encoder": 2200}},
+        "stalls": {way: {"count": 2, "max_ms": 120.0, "ms_per_minute": 40.0} for way in ways},
     }
 
 
@@ -48,6 +49,7 @@ def test_every_ratio_is_shared_storage_over_one_of_ours():
     assert "- concurrency 2: 2.00x" in text
     assert "3 distinct images x 4: ECNixlConnector pulled 3 items" in text
     assert f"{OVERLAP}: PD had 16 items' requests" in text
+    assert f"- {OVERLAP}: 2 stalls, longest 120.0 ms, 40.0 ms lost per minute" in text
 
 
 def test_the_json_document_has_the_runs_the_issue_specifies():
