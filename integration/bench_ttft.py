@@ -25,6 +25,8 @@ copy into the export pool), logged the same way: with embeddings ready, what a
 connector adds to a request's critical path. The time PD spent waiting for E
 to encode is shown apart (ec_nixl:announce_wait_seconds, which ends when the
 announcement reaches PD: the transit is in it too).
+A process that only sleeps runs beside the blocks (integration.stall_gauge):
+its stalls per way say how much time the machine itself took from each.
 vLLM's ECCPUConnector runs only where vLLM's V2 model runner does (it needs
 Triton with a backend for the device); where it cannot, the table says so.
 """

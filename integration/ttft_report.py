@@ -119,8 +119,8 @@ def table(result: dict[str, Any]) -> str:
     lines += [
         "",
         "The machine's stalls during each way's blocks (integration.stall_gauge: a process "
-        f"that only sleeps, woken over {STALL_MS:.0f} ms late; they lengthen whatever was on "
-        "a CPU or waking then, and set most of a mean's distance from its p50):",
+        f"that only sleeps, woken over {STALL_MS:.0f} ms late; they lengthen what was running "
+        "or waking then, a wait for an event most):",
         *(
             f"- {name}: {n['count']} stalls, longest {n['max_ms']} ms, "
             f"{n['ms_per_minute']} ms lost per minute"
