@@ -53,7 +53,10 @@ class StallGauge:
                 self._stalls.append(Stall(int(start_ns), float(ms)))
 
     def between(self, start_ns: int, end_ns: int) -> list[Stall]:
-        """Stalls that began in [start_ns, end_ns)."""
+        """Stalls that began in [start_ns, end_ns); an error once the child is gone, whose
+        silence would read as a machine that never stalled."""
+        if self._child.poll() is not None:
+            raise RuntimeError(f"the stall gauge's child exited ({self._child.returncode})")
         with self._lock:
             return [s for s in self._stalls if start_ns <= s.start_ns < end_ns]
 

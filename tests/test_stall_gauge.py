@@ -6,6 +6,8 @@ import os
 import signal
 import time
 
+import pytest
+
 from integration.stall_gauge import STALL_MS, Stall, StallGauge, summary
 
 
@@ -18,13 +20,20 @@ def test_a_process_held_still_is_reported_as_one_stall_of_about_that_long():
         os.kill(gauge.pid, signal.SIGCONT)
         time.sleep(0.3)
         stalls = gauge.between(began - 10**9, time.time_ns())
-    assert any(stall.ms >= 150 for stall in stalls), stalls
+        assert stalls, "the held-still child reported no stall"
+        held = max(stalls, key=lambda stall: stall.ms)
+        later = gauge.between(held.start_ns + 1, time.time_ns())
+    assert held.ms >= 150, stalls
     assert all(stall.ms > STALL_MS for stall in stalls)
+    assert held not in later  # a window counts the stalls that began in it
 
 
-def test_stalls_outside_the_window_are_not_counted():
+def test_a_gauge_whose_child_died_says_so_rather_than_report_no_stalls():
     with StallGauge() as gauge:
-        assert gauge.between(0, 1) == []
+        os.kill(gauge.pid, signal.SIGKILL)
+        time.sleep(0.2)
+        with pytest.raises(RuntimeError, match="exited"):
+            gauge.between(0, time.time_ns())
 
 
 def test_the_summary_gives_count_longest_and_time_lost_per_minute():
