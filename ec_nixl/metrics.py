@@ -53,6 +53,9 @@ METRICS: dict[str, Metric] = {
     "fallbacks": Metric("counter", "Items encoded locally after their pull failed"),
     "failed_requests": Metric("counter", "Requests failed: encoder outputs unobtainable"),
     "refused_params": Metric("counter", "Requests whose ec_transfer_params were refused"),
+    "unknown_param_keys": Metric(
+        "counter", "Requests whose ec_transfer_params carried keys this version ignores"
+    ),
     "unmatched_params": Metric(
         "counter", "Requests whose ec_transfer_params named none of their items (encoded here)"
     ),

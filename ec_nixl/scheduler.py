@@ -39,6 +39,8 @@ logger = logging.getLogger(__name__)
 # that spin takes the CPU the encoder needs. So an empty step parks until a pull
 # lands, or this long at most: how late such an engine may notice a new request.
 IDLE_PARK_S = 0.01
+# Distinct unknown param keys named in the log: the keys come from clients.
+MAX_LOGGED_KEYS = 32
 
 
 class ConsumerScheduler:
@@ -60,6 +62,8 @@ class ConsumerScheduler:
         self._fell_back: set[tuple[str, str]] = set()  # (request id, mm_hash), for counting
         self._refused: set[str] = set()  # request ids whose params were refused, for counting
         self._unmatched: set[str] = set()  # request ids whose params named none of their items
+        self._unknown: set[str] = set()  # request ids whose params carried keys we do not know
+        self._logged_keys: set[str] = set()  # unknown keys said in the log (once each)
         self.stats = coordinator.stats
 
     def ensure_available(self, request: Any, num_computed_tokens: int) -> bool:
@@ -72,6 +76,7 @@ class ConsumerScheduler:
         for encoder_id in set(sources.items.values()):
             self._coordinator.meet(encoder_id)
         self._note_if_unmatched(request, sources.items)
+        self._note_unknown_keys(request, sources.unknown_keys)
         pending = False
         for feature in request.mm_features:
             mm_hash = feature.identifier
@@ -170,6 +175,7 @@ class ConsumerScheduler:
         """Items pulled for a request that ended without loading them are dropped."""
         self._refused.discard(request.request_id)
         self._unmatched.discard(request.request_id)
+        self._unknown.discard(request.request_id)
         for feature in request.mm_features:
             self._coordinator.forget(feature.identifier)
             self._fell_back.discard((request.request_id, feature.identifier))
@@ -191,6 +197,23 @@ class ConsumerScheduler:
                 "for models without placeholder metadata (LLaVA), sends PD the media "
                 "without it unless started with --no-rewrite. (Said once.)",
                 request.request_id,
+            )
+
+    def _note_unknown_keys(self, request: Any, keys: frozenset[str]) -> None:
+        """Keys that neither side knows are followed (a newer vLLM on the encoder adds
+        some), counted per request, and each named once in the log."""
+        if not keys or request.request_id in self._unknown:
+            return
+        self._unknown.add(request.request_id)
+        self.stats.count("unknown_param_keys")
+        for key in sorted(keys - self._logged_keys)[: MAX_LOGGED_KEYS - len(self._logged_keys)]:
+            self._logged_keys.add(key)
+            logger.warning(
+                "request %s: its ec_transfer_params carry %r beside the encoder id, a key "
+                "this version does not know (an encoder on a newer vLLM?); pulled anyway, "
+                "the key ignored. (Said once per key.)",
+                request.request_id,
+                key[:64],
             )
 
     def close(self) -> None:

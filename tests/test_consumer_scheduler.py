@@ -97,7 +97,13 @@ def test_an_item_in_the_local_encoder_cache_is_not_pulled_again_until_evicted(sc
         {"*": {"encoder_id": "enc0"}},
         {"h-x": {"encoder_id": "*"}},
         {"*": "*"},
-        {"h-x": {"encoder_id": "enc0", "peer_host": "10.0.0.1"}},  # another connector's
+        {"h-x": {"peer_host": "10.0.0.1", "peer_port": 7100}},  # another connector's
+        {"h-x": {"encoder_id": "enc0", "modality": 3}},
+        {"h-x": {"encoder_id": "enc0", "modality": ""}},
+        {"h-x": {"encoder_id": "enc0", "item_indices": [0, 0]}},  # a repeated index
+        {"h-x": {"encoder_id": "enc0", "item_indices": [-1]}},
+        {"h-x": {"encoder_id": "enc0", "metadata": ["grid"]}},
+        {"h-x": {"encoder_id": "enc0", **{f"k{i}": i for i in range(16)}}},
     ],
 )
 def test_forged_params_are_refused_and_the_items_encoded_here_without_any_pull(scheduler, params):
@@ -141,18 +147,52 @@ def test_an_item_of_the_wrong_shape_or_dtype_is_refused_unread_and_encoded_here(
     assert scheduler.stats.take()["counters"]["fallbacks"] == 1
 
 
-def test_params_with_vllms_item_entries_beside_the_encoder_id_are_followed(scheduler, producer):
+@pytest.mark.parametrize(
+    "entry",
+    [
+        {"metadata": {}, "item_indices": [0]},  # vLLM 0.32
+        {"modality": "image", "metadata": {}, "item_indices": [0]},  # vLLM 0.33 and 0.34
+    ],
+    ids=["vllm-0.32", "vllm-0.33"],
+)
+def test_params_with_vllms_item_entries_beside_the_encoder_id_are_followed(
+    scheduler, producer, entry
+):
     """As vLLM's example EPD proxy forwards them: each item's entry from the encoder's
     answer, and a list of the items."""
-    producer.export("h-vllm-shaped", item(seed=28))
+    mm_hash = f"h-vllm-shaped-{len(entry)}"
+    producer.export(mm_hash, item(seed=28))
     params = {
-        "h-vllm-shaped": {"encoder_id": "enc0", "metadata": {}, "item_indices": [0]},
-        "ec_items": [{"mm_hash": "h-vllm-shaped", "transfer_id": "t-1"}],
+        mm_hash: {"encoder_id": "enc0", **entry},
+        "ec_items": [{"mm_hash": mm_hash, "transfer_id": "t-1"}],
     }
-    req = request("vllm-shaped", ["h-vllm-shaped"], params)
+    req = request(f"vllm-shaped-{len(entry)}", [mm_hash], params)
     settle(scheduler, req)
-    assert scheduler.has_item("h-vllm-shaped")
+    assert scheduler.has_item(mm_hash)
+    assert "refused_params" not in scheduler.stats.take().get("counters", {})
     scheduler.request_finished(req)
+
+
+def test_keys_neither_side_knows_are_followed_counted_and_named_once_in_the_log(
+    scheduler, producer, caplog
+):
+    """A rolling upgrade: an encoder on a newer vLLM adds a key to each item's entry.
+    PD pulls anyway (as protobuf skips an unknown field), counts the request, and
+    names each such key once."""
+    producer.export("h-newer", item(seed=29))
+    entry = {"encoder_id": "enc0", "modality": "image", "frames": [3], "transfer_id": "t"}
+    first = request("newer-1", ["h-newer"], {"h-newer": entry})
+    second = request("newer-2", ["h-newer"], {"h-newer": entry})
+    settle(scheduler, first)
+    settle(scheduler, first)  # asked again: counted once
+    assert scheduler.has_item("h-newer")
+    settle(scheduler, second)
+    assert scheduler.stats.take()["counters"]["unknown_param_keys"] == 2
+    said = [r.getMessage() for r in caplog.records if "does not know" in r.getMessage()]
+    assert len(said) == 2
+    assert "'frames'" in said[0] and "'transfer_id'" in said[1]
+    scheduler.request_finished(first)
+    scheduler.request_finished(second)
 
 
 def test_a_failed_pull_falls_back_to_local_encoding_when_the_media_is_there(scheduler):
