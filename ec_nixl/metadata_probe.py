@@ -67,11 +67,11 @@ def probe(metadata: bytes, source: str, deadline: float) -> None:
 
 
 def _judge(metadata: bytes, source: str, digest: bytes, verdict: Future[None]) -> None:
-    from nixl import _api  # the backend module this process uses: the helper loads it alike
+    from ec_nixl.transfer import nixl_api  # the helper loads the module this process uses
 
     try:
         done = subprocess.run(
-            [sys.executable, "-m", __name__, _api.__name__],
+            [sys.executable, "-m", __name__, nixl_api.__name__],
             input=metadata,
             capture_output=True,
             timeout=PROBE_TIMEOUT_S,

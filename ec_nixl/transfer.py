@@ -1,6 +1,6 @@
 """The NIXL agent: register memory, meet peers, READ remote slots into local ones.
 
-A thin layer over `nixl._api` with a few verbs and typed errors. It starts no
+A thin layer over NIXL's `_api` with a few verbs and typed errors. It starts no
 threads: NIXL runs without its progress thread (which busy-polls a core) and
 the caller drives progress, the reader by waiting on its transfer, the owner
 of exported memory by calling `progress()` while reads may be in flight
@@ -9,6 +9,8 @@ of exported memory by calling `progress()` while reads may be in flight
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import logging
 import os
 import socket
@@ -17,20 +19,37 @@ import uuid
 from collections.abc import Sequence
 
 import torch
-from nixl._api import nixl_agent, nixl_agent_config, nixl_thread_sync_t
-from nixl._bindings import (
-    nixlBackendError,
-    nixlInvalidParamError,
-    nixlMismatchError,
-    nixlNotAllowedError,
-    nixlNotFoundError,
-    nixlRemoteDisconnectError,
-)
 
 from ec_nixl.errors import DeadlineExceededError, HandshakeError, PeerDeadError, RefusedError
 from ec_nixl.region import Region, tensor_region
 
 logger = logging.getLogger(__name__)
+
+
+def _nixl_package() -> str:
+    """The wheel NIXL's API comes from: the `nixl` meta package where it is installed
+    (vLLM's NIXL extra brings it; it picks the host's CUDA variant), else the one
+    variant that `ec-nixl[cu12]` or `ec-nixl[cu13]` installed."""
+    for package in ("nixl", "nixl_cu13", "nixl_cu12"):
+        if importlib.util.find_spec(package) is not None:
+            return package
+    raise ImportError(
+        "NIXL is not installed: pip install 'ec-nixl[cu13]' (or [cu12]: the host's CUDA major)"
+    )
+
+
+_NIXL = _nixl_package()
+nixl_api = importlib.import_module(f"{_NIXL}._api")
+_bindings = importlib.import_module(f"{_NIXL}._bindings")
+nixl_agent = nixl_api.nixl_agent
+nixl_agent_config = nixl_api.nixl_agent_config
+nixl_thread_sync_t = nixl_api.nixl_thread_sync_t
+nixlBackendError = _bindings.nixlBackendError
+nixlInvalidParamError = _bindings.nixlInvalidParamError
+nixlMismatchError = _bindings.nixlMismatchError
+nixlNotAllowedError = _bindings.nixlNotAllowedError
+nixlNotFoundError = _bindings.nixlNotFoundError
+nixlRemoteDisconnectError = _bindings.nixlRemoteDisconnectError
 
 # How long a waiting reader sleeps between polls: short enough to add little
 # latency, long enough to leave the CPU to the other side on a small host.

@@ -1,0 +1,1 @@
+"""ec_nixl: move vision-encoder outputs between vLLM instances with NIXL."""

@@ -1,0 +1,63 @@
+"""The `ec-nixl` command."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from importlib.metadata import entry_points
+
+from ec_nixl import events, proxy
+from ec_nixl.bench import transfer
+
+# Benchmarks that start vLLM instances live with the test harness (`integration/`),
+# which registers them here as entry points of this group: the package never
+# imports the harness.
+HARNESS_BENCHES = "ec_nixl.benches"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ec-nixl",
+        description="Move vLLM encoder outputs between instances with NIXL; measure it.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    commands = parser.add_subparsers(dest="command", required=True)
+    _add(commands, "proxy", proxy, "the EPD proxy: each request to an encoder, then to a PD")
+    _add(commands, "events", events, "an encoder's export events as JSON lines")
+    bench = commands.add_parser("bench", help="benchmarks against baselines in the same run")
+    benches = bench.add_subparsers(dest="bench", required=True)
+    _add(
+        benches, "transfer", transfer,
+        "NIXL pull (announced, cold) vs safetensors via /tmp vs memcpy, two processes",
+    )  # fmt: skip
+    for entry in sorted(entry_points(group=HARNESS_BENCHES), key=lambda e: e.name):
+        module = entry.load()
+        summary = (module.__doc__ or "").strip().splitlines()[0]  # "`ec-nixl bench X`: what"
+        _add(benches, entry.name, module, summary.split(": ", 1)[-1])
+    return parser
+
+
+def _add(commands, name: str, module, help_text: str) -> None:
+    """A command whose module gives its description (docstring), flags and `run`."""
+    command = commands.add_parser(
+        name,
+        help=help_text,
+        description=module.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    module.add_arguments(command)
+    command.set_defaults(run=module.run)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The gRPC control plane: descriptors, leases and events; never tensor bytes."""

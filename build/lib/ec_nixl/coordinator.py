@@ -1,0 +1,440 @@
+"""The PD scheduler's items: one table of what is known of each, and the pulls.
+
+Each item's entry says which encoder holds it or is encoding it (from their
+events), our pull of it, and whether vLLM's encoder cache has it; it changes
+only here, from announcements, pull results and vLLM's allocations and
+evictions, under one lock, and goes once nothing of it is left.
+
+vLLM's scheduler must never block, so each pull runs as a job on a small thread
+pool (its network work is `pull_runner`'s) and the scheduler thread only looks
+at its state (and never waits on the network: drops and give-backs run on the
+pool too). A job fails as a whole: workers that did READ drop the item, and
+the lease goes back.
+
+A job starts in one of three ways: a request names where its item is
+(`start`); a request says its item is still being encoded (`expect`: the pull
+starts when an encoder announces the item, and the wait has the pull's
+deadline); or, with prefetch, an encoder announced an item no request asked
+for yet (`prefetch`).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from enum import Enum
+
+from ec_nixl.connector_config import DEFAULT_RECEIVE_BYTES
+from ec_nixl.control.messages import Announcement
+from ec_nixl.control.worker_link import WorkerClient
+from ec_nixl.errors import DeadlineExceededError, ECNixlError, HandshakeError, RefusedError
+from ec_nixl.metrics import Stats
+from ec_nixl.pull_runner import PullRunner
+from ec_nixl.resolver import Resolver
+
+logger = logging.getLogger(__name__)
+
+# Each job mostly waits on the network; a stalled encoder holds one for its whole deadline.
+MAX_CONCURRENT_PULLS = 16
+# A prefetched item whose request has not come by then is not coming to this instance.
+PREFETCH_TTL_S = 30.0
+
+
+class PullState(Enum):
+    RUNNING = "running"
+    READY = "ready"  # held by every worker, waiting to be loaded
+    FAILED = "failed"
+
+
+@dataclass
+class PullJob:
+    mm_hash: str
+    encoder_id: str | None  # None: waiting for an encoder to announce the item
+    num_embeds: int  # the rows the model expects (0: a prefetch, no request yet)
+    started_at: float = field(default_factory=time.monotonic)
+    # When a request first asked for the item: a prefetch is claimed later, or never.
+    claimed_at: float | None = None
+    expected: bool = False  # asked for before any encoder announced it
+    future: Future | None = None
+    error: ECNixlError | None = None
+    rows: int = 0  # what was pulled
+    ready_at: float | None = None
+    nbytes: int = 0  # a prefetch's size, from its announcement
+
+    @property
+    def state(self) -> PullState:
+        if self.error is not None:
+            return PullState.FAILED
+        if self.future is None or not self.future.done():
+            return PullState.RUNNING
+        return PullState.READY
+
+    @property
+    def awaiting(self) -> bool:
+        return self.encoder_id is None and self.error is None
+
+
+@dataclass
+class Item:
+    """What PD's scheduler knows of one item."""
+
+    holder: str | None = None  # the encoder that announced it, until it evicts it
+    encoding: tuple[str, float] | None = None  # (the encoder encoding it, since when)
+    job: PullJob | None = None  # our pull of it
+    resident: bool = False  # in vLLM's encoder cache: never pulled again
+
+    @property
+    def empty(self) -> bool:
+        return not (self.holder or self.encoding or self.job or self.resident)
+
+
+class PullCoordinator:
+    def __init__(
+        self,
+        resolver: Resolver,
+        encoders: dict[str, str],
+        workers: list[WorkerClient],
+        timeout_s: float,
+        stats: Stats | None = None,
+        receive_bytes: int = DEFAULT_RECEIVE_BYTES,
+    ) -> None:
+        self.stats = stats or Stats()
+        # Unclaimed prefetches may fill at most this much of each worker's receive arena:
+        # the rest stays for the pulls of requests that are here.
+        self._prefetch_bytes = receive_bytes // 2
+        self._runner = PullRunner(resolver, encoders, workers, self.stats)
+        self._timeout_s = timeout_s
+        # The table: vLLM's scheduler thread, event watchers and pulls all change it.
+        self._lock = threading.Lock()
+        self._items: dict[str, Item] = {}
+        self._pool = ThreadPoolExecutor(MAX_CONCURRENT_PULLS, thread_name_prefix="ec-nixl-pull")
+        self._met: set[str] = set()
+        self._incompatible: set[str] = set()
+        self._landed = threading.Event()  # a pull ended: a request waiting for it may go on
+
+    def start(self, mm_hash: str, encoder_id: str, num_embeds: int) -> PullJob:
+        """Start pulling `mm_hash` from `encoder_id` for a request, unless a job for it
+        exists; a prefetched item is claimed (and its rows checked once pulled)."""
+        with self._lock:
+            item = self._item(mm_hash)
+            job = item.job = item.job or PullJob(mm_hash, None, num_embeds)
+            if job.awaiting:
+                self._submit_locked(job, encoder_id)
+        return self._claim(job, num_embeds)
+
+    def expect(self, mm_hash: str, num_embeds: int) -> PullJob:
+        """Pull `mm_hash` for a request once an encoder announces it (at once if one has);
+        the request fails over to local encoding if none has by the pull deadline."""
+        with self._lock:
+            item = self._item(mm_hash)
+            job = item.job
+            if job is None:
+                job = item.job = PullJob(mm_hash, None, num_embeds, expected=True)
+                if item.holder is not None:
+                    self._submit_locked(job, item.holder)
+        if job.awaiting and time.monotonic() - job.started_at > self._timeout_s:
+            self.stats.count("pull_failures", label=DeadlineExceededError.__name__)
+            self._fail(job, DeadlineExceededError(
+                f"{mm_hash}: no encoder announced it within {self._timeout_s:.1f} s"
+            ))  # fmt: skip
+        return self._claim(job, num_embeds)
+
+    def announced(self, announcement: Announcement, encoder_id: str, *, prefetch: bool) -> None:
+        """An encoder exported an item: pull it for a request expecting it, or, with
+        `prefetch`, for the request that will come (unless vLLM's encoder cache has it).
+        A claim the announcement carries spares that pull its Resolve; one no pull takes
+        goes back to the encoder."""
+        with self._lock:
+            item = self._item(announcement.mm_hash)
+            item.holder, item.encoding = encoder_id, None
+            job = item.job
+            if job is not None and job.awaiting:
+                self._submit_locked(job, encoder_id, announcement)
+                return
+            wanted = prefetch and job is None and not item.resident
+        if not (wanted and self.prefetch(announcement, encoder_id)):
+            self._give_back(announcement, encoder_id)
+
+    def _give_back(self, announcement: Announcement, encoder_id: str) -> None:
+        if announcement.claim is not None:
+            self._pool.submit(self._runner.release_claim, announcement, encoder_id)
+
+    def encoding(self, mm_hash: str, encoder_id: str) -> None:
+        """An encoder is about to encode `mm_hash`: its announcement should follow within
+        a pull deadline (what is older than that is forgotten)."""
+        now = time.monotonic()
+        with self._lock:
+            for stale, item in list(self._items.items()):
+                if item.encoding and item.encoding[1] < now - self._timeout_s:
+                    item.encoding = None
+                    self._prune(stale)
+            self._item(mm_hash).encoding = (encoder_id, now)
+
+    def known(self, mm_hash: str) -> bool:
+        """A job for `mm_hash` exists, or an encoder announced it (and has not evicted it)
+        or is encoding it."""
+        with self._lock:
+            item = self._items.get(mm_hash)
+            if item is None:
+                return False
+            encoding = item.encoding
+            return bool(
+                item.job
+                or item.holder
+                or (encoding and time.monotonic() - encoding[1] < self._timeout_s)
+            )
+
+    def evicted(self, mm_hash: str, encoder_id: str) -> None:
+        with self._lock:
+            item = self._items.get(mm_hash)
+            if item is not None and item.holder == encoder_id:
+                item.holder = None
+                self._prune(mm_hash)
+
+    def reconnected(self, encoder_id: str) -> None:
+        """A new event stream from the encoder starts with everything it holds: forget
+        what it announced before, whose evictions the lost stream may not have told."""
+        with self._lock:
+            for mm_hash, item in list(self._items.items()):
+                if item.holder == encoder_id:
+                    item.holder = None
+                if item.encoding and item.encoding[0] == encoder_id:
+                    item.encoding = None
+                self._prune(mm_hash)
+
+    def resident(self, mm_hash: str) -> bool:
+        """vLLM's encoder cache has the item (allocated and not freed since)."""
+        with self._lock:
+            item = self._items.get(mm_hash)
+            return item is not None and item.resident
+
+    def allocated(self, mm_hash: str) -> bool:
+        """vLLM reserved encoder-cache room for the item: it is resident from now on.
+        True when our pulled copy is to be loaded into it (its job ends here)."""
+        with self._lock:
+            item = self._item(mm_hash)
+            item.resident = True
+            job = item.job
+            if job is None or job.state is not PullState.READY:
+                return False
+            item.job = None
+        if job.claimed_at is not None:
+            # Waiting for the encoder to announce the item is encoding, not transfer.
+            announced = max(job.claimed_at, job.started_at)
+            if job.expected:
+                self.stats.observe("announce_wait_seconds", announced - job.claimed_at)
+            self.stats.observe("ready_wait_seconds", max(0.0, job.ready_at - announced))
+        return True
+
+    def freed(self, mm_hashes: list[str]) -> None:
+        """vLLM evicted these from its encoder cache: pull them again if asked."""
+        with self._lock:
+            for mm_hash in mm_hashes:
+                item = self._items.get(mm_hash)
+                if item is not None:
+                    item.resident = False
+                    self._prune(mm_hash)
+
+    def _item(self, mm_hash: str) -> Item:
+        item = self._items.get(mm_hash)
+        if item is None:
+            item = self._items[mm_hash] = Item()
+        return item
+
+    def _prune(self, mm_hash: str) -> None:
+        """An entry with nothing left in it goes: the table holds what is live."""
+        if self._items[mm_hash].empty:
+            del self._items[mm_hash]
+
+    def _submit_locked(
+        self, job: PullJob, encoder_id: str, announcement: Announcement | None = None
+    ) -> None:
+        job.encoder_id = encoder_id
+        job.started_at = time.monotonic()
+        job.future = self._pool.submit(self._run, job, announcement)
+        job.future.add_done_callback(lambda _: self._landed.set())  # once `state` tells
+
+    def park(self, timeout_s: float) -> None:
+        """Block until a pull that a request waits for ends, or `timeout_s`; at once if no
+        request waits for one."""
+        with self._lock:
+            waiting = any(
+                item.job.claimed_at is not None and item.job.state is PullState.RUNNING
+                for item in self._items.values()
+                if item.job is not None
+            )
+        if waiting:
+            self._landed.wait(timeout_s)
+        self._landed.clear()
+
+    def _claim(self, job: PullJob, num_embeds: int) -> PullJob:
+        with self._lock:
+            claiming = job.claimed_at is None
+            if claiming:
+                job.claimed_at = time.monotonic()
+                job.num_embeds = num_embeds
+        if claiming and job.state is PullState.READY:
+            if job.rows == num_embeds:
+                self.stats.count("prefetch_hits")
+            else:
+                self.stats.count("pull_failures", label=RefusedError.__name__)
+                self._fail(job, RefusedError(
+                    f"{job.mm_hash}: the encoder sent {job.rows} rows, "
+                    f"the request needs {num_embeds}"
+                ))  # fmt: skip
+        return job
+
+    def prefetch(self, announcement: Announcement, encoder_id: str) -> bool:
+        """Pull an item no request has asked for yet (False: a job for it exists).
+        Unclaimed ones are dropped after PREFETCH_TTL_S, or, oldest first, when they would
+        hold more than half the receive arena (checked whenever another is prefetched)."""
+        mm_hash = announcement.mm_hash
+        now = time.monotonic()
+        with self._lock:  # stale ones leave under the lock: no request can claim them after
+            stale = [
+                job for job in self._unclaimed_locked() if now - job.started_at > PREFETCH_TTL_S
+            ]
+            for job in stale:
+                self._end_job_locked(job)
+            item = self._item(mm_hash)
+            started = item.job is None
+            if started:
+                stale += self._make_room_locked(announcement.length)
+                job = item.job = PullJob(mm_hash, None, 0, nbytes=announcement.length)
+                self._submit_locked(job, encoder_id, announcement)
+        for job in stale:
+            self._drop_when_done(job)
+        return started
+
+    def _make_room_locked(self, nbytes: int) -> list[PullJob]:
+        """Unclaimed prefetches to drop, oldest first, so that `nbytes` more fit."""
+        unclaimed = sorted(  # prefetches (a request's own job has no size: never dropped)
+            (job for job in self._unclaimed_locked() if job.nbytes),
+            key=lambda job: job.started_at,
+        )
+        held = sum(job.nbytes for job in unclaimed)
+        dropped = []
+        while unclaimed and held + nbytes > self._prefetch_bytes:
+            job = unclaimed.pop(0)
+            self._end_job_locked(job)
+            held -= job.nbytes
+            dropped.append(job)
+        if dropped:
+            self.stats.count("prefetches_dropped", len(dropped))
+        return dropped
+
+    def _unclaimed_locked(self) -> list[PullJob]:
+        return [i.job for i in self._items.values() if i.job and i.job.claimed_at is None]
+
+    def _end_job_locked(self, job: PullJob) -> None:
+        """The item's entry no longer has this job (if it still had it)."""
+        item = self._items.get(job.mm_hash)
+        if item is not None and item.job is job:
+            item.job = None
+            self._prune(job.mm_hash)
+
+    def meet(self, encoder_id: str) -> None:
+        """Handshake with an encoder once, in the background, to catch a mismatch early:
+        an encoder serving another model string shares no mm_hash with us, so no
+        pull would ever reach it and tell."""
+        if encoder_id not in self._met:
+            self._met.add(encoder_id)
+            self._pool.submit(self._meet, encoder_id)
+
+    def _meet(self, encoder_id: str) -> None:
+        try:
+            self._runner.meet(encoder_id)
+        except HandshakeError as exc:
+            self._report_incompatible(encoder_id, exc)
+        except ECNixlError as exc:
+            self._met.discard(encoder_id)  # unreachable for now: try again later
+            logger.warning("cannot reach encoder %s: %s", encoder_id, exc)
+
+    def job(self, mm_hash: str) -> PullJob | None:
+        with self._lock:
+            item = self._items.get(mm_hash)
+            return item.job if item is not None else None
+
+    def forget(self, mm_hash: str) -> None:
+        """A request that needed the item ended: a pull not loaded by then ends, and the
+        workers free what they got of it."""
+        with self._lock:
+            item = self._items.get(mm_hash)
+            job = item.job if item is not None else None
+            if job is not None:
+                self._end_job_locked(job)
+        if job is not None:
+            self._drop_when_done(job)
+
+    def _drop_when_done(self, job: PullJob) -> None:
+        if job.future is not None:
+            job.future.add_done_callback(lambda _: self._drop(job.mm_hash))
+
+    def _drop(self, mm_hash: str) -> None:
+        """Workers forget the item, on the pool: never on the caller's (scheduler) thread."""
+        for worker in self._runner.workers:
+            self._pool.submit(worker.drop, [mm_hash])
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        for worker in self._runner.workers:
+            worker.close()
+
+    def _run(self, job: PullJob, announcement: Announcement | None) -> None:
+        deadline = job.started_at + self._timeout_s
+        resolution = None
+        try:
+            resolution, via = self._runner.lease(
+                job.mm_hash, job.encoder_id, announcement, deadline
+            )
+            reports = self._runner.read(job.encoder_id, resolution, job.num_embeds, deadline)
+        except Exception as exc:  # a thread boundary: whatever fails here fails this pull only
+            if not isinstance(exc, ECNixlError):
+                logger.exception("pull of %s failed unexpectedly", job.mm_hash)
+                exc = ECNixlError(f"unexpected {type(exc).__name__}: {exc}")
+            self.stats.count("pull_failures", label=type(exc).__name__)
+            self._fail(job, exc)
+            if resolution is not None:
+                # After the request learned of the failure, so a stalled encoder holds
+                # this thread (a second at most), not the request.
+                self._runner.give_back(resolution, exc)
+            return
+        with self._lock:
+            job.rows = resolution.items[0].shape[0]
+            job.ready_at = time.monotonic()
+        elapsed = job.ready_at - job.started_at
+        self.stats.count("items_pulled")
+        self.stats.count("bytes_pulled", reports[0].bytes)
+        self.stats.observe("pull_seconds", elapsed)
+        logger.info(
+            "pulled %s from %s in %.1f ms (%s; READ per rank %s ms)",
+            job.mm_hash, job.encoder_id, elapsed * 1000, via,
+            "/".join(f"{r.read_s * 1000:.1f}" for r in reports),
+        )  # fmt: skip
+
+    def _report_incompatible(self, encoder_id: str, exc: HandshakeError) -> None:
+        if encoder_id not in self._incompatible:
+            self._incompatible.add(encoder_id)
+            logger.error(
+                "encoder %s cannot serve this instance: %s. Until that changes, none of its "
+                "items is pulled. (Said once per encoder.)", encoder_id, exc,
+            )  # fmt: skip
+
+    def _fail(self, job: PullJob, exc: ECNixlError) -> None:
+        if job.future is not None:  # some workers may hold it
+            self._drop(job.mm_hash)
+        with self._lock:  # a failed prefetch is forgotten: a request will try afresh
+            prefetch = job.claimed_at is None
+            if prefetch:
+                self._end_job_locked(job)
+            job.error = exc
+        source = job.encoder_id or "any encoder"
+        if isinstance(exc, HandshakeError):
+            self._report_incompatible(source, exc)
+        elif prefetch:
+            logger.info("prefetch of %s from %s failed: %s", job.mm_hash, source, exc)
+        else:
+            logger.warning("pull of %s from %s failed: %s", job.mm_hash, source, exc)

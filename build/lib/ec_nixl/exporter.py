@@ -1,0 +1,143 @@
+"""The producer side in one object: arena, NIXL agent, export pool and export service.
+
+Consumers READ exported slots directly. A READ over UCX only completes while
+this side also drives NIXL, so a progress loop polls NIXL while any lease is
+live and sleeps otherwise; it also takes the notifications that consumers
+attach to their READs: each counts one reader of a lease done (no extra round
+trip).
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+
+from ec_nixl.arena import Arena
+from ec_nixl.control.messages import dtype_name, parse_read_notification
+from ec_nixl.control.security import Security
+from ec_nixl.control.server import EventHub, ExportServicer, start_server
+from ec_nixl.metrics import MetricsServer, Stats
+from ec_nixl.pool import DEFAULT_LEASE_S, EventKind, ExportedItem, ExportPool, Lease, PoolEvent
+from ec_nixl.transfer import POLL_INTERVAL_S, TransferAgent
+
+logger = logging.getLogger(__name__)
+
+EXPIRY_SWEEP_S = 0.5
+
+
+@dataclass(frozen=True)
+class ExporterConfig:
+    address: str = "127.0.0.1:0"
+    capacity_bytes: int = 1 << 30
+    device: str = "cpu"
+    lease_s: float = DEFAULT_LEASE_S
+    compatibility_hash: str = ""
+    security: Security = field(default_factory=Security)
+    # HOST:PORT for a Prometheus /metrics endpoint of our own; None: no endpoint.
+    metrics_address: str | None = None
+
+
+class Exporter:
+    def __init__(self, config: ExporterConfig) -> None:
+        self.config = config
+        self.epoch = secrets.randbits(63)
+        self.arena = Arena(config.capacity_bytes, config.device)
+        self.agent = TransferAgent("exporter")
+        self.agent.register(self.arena.buffer)
+        self.events = EventHub()
+        self.stats = Stats()
+        self.pool = ExportPool(
+            self.arena,
+            lease_s=config.lease_s,
+            on_event=self._on_event,
+            on_lease_end=self._on_lease_end,
+        )
+        self.metrics = (
+            MetricsServer(self.stats, config.metrics_address) if config.metrics_address else None
+        )
+        self._leased = threading.Event()
+        self._stopping = threading.Event()
+        servicer = ExportServicer(
+            self.pool,
+            self.agent,
+            epoch=self.epoch,
+            compatibility_hash=config.compatibility_hash,
+            events=self.events,
+            on_leased=self._on_leased,
+        )
+        self._server, self.port = start_server(servicer, config.address, config.security)
+        self._progress = threading.Thread(
+            target=self._progress_loop, name="ec-nixl-progress", daemon=True
+        )
+        self._progress.start()
+        host = config.address.rsplit(":", 1)[0]
+        self.address = f"{host}:{self.port}"
+        logger.info(
+            "exporter %s serving on %s, arena %d MiB on %s",
+            self.agent.name,
+            self.address,
+            config.capacity_bytes >> 20,
+            self.arena.device,
+        )
+
+    def export(self, mm_hash: str, tensor: torch.Tensor, target: str = "") -> ExportedItem:
+        """Copy `tensor` into the arena under `mm_hash` (announced with a claim for
+        consumer `target`, if given); RefusedError for a non-float dtype."""
+        dtype_name(tensor.dtype)
+        return self.pool.export(mm_hash, tensor, target)
+
+    def encoding(self, mm_hashes: Iterable[str]) -> None:
+        """Tell watchers these items are about to be encoded (their EXPORTED follows)."""
+        for mm_hash in mm_hashes:
+            self.events.publish(PoolEvent(EventKind.ENCODING, mm_hash, 0))
+
+    def _on_event(self, event: PoolEvent) -> None:
+        self.events.publish(event)
+        if event.again:
+            return
+        if event.kind is EventKind.EXPORTED:
+            self.stats.count("items_exported")
+            self.stats.count("bytes_exported", event.length)
+        else:
+            self.stats.count("evictions")
+        self.stats.set("pool_bytes_in_use", self.arena.bytes_used)
+
+    def _on_leased(self) -> None:
+        self.stats.set("leases_live", self.pool.live_leases)
+        self._leased.set()  # the progress loop polls NIXL while leases are live
+
+    def _on_lease_end(self, lease: Lease, how: str) -> None:
+        self.stats.count("leases_ended", label=how)
+        if how == "read":
+            self.stats.count("items_read", label=lease.consumer or "unnamed")
+        self.stats.set("leases_live", self.pool.live_leases)
+
+    def close(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
+        self._stopping.set()
+        self._leased.set()
+        self._server.stop(grace=0.5).wait()
+        self._progress.join()
+
+    def _progress_loop(self) -> None:
+        next_sweep = 0.0
+        while not self._stopping.is_set():
+            if self.pool.live_leases == 0:
+                self._leased.wait(EXPIRY_SWEEP_S)
+                self._leased.clear()
+            else:
+                self._stopping.wait(POLL_INTERVAL_S)
+            for message in self.agent.progress():
+                lease_ids = parse_read_notification(message)
+                if lease_ids:
+                    self.pool.finish_reads(lease_ids)
+            if time.monotonic() >= next_sweep:
+                self.pool.expire()
+                next_sweep = time.monotonic() + EXPIRY_SWEEP_S

@@ -1,0 +1,428 @@
+"""EPD proxy: an OpenAI-compatible front that sends each request to an encoder and to PD.
+
+For each chat or completion request:
+1. send it to an encoder instance with `max_tokens` 1 (an encoder-only instance
+   runs the vision encoder, exports the outputs, and answers with
+   `ec_transfer_params` saying where they are);
+2. forward the original request to the PD instance with those
+   `ec_transfer_params` at the top level of the body; a streamed answer
+   passes through chunk by chunk.
+With `--overlap` (PD runs ECNixlConnector) step 2 does not wait for step 1:
+PD gets the request at once, saying that its images are being encoded
+(`{"*": {"encoder_id": "*"}}`), so its front end (HTTP, image processing,
+tokenizing) runs while they are, and its scheduler pulls each item the moment
+an encoder announces it. Should the encoders fail, PD's request is
+cancelled and sent again with what did arrive: PD encodes the rest.
+
+With several PDs, requests go to them in turn. A PD named `NAME=URL` (its
+`consumer_id`) is told to its encoders: each encoder request carries
+`{"consumer_id": NAME}`, so the encoder announces the request's items to
+that PD with a claim and it prefetches them (one READ each); other PDs do
+not pull them.
+
+With several encoders, a request's images are spread over them (one
+encoder request per image) and their answers merged; encoders are used
+round-robin, and one that fails (or does not answer within the encoder
+timeout) is skipped for a few seconds. If no encoder answers, or all are
+being skipped, PD gets the request without params and encodes locally.
+`/metrics` counts both, and times each request's two phases (encoders; PD's
+first chunk, which overlap with `--overlap`): where a TTFT goes.
+
+Each inline image gets its content's SHA-256 as its `uuid`, which vLLM takes
+as the item's mm_hash (a client's own uuid is replaced: it could name another
+tenant's image). With `--encoder-events`, the proxy follows the encoders'
+export events, and an image an encoder still holds (a chat's earlier turn) is
+not sent to an encoder again: PD pulls it from the holder (docs/EVENTS.md).
+
+    ec-nixl proxy --encoder URL [--encoder URL ...] --pd [NAME=]URL [--pd ...]
+        --port N [--overlap] [--encoder-events ID=HOST:PORT ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import prometheus_client
+from aiohttp import web
+
+from ec_nixl.control.security import add_client_arguments, client_security
+from ec_nixl.encoder_directory import EncoderDirectory
+from ec_nixl.media import (
+    MediaError,
+    Named,
+    Position,
+    media_positions,
+    name_by_content,
+    split_by_item,
+    without,
+)
+from ec_nixl.transfer_params import ENCODER_ID, announce_params, consumer_params
+
+logger = logging.getLogger("ec_nixl.proxy")
+
+ROUTES = ("/v1/chat/completions", "/v1/completions")
+DEFAULT_ENCODER_TIMEOUT_S = 30.0
+PD_TIMEOUT = aiohttp.ClientTimeout(total=600)
+
+
+DOWN_FOR_S = 5.0
+PHASE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 2, 5, 10)
+
+
+@dataclass(frozen=True)
+class PD:
+    url: str
+    name: str = ""  # its consumer_id: told to the encoders so they claim items for it
+
+    @classmethod
+    def parse(cls, text: str) -> PD:
+        """`URL` or `NAME=URL`."""
+        name, sep, url = text.partition("=")
+        return cls(url, name) if sep and not name.startswith("http") else cls(text)
+
+
+class EPDProxy:
+    def __init__(
+        self,
+        encoders: list[str],
+        pds: list[PD],
+        encoder_timeout_s: float,
+        overlap: bool = False,
+        directory: EncoderDirectory | None = None,
+    ) -> None:
+        self.encoders = encoders
+        self.directory = directory
+        self.pds = pds
+        self._next_pd = itertools.cycle(pds)
+        self.overlap = overlap
+        self._encoder_timeout = aiohttp.ClientTimeout(total=encoder_timeout_s)
+        self._turn = itertools.cycle(encoders)
+        self._down_until = dict.fromkeys(encoders, 0.0)
+        self._session: aiohttp.ClientSession | None = None
+        self.registry = prometheus_client.CollectorRegistry()
+        self._encoder_failures = prometheus_client.Counter(
+            "ec_nixl_proxy_encoder_failures", "Encoder requests that failed or timed out",
+            ["encoder"], registry=self.registry,
+        )  # fmt: skip
+        self._local_encodes = prometheus_client.Counter(
+            "ec_nixl_proxy_local_encodes", "Requests PD encoded itself: no encoder answered",
+            registry=self.registry,
+        )  # fmt: skip
+        self._encode_seconds = prometheus_client.Histogram(
+            "ec_nixl_proxy_encode_seconds", "From a request's arrival to its encoders' answers",
+            buckets=PHASE_BUCKETS, registry=self.registry,
+        )  # fmt: skip
+        self._encoder_hits = prometheus_client.Counter(
+            "ec_nixl_proxy_encoder_hits",
+            "Media items not sent to an encoder: one already held them (PD pulls them there)",
+            registry=self.registry,
+        )  # fmt: skip
+        self._media_items = prometheus_client.Counter(
+            "ec_nixl_proxy_media_items", "Inline media items named by their content",
+            registry=self.registry,
+        )  # fmt: skip
+        self._replaced_uuids = prometheus_client.Counter(
+            "ec_nixl_proxy_replaced_uuids",
+            "Client uuids on media items replaced by the item's content id",
+            registry=self.registry,
+        )  # fmt: skip
+        self._refused_requests = prometheus_client.Counter(
+            "ec_nixl_proxy_refused_requests", "Requests refused with 400 (media the proxy "
+            "cannot name)", registry=self.registry,
+        )  # fmt: skip
+        self._pd_first_chunk_seconds = prometheus_client.Histogram(
+            "ec_nixl_proxy_pd_first_chunk_seconds",
+            "From forwarding a request to PD to its first chunk (whole answer if not streamed)",
+            buckets=PHASE_BUCKETS, registry=self.registry,
+        )  # fmt: skip
+
+    async def start(self, app: web.Application) -> None:
+        self._session = aiohttp.ClientSession()
+
+    async def stop(self, app: web.Application) -> None:
+        await self._session.close()
+        if self.directory is not None:
+            self.directory.close()
+
+    async def encode(self, path: str, body: dict[str, Any], pd: PD) -> list[dict[str, Any] | None]:
+        """Spread the request's images over the encoders, telling them which PD will
+        serve it: each share's `ec_transfer_params` ({} for a share without images),
+        None for a share no encoder answered."""
+        if pd.name:
+            body = {**body, "ec_transfer_params": consumer_params(pd.name)}
+        shares = split_by_item(body) if len(self.encoders) > 1 else [body]
+        with self._encode_seconds.time():
+            return await asyncio.gather(*(self._encode_share(path, share) for share in shares))
+
+    def _next_encoder(self) -> str | None:
+        """Round-robin over encoders, skipping one that failed in the last DOWN_FOR_S;
+        None while all did (a stalled encoder would cost every request the timeout)."""
+        now = time.monotonic()
+        for _ in self.encoders:
+            encoder = next(self._turn)
+            if self._down_until[encoder] <= now:
+                return encoder
+        return None
+
+    async def _encode_share(self, path: str, body: dict[str, Any]) -> dict[str, Any] | None:
+        request = {**body, "max_tokens": 1, "stream": False}
+        for key in ("max_completion_tokens", "stream_options"):
+            request.pop(key, None)
+        for _ in self.encoders:
+            encoder = self._next_encoder()
+            if encoder is None:
+                break
+            try:
+                async with self._session.post(
+                    encoder + path, json=request, timeout=self._encoder_timeout
+                ) as reply:
+                    if reply.status == 200:
+                        return (await reply.json()).get("ec_transfer_params") or {}
+                    # The request itself is bad: another encoder would say the same.
+                    logger.warning("encoder %s answered %d", encoder, reply.status)
+                    return None
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                logger.warning(
+                    "encoder %s failed (%r); skipping it for %.0f s", encoder, exc, DOWN_FOR_S
+                )
+                self._down_until[encoder] = time.monotonic() + DOWN_FOR_S
+                self._encoder_failures.labels(encoder).inc()
+        logger.warning("no encoder answered; PD will encode locally")
+        self._local_encodes.inc()
+        return None
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        try:
+            body = await request.json()
+        except ValueError:
+            return web.json_response({"error": "body is not JSON"}, status=400)
+        if not isinstance(body, dict):
+            return web.json_response({"error": "body is not a JSON object"}, status=400)
+        # Only an encoder may say where encoder outputs are: never pass on a client's claim.
+        body.pop("ec_transfer_params", None)
+        try:
+            named = name_by_content(body)
+        except MediaError as exc:
+            self._refused_requests.inc()
+            logger.warning("refused a request: %s", exc)
+            return web.json_response({"error": str(exc)}, status=400)
+        self._media_items.inc(len(named.ids))
+        if named.replaced_uuids:
+            self._replaced_uuids.inc(named.replaced_uuids)
+            logger.warning(
+                "replaced %d client uuid(s) by content ids (a uuid names one image for "
+                "every tenant)", named.replaced_uuids
+            )  # fmt: skip
+        held = self._held(named)
+        body = named.body
+        to_encode = without(body, held)
+        held_params = make_params_by_holder(held.values())
+        pd = next(self._next_pd)
+        if self.overlap:
+            return await self._overlapped(request, body, to_encode, held_params, pd)
+        answers = [held_params]
+        if not held or media_positions(to_encode):  # all held: skip the encoders' round trip
+            answers += await self.encode(request.path, to_encode, pd)
+        return await self._forward(request, with_params(body, answers), pd)
+
+    def _held(self, named: Named) -> dict[Position, tuple[str, str]]:
+        """The request's items an encoder holds: (content id, encoder id) by position."""
+        if self.directory is None or not named.hashes_known:
+            return {}
+        held = {}
+        for position, uid in named.ids.items():
+            encoder_id = self.directory.holder(uid)
+            if encoder_id is not None:
+                held[position] = (uid, encoder_id)
+        self._encoder_hits.inc(len(held))
+        return held
+
+    async def _overlapped(
+        self,
+        request: web.Request,
+        body: dict[str, Any],
+        to_encode: dict[str, Any],
+        held_params: dict[str, Any],
+        pd: PD,
+    ) -> web.StreamResponse:
+        first = asyncio.create_task(
+            self._forward(
+                request, {**body, "ec_transfer_params": {**held_params, **announce_params()}}, pd
+            )
+        )
+        if held_params and not media_positions(to_encode):
+            return await first
+        answers = await self.encode(request.path, to_encode, pd)
+        if None not in answers or request.get("streaming"):
+            return await first
+        # An encoder failed: PD would wait out its deadline for items nobody announces.
+        # Start PD over (cancelling closes the connection: vLLM aborts the request) with
+        # what did arrive; it encodes the rest itself.
+        first.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await first
+        again = with_params(body, [held_params, *answers])
+        response = await self._forward(request, again, pd)
+        if response.status >= 500 and not request.get("streaming"):
+            # vLLM's front end may have sent the image to its engine only with the aborted
+            # request; the engine then refuses this one as retryable ("cache drift").
+            logger.warning("PD refused the request sent again (%d); once more", response.status)
+            response = await self._forward(request, again, pd)
+        return response
+
+    async def _forward(
+        self, request: web.Request, body: dict[str, Any], pd: PD
+    ) -> web.StreamResponse:
+        try:
+            return await self._pass_on(request, body, pd)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            if request.get("streaming"):  # the status went out with the first chunk
+                raise
+            logger.warning("PD failed: %r", exc)
+            return web.json_response({"error": f"PD unavailable: {exc!r}"}, status=502)
+
+    async def _pass_on(
+        self, request: web.Request, body: dict[str, Any], pd: PD
+    ) -> web.StreamResponse:
+        """PD's answer to the client; a stream's status goes out with its first chunk
+        (until then the request can still be sent again)."""
+        start = time.perf_counter()
+        async with self._session.post(
+            pd.url + request.path, json=body, timeout=PD_TIMEOUT
+        ) as reply:
+            if not body.get("stream"):
+                answer = await reply.read()
+                self._pd_first_chunk_seconds.observe(time.perf_counter() - start)
+                return web.Response(
+                    body=answer, status=reply.status, content_type="application/json"
+                )
+            response = web.StreamResponse(
+                status=reply.status, headers={"Content-Type": "text/event-stream"}
+            )
+            async for chunk in reply.content.iter_any():
+                if not request.get("streaming"):
+                    self._pd_first_chunk_seconds.observe(time.perf_counter() - start)
+                    await response.prepare(request)
+                    request["streaming"] = True
+                await response.write(chunk)
+            if not request.get("streaming"):
+                await response.prepare(request)
+            await response.write_eof()
+            return response
+
+    async def health(self, request: web.Request) -> web.Response:
+        """Healthy while every PD is."""
+        try:
+            for pd in self.pds:
+                async with self._session.get(
+                    pd.url + "/health", timeout=self._encoder_timeout
+                ) as reply:
+                    if reply.status != 200:
+                        return web.Response(status=reply.status)
+        except (aiohttp.ClientError, TimeoutError):
+            return web.Response(status=503)
+        return web.Response(status=200)
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        return web.Response(
+            body=prometheus_client.generate_latest(self.registry),
+            content_type="text/plain",
+        )
+
+
+def with_params(body: dict[str, Any], answers: list[dict[str, Any] | None]) -> dict[str, Any]:
+    """The request for PD, carrying the merged `ec_transfer_params` of the encoders that
+    answered (and of the items they held already); without any, PD encodes the images
+    itself."""
+    merged = {k: v for answer in answers if answer for k, v in answer.items()}
+    return {**body, "ec_transfer_params": merged} if merged else body
+
+
+def make_params_by_holder(held: Iterable[tuple[str, str]]) -> dict[str, Any]:
+    """`ec_transfer_params` for items (content id, encoder id) that encoders hold."""
+    return {uid: {ENCODER_ID: encoder_id} for uid, encoder_id in held}
+
+
+def make_app(
+    encoders: list[str],
+    pds: list[PD],
+    encoder_timeout_s: float,
+    overlap: bool = False,
+    directory: EncoderDirectory | None = None,
+) -> web.Application:
+    proxy = EPDProxy(encoders, pds, encoder_timeout_s, overlap, directory)
+    app = web.Application(client_max_size=64 << 20)
+    app.on_startup.append(proxy.start)
+    app.on_cleanup.append(proxy.stop)
+    for route in ROUTES:
+        app.router.add_post(route, proxy.handle)
+    app.router.add_get("/health", proxy.health)
+    app.router.add_get("/metrics", proxy.metrics)
+    return app
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--encoder", action="append", required=True, help="encoder instance URL")
+    parser.add_argument(
+        "--pd", action="append", required=True, type=PD.parse, metavar="[NAME=]URL",
+        help="prefill/decode instance; requests go to each in turn. NAME (the PD's "
+        "consumer_id) is told to the encoders, which then hand that PD each of its "
+        "requests' items with a claim (it prefetches them; other PDs do not pull them)",
+    )  # fmt: skip
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument(
+        "--encoder-timeout", type=float, default=DEFAULT_ENCODER_TIMEOUT_S, metavar="S",
+        help="give up on an encoder after S seconds (a stalled one), skip it for a while and "
+        "try the next; PD encodes locally if none answers (default %(default)s)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--encoder-events", action="append", default=[], type=_encoder_events,
+        metavar="ID=HOST:PORT",
+        help="follow this encoder's export events (its control address; ID as PD's "
+        "`encoders` config names it) and send no encoder the media items an encoder "
+        "already holds: PD pulls them from it (an image repeated across a chat's turns is "
+        "encoded once)",
+    )  # fmt: skip
+    add_client_arguments(parser)
+    parser.add_argument(
+        "--overlap", action="store_true",
+        help="send each request to PD at the same time as to the encoders, so PD's front end "
+        "overlaps the encoding and PD pulls each item the moment it is announced; PD must "
+        "run ECNixlConnector (with another connector PD would encode the images itself)",
+    )  # fmt: skip
+
+
+def _encoder_events(text: str) -> tuple[str, str]:
+    encoder_id, sep, address = text.partition("=")
+    if not (sep and encoder_id and address):
+        raise argparse.ArgumentTypeError(f"expected ID=HOST:PORT, got {text!r}")
+    return encoder_id, address
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.getLogger().setLevel(logging.INFO)  # a server's log: one line per request
+    directory = None
+    if args.encoder_events:
+        directory = EncoderDirectory(dict(args.encoder_events), client_security(args))
+    app = make_app(args.encoder, args.pd, args.encoder_timeout, args.overlap, directory)
+    web.run_app(app, host=args.host, port=args.port, print=None)
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_arguments(parser)
+    raise SystemExit(run(parser.parse_args()))

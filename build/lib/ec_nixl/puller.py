@@ -1,0 +1,126 @@
+"""The reading side: bring resolved items into a local registered arena with NIXL.
+
+A puller owns a NIXL agent and a receive arena; it learns peers from the
+resolutions it is given (the agent metadata came with the handshake) and
+READs all items of a resolution in one transfer. The READ's completion
+notification releases the leases, so a successful pull costs no extra round
+trip. After any failure the slots are freed: a cut READ leaves garbage. A READ
+that failed or outlived its deadline disconnects the peer first, so nothing
+can still write into a freed slot.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ec_nixl.arena import Arena, Slot
+from ec_nixl.control.messages import PeerInfo, read_notification
+from ec_nixl.errors import DeadlineExceededError, PeerDeadError, PoolFullError, StaleDataError
+from ec_nixl.metadata_probe import probe
+from ec_nixl.region import tensor_region
+from ec_nixl.resolver import DEFAULT_PULL_TIMEOUT_S, Resolution, Resolver
+from ec_nixl.transfer import TransferAgent
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PulledItem:
+    """An item now in local memory: `tensor` is a view of `slot` until freed."""
+
+    mm_hash: str
+    tensor: torch.Tensor
+    slot: Slot
+
+
+class Puller:
+    def __init__(self, arena: Arena) -> None:
+        self.arena = arena
+        self.agent = TransferAgent("puller")
+        self.agent.register(arena.buffer)
+        self._lock = threading.Lock()
+        self._agent_at: dict[str, str] = {}  # exporter address -> its current agent name
+
+    def read(self, resolution: Resolution, deadline: float) -> list[PulledItem]:
+        """READ resolved items into fresh local slots, in order, or raise a typed error."""
+        if time.monotonic() >= resolution.valid_until:
+            raise StaleDataError(
+                f"leases at {resolution.address} ended before the READ began; not reading"
+            )
+        peer = self.meet(resolution.address, resolution.peer, deadline)
+        slots: list[Slot] = []
+        try:
+            for item in resolution.items:
+                slot = self.arena.allocate(item.region.length)
+                if slot is None:
+                    raise PoolFullError(
+                        f"no room for {item.mm_hash} ({item.region.length} bytes) in the "
+                        f"receive arena ({self.arena.bytes_used} of {self.arena.capacity} used)"
+                    )
+                slots.append(slot)
+            pulled = [
+                PulledItem(item.mm_hash, self.arena.view(slot, item.dtype, item.shape), slot)
+                for item, slot in zip(resolution.items, slots, strict=True)
+            ]
+            self.agent.read(
+                peer,
+                [item.region for item in resolution.items],
+                [tensor_region(p.tensor) for p in pulled],
+                deadline=min(deadline, resolution.valid_until),
+                notification=read_notification(resolution.lease_ids),
+            )
+            if time.monotonic() > resolution.valid_until:
+                raise StaleDataError(
+                    f"READ from {resolution.address} outlived its lease; data discarded"
+                )
+        except BaseException as exc:
+            if isinstance(exc, (PeerDeadError, DeadlineExceededError)):
+                # Disconnect before freeing: a READ stopped at its deadline may still be
+                # in flight, and over RDMA the NIC would go on writing into the slots.
+                with self._lock:
+                    self._agent_at.pop(resolution.address, None)
+                    self.agent.remove_peer(peer)
+            for slot in slots:
+                self.arena.free(slot)
+            raise
+        return pulled
+
+    def free(self, item: PulledItem) -> None:
+        self.arena.free(item.slot)
+
+    def meet(self, address: str, peer: PeerInfo, deadline: float) -> str:
+        """Load the exporter's agent metadata once (after a helper process survived
+        loading it); drop an older generation of it."""
+        if not self.agent.has_peer(peer.agent_name):
+            probe(peer.agent_metadata, f"exporter {address}", deadline)
+        with self._lock:
+            previous = self._agent_at.get(address)
+            if previous is not None and previous != peer.agent_name:
+                self.agent.remove_peer(previous)
+            if not self.agent.has_peer(peer.agent_name):
+                self.agent.add_peer(peer.agent_metadata)
+            self._agent_at[address] = peer.agent_name
+        return peer.agent_name
+
+
+def pull(
+    resolver: Resolver,
+    puller: Puller,
+    address: str,
+    mm_hashes: Sequence[str],
+    timeout_s: float = DEFAULT_PULL_TIMEOUT_S,
+) -> list[PulledItem]:
+    """Resolve and read in one process: what a consumer without a separate scheduler does."""
+    deadline = time.monotonic() + timeout_s
+    resolution = resolver.resolve(address, mm_hashes, deadline)
+    try:
+        return puller.read(resolution, deadline)
+    except BaseException as exc:
+        resolver.abandon(address, resolution.lease_ids, exc)
+        raise

@@ -1,0 +1,39 @@
+"""Byte ranges of registered memory, as both sides of the control plane name them.
+
+Apart from `transfer` so that processes which only coordinate (the PD
+scheduler) can speak of remote memory without loading NIXL.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Region:
+    """A contiguous byte range in some process's registered memory."""
+
+    address: int
+    length: int
+    device: str  # "cpu" or "cuda"
+    device_id: int
+
+    def contains(self, other: Region) -> bool:
+        return (
+            self.device == other.device
+            and self.device_id == other.device_id
+            and self.address <= other.address
+            and other.address + other.length <= self.address + self.length
+        )
+
+
+def tensor_region(tensor: torch.Tensor) -> Region:
+    device = tensor.device
+    return Region(
+        address=tensor.data_ptr(),
+        length=tensor.numel() * tensor.element_size(),
+        device=device.type,
+        device_id=device.index or 0,
+    )

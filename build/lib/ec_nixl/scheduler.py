@@ -1,0 +1,276 @@
+"""Scheduler-side decisions of ECNixlConnector, per request and item.
+
+Works on vLLM's `Request` objects by their attributes (`request_id`,
+`mm_features[i].identifier` and `.data`, `ec_transfer_params`) without
+importing vLLM, so it is tested with real requests but runs anywhere.
+
+Consumer, per item a request names in its `ec_transfer_params` (or says is
+still being encoded), and per item of a request without params (a proxy that
+sends the request to an encoder first, then unchanged to PD) that one of PD's
+encoders has announced or said it is encoding:
+- start a pull in the background (once the item is announced) and defer the
+  request until it ends;
+- pulled: report the item as available; vLLM then schedules its load;
+- failed: encode locally if the request still carries the media (and the
+  load failure policy is "encode"), else fail the request with the reason in
+  the log: vLLM ends it with an error, and sending it again encodes anew.
+Params that are malformed or name an unconfigured encoder are refused before
+anything is contacted: the request's items are encoded locally (or, without
+media, the request fails), as after a failed pull.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from ec_nixl.control.messages import Announcement
+from ec_nixl.coordinator import PullCoordinator, PullState
+from ec_nixl.errors import RefusedError
+from ec_nixl.pool import EventKind
+from ec_nixl.transfer_params import make_params, parse_consumer, parse_params
+
+logger = logging.getLogger(__name__)
+
+# vLLM steps an engine whose requests all wait for us as fast as it can (an empty
+# step, 1 ms of sleep, again), and every step wakes its workers: on a small host
+# that spin takes the CPU the encoder needs. So an empty step parks until a pull
+# lands, or this long at most: how late such an engine may notice a new request.
+IDLE_PARK_S = 0.01
+# Distinct unknown param keys named in the log: the keys come from clients.
+MAX_LOGGED_KEYS = 32
+
+
+class ConsumerScheduler:
+    def __init__(
+        self,
+        coordinator: PullCoordinator,
+        encoders: dict[str, str],
+        *,
+        prefetch: bool = False,
+        encode_on_failure: bool = True,
+    ) -> None:
+        self._coordinator = coordinator
+        self._encoders = encoders
+        self._prefetch = prefetch
+        self._encode_on_failure = encode_on_failure
+        self._to_load: list[str] = []
+        self._unavailable: set[str] = set()
+        self._warned_unmatched = False
+        self._fell_back: set[tuple[str, str]] = set()  # (request id, mm_hash), for counting
+        self._refused: set[str] = set()  # request ids whose params were refused, for counting
+        self._unmatched: set[str] = set()  # request ids whose params named none of their items
+        self._unknown: set[str] = set()  # request ids whose params carried keys we do not know
+        self._logged_keys: set[str] = set()  # unknown keys said in the log (once each)
+        self.stats = coordinator.stats
+
+    def ensure_available(self, request: Any, num_computed_tokens: int) -> bool:
+        """False while any item the request still needs is being pulled."""
+        try:
+            sources = parse_params(request.ec_transfer_params, self._encoders)
+        except RefusedError as exc:
+            self._refuse(request, exc)
+            return True  # encode locally, or let the scheduler reach the failure
+        for encoder_id in set(sources.items.values()):
+            self._coordinator.meet(encoder_id)
+        self._note_if_unmatched(request, sources.items)
+        self._note_unknown_keys(request, sources.unknown_keys)
+        pending = False
+        for feature in request.mm_features:
+            mm_hash = feature.identifier
+            encoder_id = sources.items.get(mm_hash)
+            position = feature.mm_position
+            if (
+                position.offset + position.length <= num_computed_tokens  # already used
+                or self._coordinator.resident(mm_hash)
+                or not (
+                    encoder_id is not None
+                    or sources.announced
+                    # no params at all: an item one of our encoders has or is encoding
+                    or (request.ec_transfer_params is None and self._coordinator.known(mm_hash))
+                )
+            ):
+                continue
+            num_embeds = position.get_num_embeds()
+            if encoder_id is None:
+                job = self._coordinator.expect(mm_hash, num_embeds)
+            else:
+                job = self._coordinator.start(mm_hash, encoder_id, num_embeds)
+            if job.state is PullState.RUNNING:
+                pending = True
+            elif job.state is PullState.FAILED:
+                self._fall_back(request, feature, str(job.error))
+        return not pending
+
+    def _refuse(self, request: Any, exc: RefusedError) -> None:
+        if request.request_id not in self._refused:
+            self._refused.add(request.request_id)
+            self.stats.count("refused_params")
+            logger.warning("request %s: %s", request.request_id, exc)
+        for feature in request.mm_features:
+            if not self._coordinator.resident(feature.identifier):
+                self._fall_back(request, feature, str(exc))
+
+    def _fall_back(self, request: Any, feature: Any, reason: str) -> None:
+        """The item is not coming: vLLM encodes it here, if the request still has the media
+        and the policy allows."""
+        if not self._encode_on_failure:
+            self._fail(request, f"{feature.identifier}: {reason}; load_failure_policy is 'fail'")
+        elif feature.data is None:
+            self._fail(request, f"{feature.identifier}: {reason}; no media to encode locally")
+        elif (request.request_id, feature.identifier) not in self._fell_back:
+            self._fell_back.add((request.request_id, feature.identifier))
+            self.stats.count("fallbacks")
+
+    def has_item(self, mm_hash: str) -> bool:
+        job = self._coordinator.job(mm_hash)
+        return job is not None and job.state is PullState.READY
+
+    def on_alloc(self, mm_hash: str) -> None:
+        """vLLM reserved encoder-cache room for an item; a pulled one is loaded this step."""
+        if self._coordinator.allocated(mm_hash):
+            self._to_load.append(mm_hash)
+
+    def on_event(self, event: Announcement, encoder_id: str) -> None:
+        """An encoder exported or dropped an item: a request waiting for it pulls it
+        now; so does one yet to come when the item was announced with a claim for this
+        PD (its request is routed here) or with prefetch, unless vLLM's encoder cache
+        has it."""
+        if event.kind is EventKind.EVICTED:
+            self._coordinator.evicted(event.mm_hash, encoder_id)
+        elif event.kind is EventKind.ENCODING:
+            self._coordinator.encoding(event.mm_hash, encoder_id)
+        else:
+            if event.published_unix_ns and not event.snapshot:
+                transit_ns = max(0, time.time_ns() - event.published_unix_ns)
+                self.stats.observe("announce_transit_seconds", transit_ns / 1e9)
+            # What was held when the stream began is known, not fetched: after a reconnect
+            # it would be everything the encoder holds, much of it pulled here before.
+            eager = (self._prefetch or event.claim is not None) and not event.snapshot
+            self._coordinator.announced(event, encoder_id, prefetch=eager)
+
+    def on_connect(self, encoder_id: str) -> None:
+        """An encoder's event stream (re)started: it will announce what it holds anew."""
+        self._coordinator.reconnected(encoder_id)
+
+    def on_freed(self, mm_hashes: list[str]) -> None:
+        """vLLM evicted these from its encoder cache: pull them again if asked."""
+        self._coordinator.freed(mm_hashes)
+
+    def idle_step(self) -> None:
+        """vLLM's scheduler found nothing to run this step."""
+        self._coordinator.park(IDLE_PARK_S)
+
+    def take_loads(self) -> list[str]:
+        loads, self._to_load = self._to_load, []
+        return loads
+
+    def take_unavailable(self) -> set[str]:
+        failed, self._unavailable = self._unavailable, set()
+        return failed
+
+    def request_finished(self, request: Any) -> None:
+        """Items pulled for a request that ended without loading them are dropped."""
+        self._refused.discard(request.request_id)
+        self._unmatched.discard(request.request_id)
+        self._unknown.discard(request.request_id)
+        for feature in request.mm_features:
+            self._coordinator.forget(feature.identifier)
+            self._fell_back.discard((request.request_id, feature.identifier))
+
+    def _note_if_unmatched(self, request: Any, where: dict[str, str]) -> None:
+        if not where or request.request_id in self._unmatched:
+            return
+        if any(feature.identifier in where for feature in request.mm_features):
+            return
+        self._unmatched.add(request.request_id)
+        self.stats.count("unmatched_params")
+        if not self._warned_unmatched:
+            self._warned_unmatched = True
+            logger.warning(
+                "request %s: its ec_transfer_params name none of its items, so they are "
+                "encoded here. Were the encoder and this instance started with the same "
+                "--model string, and given the same media uuid by the proxy (or none)? Both "
+                "make the mm_hash; vLLM's example EPD proxy gives the encoder a uuid and, "
+                "for models without placeholder metadata (LLaVA), sends PD the media "
+                "without it unless started with --no-rewrite. (Said once.)",
+                request.request_id,
+            )
+
+    def _note_unknown_keys(self, request: Any, keys: frozenset[str]) -> None:
+        """Keys that neither side knows are followed (a newer vLLM on the encoder adds
+        some), counted per request, and each named once in the log."""
+        if not keys or request.request_id in self._unknown:
+            return
+        self._unknown.add(request.request_id)
+        self.stats.count("unknown_param_keys")
+        for key in sorted(keys - self._logged_keys)[: MAX_LOGGED_KEYS - len(self._logged_keys)]:
+            self._logged_keys.add(key)
+            logger.warning(
+                "request %s: its ec_transfer_params carry %r beside the encoder id, a key "
+                "this version does not know (an encoder on a newer vLLM?); pulled anyway, "
+                "the key ignored. (Said once per key.)",
+                request.request_id,
+                key[:64],
+            )
+
+    def close(self) -> None:
+        self._coordinator.close()
+
+    def _fail(self, request: Any, reason: str) -> None:
+        if request.request_id not in self._unavailable:
+            logger.error(
+                "request %s cannot get its encoder outputs: %s", request.request_id, reason
+            )
+            self._unavailable.add(request.request_id)
+            self.stats.count("failed_requests")
+
+
+class ProducerScheduler:
+    """The encoder's scheduler side: which PD each request's items are meant for (the
+    proxy says so in the request's `ec_transfer_params`), and where the items are (the
+    response's). Every call runs on vLLM's scheduler thread."""
+
+    def __init__(
+        self,
+        encoder_id: str,
+        describe: Callable[[list[Any]], dict[str, dict[str, Any]]] = lambda features: {},
+    ) -> None:
+        self.encoder_id = encoder_id
+        # mm_features -> vLLM's per-item entries (`collect_ec_item_metadata`): the
+        # response carries them beside our encoder id, for proxies that use them
+        self._describe = describe
+        self._consumers: dict[str, str] = {}  # request id -> the PD it is meant for ("": any)
+
+    def note(self, request: Any) -> None:
+        """A request is about to be scheduled: remember whom its items are for."""
+        if request.request_id in self._consumers:
+            return
+        try:
+            consumer = parse_consumer(request.ec_transfer_params)
+        except RefusedError as exc:
+            logger.warning("request %s: %s; announcing its items to no PD in particular",
+                           request.request_id, exc)  # fmt: skip
+            consumer = ""
+        self._consumers[request.request_id] = consumer
+
+    def uses(self, new_requests: Iterable[Any]) -> dict[str, str]:
+        """mm_hash -> the PD to claim it for ("": none named), over this step's new requests."""
+        return {
+            feature.identifier: self._consumers.get(request.req_id, "")
+            for request in new_requests
+            for feature in request.mm_features
+        }
+
+    def finished(self, request: Any) -> dict[str, dict[str, Any]] | None:
+        """What the encoder's response tells the proxy: where each item of the request is."""
+        self._consumers.pop(request.request_id, None)
+        hashes = [feature.identifier for feature in request.mm_features]
+        if not hashes:
+            return None
+        params = make_params(self.encoder_id, hashes)
+        for mm_hash, entry in self._describe(request.mm_features).items():
+            params[mm_hash] = {**entry, **params[mm_hash]}
+        return params

@@ -1,0 +1,66 @@
+from ec_nixl.v1 import export_pb2 as _export_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class WorkerCall(_message.Message):
+    __slots__ = ("pull", "drop")
+    PULL_FIELD_NUMBER: _ClassVar[int]
+    DROP_FIELD_NUMBER: _ClassVar[int]
+    pull: PullRequest
+    drop: DropRequest
+    def __init__(self, pull: _Optional[_Union[PullRequest, _Mapping]] = ..., drop: _Optional[_Union[DropRequest, _Mapping]] = ...) -> None: ...
+
+class WorkerAnswer(_message.Message):
+    __slots__ = ("pull", "drop", "failure")
+    PULL_FIELD_NUMBER: _ClassVar[int]
+    DROP_FIELD_NUMBER: _ClassVar[int]
+    FAILURE_FIELD_NUMBER: _ClassVar[int]
+    pull: PullResponse
+    drop: DropResponse
+    failure: Failure
+    def __init__(self, pull: _Optional[_Union[PullResponse, _Mapping]] = ..., drop: _Optional[_Union[DropResponse, _Mapping]] = ..., failure: _Optional[_Union[Failure, _Mapping]] = ...) -> None: ...
+
+class Failure(_message.Message):
+    __slots__ = ("code", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+
+class PullRequest(_message.Message):
+    __slots__ = ("encoder_id", "items", "timeout_ms", "num_embeds", "valid_ms")
+    ENCODER_ID_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    NUM_EMBEDS_FIELD_NUMBER: _ClassVar[int]
+    VALID_MS_FIELD_NUMBER: _ClassVar[int]
+    encoder_id: str
+    items: _containers.RepeatedCompositeFieldContainer[_export_pb2.ItemDescriptor]
+    timeout_ms: int
+    num_embeds: _containers.RepeatedScalarFieldContainer[int]
+    valid_ms: int
+    def __init__(self, encoder_id: _Optional[str] = ..., items: _Optional[_Iterable[_Union[_export_pb2.ItemDescriptor, _Mapping]]] = ..., timeout_ms: _Optional[int] = ..., num_embeds: _Optional[_Iterable[int]] = ..., valid_ms: _Optional[int] = ...) -> None: ...
+
+class PullResponse(_message.Message):
+    __slots__ = ("bytes", "read_us")
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    READ_US_FIELD_NUMBER: _ClassVar[int]
+    bytes: int
+    read_us: int
+    def __init__(self, bytes: _Optional[int] = ..., read_us: _Optional[int] = ...) -> None: ...
+
+class DropRequest(_message.Message):
+    __slots__ = ("mm_hashes",)
+    MM_HASHES_FIELD_NUMBER: _ClassVar[int]
+    mm_hashes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, mm_hashes: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class DropResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
