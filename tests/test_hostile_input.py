@@ -9,7 +9,16 @@ from dataclasses import replace
 import grpc
 import pytest
 import torch
-from conftest import CLEAR, MiB, call_raw, calls_held_open, spec, ucx_address_of_another_version
+from conftest import (
+    CLEAR,
+    FLOOD_CALLS,
+    MiB,
+    call_raw,
+    calls_held_open,
+    spec,
+    ucx_address_of_another_version,
+)
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -178,3 +187,18 @@ def test_health_checks_held_open_leave_the_export_service_its_threads(exporter, 
         start = time.monotonic()
         assert_alive(exporter)
         assert time.monotonic() - start < 2
+
+
+def test_health_answers_while_anonymous_callers_hold_watch_streams_open(exporter, channel):
+    """Orchestrators' liveness probes call Check; anyone may open Watch streams, which
+    never end: those must not take the threads Check runs on."""
+    stub = health_pb2_grpc.HealthStub(channel)
+    service = health_pb2.HealthCheckRequest(service="ec_nixl.v1.ExportService")
+    watches = [stub.Watch(service) for _ in range(FLOOD_CALLS)]
+    try:
+        for watch in watches:
+            assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        assert stub.Check(service, timeout=2).status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        for watch in watches:
+            watch.cancel()

@@ -107,14 +107,18 @@ class AccessInterceptor(grpc.ServerInterceptor):
 def _on_threads(
     handler: grpc.RpcMethodHandler, threads: futures.ThreadPoolExecutor
 ) -> grpc.RpcMethodHandler:
+    """`handler` run on `threads`. A non-blocking method (health's Watch: it answers
+    through a callback and returns at once) stays non-blocking, else each open Watch
+    would hold one of the few threads that Check needs."""
     behavior = handler.unary_unary or handler.unary_stream
     if behavior is None:
         return handler  # health has no request-streaming method
 
-    def run(request, context):
-        return behavior(request, context)
+    def run(request, context, *callback):
+        return behavior(request, context, *callback)
 
     run.experimental_thread_pool = threads  # grpc's hook for a per-method pool
+    run.experimental_non_blocking = getattr(behavior, "experimental_non_blocking", False)
     make = (
         grpc.unary_stream_rpc_method_handler
         if handler.response_streaming
