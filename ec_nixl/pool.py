@@ -22,11 +22,14 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import TypeVar
 
 import torch
 
 from ec_nixl.arena import Arena, Slot
 from ec_nixl.errors import NotFoundError, PoolFullError
+
+T = TypeVar("T")
 
 DEFAULT_LEASE_S = 30.0
 # Live leases one consumer may hold: a PD needs one per item in flight per request; a
@@ -216,12 +219,15 @@ class ExportPool:
         with self._lock:
             self._expire_locked(self._clock())
 
-    def snapshot(self) -> list[PoolEvent]:
-        """An EXPORTED event for every item held now."""
+    def snapshot(self, then: Callable[[], T]) -> tuple[list[PoolEvent], T]:
+        """An EXPORTED event for every item held now, and `then()` called at the same
+        moment: a watcher that subscribes there sees each later export once, live, and
+        each earlier one once, in the snapshot."""
         with self._lock:
-            return [
+            held = [
                 PoolEvent(EventKind.EXPORTED, i.mm_hash, i.nbytes) for i in self._items.values()
             ]
+            return held, then()
 
     def remaining_s(self, lease: Lease) -> float:
         return max(0.0, lease.expires_at - self._clock())

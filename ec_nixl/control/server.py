@@ -144,7 +144,7 @@ class ExportServicer(pb_grpc.ExportServiceServicer):
 
     def WatchEvents(self, request: pb.WatchEventsRequest, context: grpc.ServicerContext):
         _check_readers(request.readers, context)
-        q = self._events.subscribe()
+        held, q = self._pool.snapshot(then=self._events.subscribe)
         if q is None:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"at most {MAX_WATCHERS} watchers")
         readers = request.readers or 1
@@ -154,8 +154,7 @@ class ExportServicer(pb_grpc.ExportServiceServicer):
             self._events.unsubscribe(q)
         context.send_initial_metadata(())  # subscribed: what follows the snapshot is live
         try:
-            for message in self._snapshot_pb():
-                yield message
+            yield from self._snapshot_pb(held)
             for event in self._stream(q, context):
                 if event.again and event.target != request.consumer_id and not request.claim:
                     continue  # announced again for another consumer: nothing new here
@@ -167,10 +166,10 @@ class ExportServicer(pb_grpc.ExportServiceServicer):
         finally:
             self._events.unsubscribe(q)
 
-    def _snapshot_pb(self) -> list[pb.ExportEvent]:
+    def _snapshot_pb(self, held: list[PoolEvent]) -> list[pb.ExportEvent]:
         """What is held as the stream begins, unclaimed: a reconnecting consumer learns what
         it may ask for, and does not fetch again what it already had."""
-        messages = [self._event_pb(event) for event in self._pool.snapshot()]
+        messages = [self._event_pb(event) for event in held]
         for message in messages:
             message.snapshot = True
         return messages
