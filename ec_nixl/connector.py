@@ -159,6 +159,7 @@ class ECNixlConnector(ECConnectorBase):
             self.config.encoders,
             self._consumer.on_event,
             self._consumer.on_connect,
+            on_unknown=lambda kind: self._consumer.stats.count("unknown_events"),
             claim=self.config.prefetch,
             readers=world_size,
         )

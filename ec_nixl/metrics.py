@@ -56,6 +56,9 @@ METRICS: dict[str, Metric] = {
     "unknown_param_keys": Metric(
         "counter", "Requests whose ec_transfer_params carried keys this version ignores"
     ),
+    "unknown_events": Metric(
+        "counter", "Encoder events of a kind this version does not know (skipped)"
+    ),
     "unmatched_params": Metric(
         "counter", "Requests whose ec_transfer_params named none of their items (encoded here)"
     ),

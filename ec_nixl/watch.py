@@ -30,7 +30,8 @@ class ExportWatcher:
     """Calls `on_event(event, encoder_id)` for each event of each encoder, from one
     thread per encoder, after `on_connect(encoder_id)` once each new stream is open
     (it starts with everything the encoder holds), and `on_lost(encoder_id)` when a
-    stream ends; with `claim`, announcements carry leases for `readers` READs."""
+    stream ends; with `claim`, announcements carry leases for `readers` READs. Events
+    of a kind this version does not know are skipped and passed to `on_unknown`."""
 
     def __init__(
         self,
@@ -39,6 +40,7 @@ class ExportWatcher:
         on_event: Callable[[Announcement, str], None],
         on_connect: Callable[[str], None] = lambda encoder_id: None,
         on_lost: Callable[[str], None] = lambda encoder_id: None,
+        on_unknown: Callable[[int], None] = lambda kind: None,
         *,
         claim: bool = False,
         readers: int = 1,
@@ -47,6 +49,7 @@ class ExportWatcher:
         self._on_event = on_event
         self._on_connect = on_connect
         self._on_lost = on_lost
+        self._on_unknown = on_unknown
         self._claim = claim
         self._readers = readers
         self._streams: dict[str, EventStream] = {}  # encoder id -> its stream now
@@ -64,7 +67,9 @@ class ExportWatcher:
             try:
                 client = self._resolver.client(address)
                 consumer = self._resolver.consumer_id
-                stream = client.watch(consumer, claim=self._claim, readers=self._readers)
+                stream = client.watch(
+                    consumer, claim=self._claim, readers=self._readers, on_unknown=self._on_unknown
+                )
                 self._streams[encoder_id] = stream
                 if self._stopped.is_set():  # closed meanwhile
                     stream.close()

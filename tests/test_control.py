@@ -5,10 +5,12 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from concurrent import futures
 
 import grpc
 import pytest
 import torch
+from conftest import wait_until
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ec_nixl.control.client import ExportClient
@@ -25,8 +27,10 @@ from ec_nixl.errors import (
 )
 from ec_nixl.exporter import Exporter, ExporterConfig
 from ec_nixl.pool import EventKind, PoolEvent
+from ec_nixl.resolver import Resolver
 from ec_nixl.v1 import export_pb2 as pb
 from ec_nixl.v1 import export_pb2_grpc as pb_grpc
+from ec_nixl.watch import ExportWatcher
 from integration.faults import TcpRelay
 
 TOKEN = "s3cret"
@@ -342,3 +346,60 @@ def test_a_link_that_dies_silently_ends_the_watch_on_both_sides_within_seconds(e
     finally:
         client.close()
         relay.close()
+
+
+class NewerExporter(pb_grpc.ExportServiceServicer):
+    """An exporter of a later protocol: its stream mixes in a kind this version lacks."""
+
+    NEW_KIND = 7
+
+    def WatchEvents(self, request, context):
+        context.send_initial_metadata(())
+        for n, kind in enumerate((self.NEW_KIND, pb.ExportEvent.EXPORTED, self.NEW_KIND)):
+            yield pb.ExportEvent(kind=kind, mm_hash=f"h-{n}", length=1, epoch=1)
+        yield pb.ExportEvent(kind=pb.ExportEvent.EVICTED, mm_hash="h-1", length=1, epoch=1)
+        ended = threading.Event()
+        context.add_callback(ended.set)
+        ended.wait(30)  # the stream stays open until its follower leaves, as an exporter's does
+
+
+@pytest.fixture(scope="module")
+def newer_exporter():
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    pb_grpc.add_ExportServiceServicer_to_server(NewerExporter(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield f"127.0.0.1:{port}"
+    server.stop(0)
+
+
+def test_events_of_an_unknown_kind_are_skipped_counted_and_named_once(newer_exporter, caplog):
+    unknown: list[int] = []
+    client = ExportClient(newer_exporter)
+    stream = client.watch(on_unknown=unknown.append)
+    kinds = [(event.kind, event.mm_hash) for _, event in zip(range(2), stream, strict=False)]
+    stream.close()
+    client.close()
+    assert kinds == [(EventKind.EXPORTED, "h-1"), (EventKind.EVICTED, "h-1")]
+    assert unknown == [NewerExporter.NEW_KIND] * 2
+    said = [r.getMessage() for r in caplog.records if "does not know" in r.getMessage()]
+    assert len(said) == 1 and "kind 7" in said[0]
+
+
+def test_a_watcher_follows_a_newer_exporter_without_reconnecting(newer_exporter):
+    connects, events, unknown = [], [], []
+    watcher = ExportWatcher(
+        Resolver(consumer_id="pd-older"),
+        {"enc-newer": newer_exporter},
+        lambda event, encoder_id: events.append(event.kind),
+        connects.append,
+        on_unknown=unknown.append,
+    )
+    try:
+        assert wait_until(lambda: len(events) == 2)
+        time.sleep(1.0)  # a watcher that broke on the new kind would have reconnected
+    finally:
+        watcher.close()
+    assert connects == ["enc-newer"]
+    assert events == [EventKind.EXPORTED, EventKind.EVICTED]
+    assert unknown == [NewerExporter.NEW_KIND] * 2

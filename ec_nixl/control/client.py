@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import grpc
 import grpc.experimental
@@ -103,14 +103,22 @@ class ExportClient:
         request = pb.RenewLeasesRequest(lease_ids=lease_ids, lease_ms=int(lease_s * 1000))
         return list(self._call(self._stub.RenewLeases, request).expired_lease_ids)
 
-    def watch(self, consumer_id: str = "", *, claim: bool = False, readers: int = 1) -> EventStream:
+    def watch(
+        self,
+        consumer_id: str = "",
+        *,
+        claim: bool = False,
+        readers: int = 1,
+        on_unknown: Callable[[int], None] = lambda kind: None,
+    ) -> EventStream:
         """An EXPORTED event for each item held now, then events as they happen, from the
         moment of this call until the stream ends or is closed. With `claim`, each
         EXPORTED event carries a lease for `readers` READs by this consumer (an export
-        meant for `consumer_id` carries one either way)."""
+        meant for `consumer_id` carries one either way). Events of a kind this version
+        does not know are skipped, each passed to `on_unknown`."""
         request = pb.WatchEventsRequest(consumer_id=consumer_id, claim=claim, readers=readers)
         call = self._stub.WatchEvents(request, metadata=self._metadata)
-        return EventStream(call, self.address)
+        return EventStream(call, self.address, on_unknown)
 
     def _call(self, method, request, timeout_s: float | None = None):
         try:
@@ -119,6 +127,7 @@ class ExportClient:
             raise translate(exc, f"exporter {self.address}") from exc
 
 
+MAX_LOGGED_KINDS = 16  # distinct unknown kinds named in the log, per stream
 _KINDS = {
     pb.ExportEvent.EXPORTED: EventKind.EXPORTED,
     pb.ExportEvent.EVICTED: EventKind.EVICTED,
@@ -130,21 +139,21 @@ class EventStream:
     """An exporter's events as `Announcement`s. `close()` may be called from any thread:
     the exporter then stops announcing (and claiming) to this stream."""
 
-    def __init__(self, call: grpc.Call, address: str) -> None:
+    def __init__(self, call: grpc.Call, address: str, on_unknown: Callable[[int], None]) -> None:
         self._call = call
         self._address = address
+        self._on_unknown = on_unknown
+        self._unknown: set[int] = set()  # kinds said in the log
         self._opening = False
 
     def __iter__(self) -> Iterator[Announcement]:
         return self
 
     def __next__(self) -> Announcement:
-        try:
-            event = next(self._call)
-        except grpc.RpcError as exc:
-            if exc.code() == grpc.StatusCode.CANCELLED:
-                raise StopIteration from None
-            raise translate(exc, f"exporter {self._address}") from exc
+        event = self._next_event()
+        while event.kind not in _KINDS:  # a newer exporter's: followers skip it (EVENTS.md)
+            self._skip(event.kind)
+            event = self._next_event()
         claim = None
         if event.HasField("claim"):
             try:
@@ -163,6 +172,25 @@ class EventStream:
             event.snapshot,
             event.published_unix_ns,
         )
+
+    def _next_event(self) -> pb.ExportEvent:
+        try:
+            return next(self._call)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.CANCELLED:
+                raise StopIteration from None
+            raise translate(exc, f"exporter {self._address}") from exc
+
+    def _skip(self, kind: int) -> None:
+        if kind not in self._unknown and len(self._unknown) < MAX_LOGGED_KINDS:
+            self._unknown.add(kind)
+            logger.warning(
+                "exporter %s sends events of kind %d, which this version does not know: "
+                "skipped (a newer encoder?)",
+                self._address,
+                kind,
+            )
+        self._on_unknown(kind)
 
     def wait_open(self) -> None:
         """Until the exporter follows this stream (or it ended): an export after this is
