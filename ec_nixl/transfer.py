@@ -91,7 +91,9 @@ class TransferAgent:
 
     def add_peer(self, metadata: bytes) -> str:
         """Load a peer's metadata (once per peer name) and return the name. Metadata NIXL
-        cannot use is a HandshakeError, and leaves nothing loaded."""
+        cannot use is a HandshakeError; NIXL may keep the name of metadata it refused
+        half-way and refuse that peer's genuine metadata after it, which is why
+        pullers probe metadata in a helper process first (`metadata_probe`)."""
         try:
             name = self._agent.add_remote_agent(metadata)
         except (

@@ -22,13 +22,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from ec_nixl import metadata_probe
 from ec_nixl.arena import Arena
 from ec_nixl.control.client import ExportClient
 from ec_nixl.control.security import Security
 from ec_nixl.errors import DeadlineExceededError, HandshakeError, PeerDeadError, RefusedError
 from ec_nixl.exporter import Exporter, ExporterConfig
 from ec_nixl.exporter_process import ExporterProcess
-from ec_nixl.metadata_probe import probe
+from ec_nixl.metadata_probe import MAX_BLOBS_PER_SOURCE, probe
 from ec_nixl.puller import Puller, pull
 from ec_nixl.transfer import TransferAgent
 from ec_nixl.v1 import export_pb2 as pb
@@ -202,3 +203,46 @@ def test_health_answers_while_anonymous_callers_hold_watch_streams_open(exporter
     finally:
         for watch in watches:
             watch.cancel()
+
+
+def damaged_sections(metadata: bytes) -> bytes:
+    """The metadata with its memory-section count made huge: NIXL refuses it, and a
+    process that loads it keeps its agent name, refusing its genuine metadata after.
+    (NIXL serializes a field as tag, 8-byte length, bytes; the count opens the field.)"""
+    at = metadata.index(b"nixlSecElms") + len(b"nixlSecElms") + 8 + 6
+    return metadata[:at] + bytes([metadata[at] ^ 0xFF]) + metadata[at + 1 :]
+
+
+def test_metadata_nixl_refuses_never_loads_here_and_the_genuine_metadata_loads_after(
+    producer, resolver
+):
+    puller = Puller(Arena(MiB))  # has never met this producer
+    peer = resolver.peer(producer.address)
+    forged = replace(peer, agent_metadata=damaged_sections(peer.agent_metadata))
+    with pytest.raises(HandshakeError, match="rejected by NIXL"):
+        puller.meet(producer.address, forged, time.monotonic() + 10)
+    assert not puller.agent.has_peer(peer.agent_name)
+    producer.export("after-refused-metadata", spec(seed=6))
+    [item] = pull(resolver, puller, producer.address, ["after-refused-metadata"])
+    assert torch.equal(item.tensor, spec(seed=6).make())
+
+
+def test_an_exporter_sending_new_metadata_each_time_gets_no_helper_past_its_bound():
+    blobs = [f"not nixl metadata {n}".encode() for n in range(MAX_BLOBS_PER_SOURCE + 1)]
+    for blob in blobs[:-1]:
+        with pytest.raises(HandshakeError, match="rejected by NIXL"):
+            probe(blob, "exporter shifty", time.monotonic() + 30)
+    start = time.monotonic()
+    with pytest.raises(HandshakeError, match="different NIXL metadata within"):
+        probe(blobs[-1], "exporter shifty", time.monotonic() + 30)
+    assert time.monotonic() - start < 0.1  # refused without a helper
+    with pytest.raises(HandshakeError, match="rejected by NIXL"):  # known: its verdict
+        probe(blobs[0], "exporter shifty", time.monotonic() + 30)
+
+
+def test_settled_verdicts_are_kept_up_to_a_bound(monkeypatch):
+    monkeypatch.setattr(metadata_probe, "MAX_VERDICTS", 2)
+    for n in range(4):
+        with pytest.raises(HandshakeError, match="rejected by NIXL"):
+            probe(f"junk {n}".encode(), f"exporter {n}", time.monotonic() + 30)
+    assert len(metadata_probe._verdicts) <= 3  # the bound, and the newest while it settled
