@@ -4,12 +4,17 @@ imported from the installed vLLM), with real connectors on both sides (scheduler
 worker role, built by vLLM from a real VllmConfig), vLLM's own scheduler, real NIXL
 and real gRPC on loopback. See `v2_rig` for what plays the model runner.
 
-Two things are set up other than the way a vLLM server does it, and why:
-- vLLM's VLLM_USE_V2_MODEL_RUNNER is set while each scheduler is built (`make_scheduler`):
-  this box's config refuses the V2 runner without Triton, and the scheduler makes its
-  outputs in the V2 runner's shape only with it.
-- Each scheduler has a small KV cache config of our making (`make_scheduler`), where a
-  server takes one from profiling its workers: no model is loaded here.
+Nothing of vLLM, NIXL, gRPC or ec_nixl is mocked. The tensor-parallel rank that
+`start_worker_services` reads comes from vLLM's own distributed init (gloo, world size
+1). Set up otherwise than in a vLLM server, and why:
+- VLLM_USE_V2_MODEL_RUNNER=1 in the environment, only while each `Scheduler` is built
+  (`make_scheduler`, with `unittest.mock.patch.dict` on `os.environ`): that is when
+  the scheduler reads it, and only with it does 0.32's scheduler shape its outputs for
+  the V2 runner, as 0.34's always does; the config itself refuses the V2 runner on a
+  machine without Triton, so it cannot be set for the whole process.
+- each scheduler's KV cache config is a small one of our making, where a server takes
+  one from profiling its workers: no model weights are loaded, the forward is a
+  stand-in (`v2_rig.encode`, `v2_rig.prefill`).
 """
 
 from __future__ import annotations
