@@ -83,7 +83,9 @@ def release(version: str) -> Release:
         return RELEASES[version]
     except KeyError:
         known = ", ".join(RELEASES)
-        raise ReleaseError(f"vLLM {version} is not pinned in {__name__} (known: {known})") from None
+        raise ReleaseError(
+            f"vLLM {version} is not pinned in integration/vllm_release.py (known: {known})"
+        ) from None
 
 
 def sdist(version: str, cache: Path = CACHE) -> Path:
