@@ -4,14 +4,18 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 STOCK_PROXY := .cache/vllm-0.32.0-disagg_epd_proxy.py
+SDISTS := .cache/vllm-sdists.stamp
 
-.PHONY: demo test reliability bench lint proto clean
+.PHONY: demo test compat reliability bench lint proto clean
 
 demo: $(STAMP)  ## the main job: E + PD + proxy on this machine, ECNixlConnector vs ECExampleConnector TTFT
 	$(BIN)/python -m integration.demo
 
-test: $(STAMP) $(STOCK_PROXY)  ## the whole test suite
+test: $(STAMP) $(STOCK_PROXY) $(SDISTS)  ## the whole test suite
 	$(BIN)/python -m pytest
+
+compat: $(STAMP)  ## ECNixlConnector against vLLM releases' sources: make compat VLLM=0.34.0 (default: all)
+	$(BIN)/python -m integration.compat $(foreach version,$(VLLM),--vllm $(version))
 
 reliability: $(STAMP)  ## load, faults and hostile input through real E + PD; writes docs/RELIABILITY.md
 	$(BIN)/python -m pytest tests/test_reliability.py --reliability-report docs/RELIABILITY.md
@@ -42,8 +46,14 @@ $(STAMP): pyproject.toml integration/pyproject.toml Makefile
 	  printf '%s\nimport ec_nixl_cpu_vision\n' "$(CURDIR)/integration/site" > "$$site/ec_nixl_cpu_vision.pth"
 	touch $@
 
+# The sdists of the vLLM releases integration/vllm_release.py pins, for the
+# compatibility tests (tests/test_vllm_compat.py).
+$(SDISTS): integration/vllm_release.py | $(STAMP)
+	$(BIN)/python -m integration.vllm_release
+	touch $@
+
 # vLLM's example EPD proxy, for the drop-in tests: only vLLM's sdist has it.
-$(STOCK_PROXY): integration/stock_proxy.py | $(STAMP)
+$(STOCK_PROXY): integration/stock_proxy.py | $(STAMP) $(SDISTS)
 	$(BIN)/python -m integration.stock_proxy
 
 clean:

@@ -216,13 +216,18 @@ def start_proxy(
 
 
 def start_stock_proxy(
-    *, encoders: list[str], pd: str, log_dir: Path, rewrite: bool = True
+    *,
+    encoders: list[str],
+    pd: str,
+    log_dir: Path,
+    rewrite: bool = True,
+    vllm: str = stock_proxy.DEFAULT_VLLM,
 ) -> Server:
-    """vLLM 0.32's example EPD proxy (see integration.stock_proxy), as its users start it
-    for E + PD; `rewrite=False` is its `--no-rewrite`."""
+    """vLLM's example EPD proxy of release `vllm` (see integration.stock_proxy), as its
+    users start it for E + PD; `rewrite=False` is its `--no-rewrite`."""
     port = free_port()
     argv = [
-        sys.executable, str(stock_proxy.fetch()), "--host", "127.0.0.1", "--port", str(port),
+        sys.executable, str(stock_proxy.fetch(vllm)), "--host", "127.0.0.1", "--port", str(port),
         "--encode-servers-urls", ",".join(encoders), "--decode-servers-urls", pd,
     ]  # fmt: skip
     if not rewrite:
