@@ -28,11 +28,13 @@ being skipped, PD gets the request without params and encodes locally.
 `/metrics` counts both, and times each request's two phases (encoders; PD's
 first chunk, which overlap with `--overlap`): where a TTFT goes.
 
-Each inline image gets its content's SHA-256 as its `uuid`, which vLLM takes
-as the item's mm_hash (a client's own uuid is replaced: it could name another
-tenant's image). With `--encoder-events`, the proxy follows the encoders'
-export events, and an image an encoder still holds (a chat's earlier turn) is
-not sent to an encoder again: PD pulls it from the holder (docs/EVENTS.md).
+Each inline media item gets the SHA-256 of its content as its `uuid`, which
+vLLM takes as the item's mm_hash; no client's own uuid is passed on (it could
+name another tenant's image), and an item named by a uuid alone is refused
+(ec_nixl.media says which parts vLLM takes for media). With `--encoder-events`,
+the proxy follows the encoders' export events, and an image an encoder still
+holds (a chat's earlier turn) is not sent to an encoder again: PD pulls it from
+the holder (docs/EVENTS.md).
 
     ec-nixl proxy --encoder URL [--encoder URL ...] --pd [NAME=]URL [--pd ...]
         --port N [--overlap] [--encoder-events ID=HOST:PORT ...]
@@ -132,7 +134,7 @@ class EPDProxy:
         )  # fmt: skip
         self._replaced_uuids = prometheus_client.Counter(
             "ec_nixl_proxy_replaced_uuids",
-            "Client uuids on media items replaced by the item's content id",
+            "Client uuids not passed on: replaced by the item's content id, or dropped",
             registry=self.registry,
         )  # fmt: skip
         self._refused_requests = prometheus_client.Counter(
@@ -219,8 +221,8 @@ class EPDProxy:
         if named.replaced_uuids:
             self._replaced_uuids.inc(named.replaced_uuids)
             logger.warning(
-                "replaced %d client uuid(s) by content ids (a uuid names one image for "
-                "every tenant)", named.replaced_uuids
+                "dropped %d client uuid(s), naming the items by their content instead (a "
+                "uuid names one image for every tenant)", named.replaced_uuids
             )  # fmt: skip
         held = self._held(named)
         body = named.body
