@@ -56,6 +56,14 @@ class MediaError(ValueError):
     """A request the proxy will not forward, with the reason for the client."""
 
 
+class TooManyItems(MediaError):
+    """A request with more media items than the proxy takes in one."""
+
+    def __init__(self, cap: int) -> None:
+        super().__init__(f"more than {cap} media items in one request")
+        self.cap = cap
+
+
 @dataclass
 class Named:
     """A request whose inline media items carry content ids as their `uuid`."""
@@ -135,9 +143,9 @@ def _is_item(reading: Reading | None) -> bool:
     return reading is not None and reading.type in SOURCES and bool(reading.data)
 
 
-def name_by_content(body: dict[str, Any]) -> Named:
+def name_by_content(body: dict[str, Any], max_items: int | None = None) -> Named:
     """The request with each inline item named by its content id and no client uuid
-    left; MediaError if a part cannot be named."""
+    left; MediaError if a part cannot be named, TooManyItems past `max_items`."""
     named = Named(body={**body}, hashes_known=not any(body.get(k) for k in HASHED_KWARGS))
     messages = body.get("messages")
     if not isinstance(messages, list):
@@ -151,6 +159,8 @@ def name_by_content(body: dict[str, Any]) -> Named:
             uuid = part.get("uuid") if isinstance(part, dict) else None
             if _is_item(reading):
                 named.items.append((m, p))
+                if max_items is not None and len(named.items) > max_items:
+                    raise TooManyItems(max_items)
             elif uuid is not None and (reading is None or reading.type in SOURCES):
                 raise MediaError(
                     "a media item with a uuid but no data: this proxy names media by their "
@@ -226,12 +236,20 @@ def without(body: dict[str, Any], drop: Iterable[Position]) -> dict[str, Any]:
 
 
 def split_by_item(body: dict[str, Any]) -> list[dict[str, Any]]:
-    """One request per media item (the others removed), or [body] for one item or none.
+    """One request per media item, or [body] for one item or none.
 
     An item's mm_hash depends on the item alone, so each encoder can encode its
-    share and PD finds every item by the hash it computes itself.
+    share and PD finds every item by the hash it computes itself. A share is the
+    request's settings and one user message holding its item, nothing else of the
+    conversation: the shares together are the size of the request, not that times
+    the number of items.
     """
     positions = media_positions(body)
     if len(positions) <= 1:
         return [body]
-    return [without(body, [other for other in positions if other != keep]) for keep in positions]
+    settings = {k: v for k, v in body.items() if k != "messages"}
+    messages = body["messages"]
+    return [
+        {**settings, "messages": [{"role": "user", "content": [messages[m]["content"][p]]}]}
+        for m, p in positions
+    ]

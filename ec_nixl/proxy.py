@@ -36,8 +36,14 @@ the proxy follows the encoders' export events, and an image an encoder still
 holds (a chat's earlier turn) is not sent to an encoder again: PD pulls it from
 the holder (docs/EVENTS.md).
 
+A request may hold at most `--max-media-items` items (400 past that), and at
+most `--encoder-concurrency` encoder requests are in flight at once, over all
+requests: a request with many items waits for its turn instead of flooding the
+encoders and the proxy's connection pool (which PD and `/health` share).
+
     ec-nixl proxy --encoder URL [--encoder URL ...] --pd [NAME=]URL [--pd ...]
         --port N [--overlap] [--encoder-events ID=HOST:PORT ...]
+        [--max-media-items N] [--encoder-concurrency N]
 """
 
 from __future__ import annotations
@@ -62,6 +68,7 @@ from ec_nixl.media import (
     MediaError,
     Named,
     Position,
+    TooManyItems,
     media_positions,
     name_by_content,
     split_by_item,
@@ -73,6 +80,9 @@ logger = logging.getLogger("ec_nixl.proxy")
 
 ROUTES = ("/v1/chat/completions", "/v1/completions")
 DEFAULT_ENCODER_TIMEOUT_S = 30.0
+DEFAULT_MAX_MEDIA_ITEMS = 64
+# Below aiohttp's pool of 100 connections, so that PD and /health always find one.
+DEFAULT_ENCODER_CONCURRENCY = 32
 PD_TIMEOUT = aiohttp.ClientTimeout(total=600)
 
 
@@ -100,8 +110,12 @@ class EPDProxy:
         encoder_timeout_s: float,
         overlap: bool = False,
         directory: EncoderDirectory | None = None,
+        max_media_items: int = DEFAULT_MAX_MEDIA_ITEMS,
+        encoder_concurrency: int = DEFAULT_ENCODER_CONCURRENCY,
     ) -> None:
         self.encoders = encoders
+        self.max_media_items = max_media_items
+        self._encoder_slots = asyncio.Semaphore(encoder_concurrency)
         self.directory = directory
         self.pds = pds
         self._next_pd = itertools.cycle(pds)
@@ -139,7 +153,7 @@ class EPDProxy:
         )  # fmt: skip
         self._refused_requests = prometheus_client.Counter(
             "ec_nixl_proxy_refused_requests", "Requests refused with 400 (media the proxy "
-            "cannot name)", registry=self.registry,
+            "cannot name, or too many items)", registry=self.registry,
         )  # fmt: skip
         self._pd_first_chunk_seconds = prometheus_client.Histogram(
             "ec_nixl_proxy_pd_first_chunk_seconds",
@@ -184,9 +198,12 @@ class EPDProxy:
             if encoder is None:
                 break
             try:
-                async with self._session.post(
-                    encoder + path, json=request, timeout=self._encoder_timeout
-                ) as reply:
+                async with (
+                    self._encoder_slots,
+                    self._session.post(
+                        encoder + path, json=request, timeout=self._encoder_timeout
+                    ) as reply,
+                ):
                     if reply.status == 200:
                         return (await reply.json()).get("ec_transfer_params") or {}
                     # The request itself is bad: another encoder would say the same.
@@ -212,11 +229,14 @@ class EPDProxy:
         # Only an encoder may say where encoder outputs are: never pass on a client's claim.
         body.pop("ec_transfer_params", None)
         try:
-            named = name_by_content(body)
+            named = name_by_content(body, self.max_media_items)
         except MediaError as exc:
             self._refused_requests.inc()
-            logger.warning("refused a request: %s", exc)
-            return web.json_response({"error": str(exc)}, status=400)
+            reason = str(exc)
+            if isinstance(exc, TooManyItems):
+                reason += " (the proxy's --max-media-items)"
+            logger.warning("refused a request: %s", reason)
+            return web.json_response({"error": reason}, status=400)
         self._media_items.inc(len(named.ids))
         if named.replaced_uuids:
             self._replaced_uuids.inc(named.replaced_uuids)
@@ -360,8 +380,12 @@ def make_app(
     encoder_timeout_s: float,
     overlap: bool = False,
     directory: EncoderDirectory | None = None,
+    max_media_items: int = DEFAULT_MAX_MEDIA_ITEMS,
+    encoder_concurrency: int = DEFAULT_ENCODER_CONCURRENCY,
 ) -> web.Application:
-    proxy = EPDProxy(encoders, pds, encoder_timeout_s, overlap, directory)
+    proxy = EPDProxy(
+        encoders, pds, encoder_timeout_s, overlap, directory, max_media_items, encoder_concurrency
+    )
     app = web.Application(client_max_size=64 << 20)
     app.on_startup.append(proxy.start)
     app.on_cleanup.append(proxy.stop)
@@ -395,6 +419,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "already holds: PD pulls them from it (an image repeated across a chat's turns is "
         "encoded once)",
     )  # fmt: skip
+    parser.add_argument(
+        "--max-media-items", type=_positive, default=DEFAULT_MAX_MEDIA_ITEMS, metavar="N",
+        help="refuse (400) a request with more than N media items (default %(default)s)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--encoder-concurrency", type=_positive, default=DEFAULT_ENCODER_CONCURRENCY,
+        metavar="N",
+        help="at most N encoder requests in flight, over all requests; a request's other "
+        "items wait their turn (default %(default)s)",
+    )  # fmt: skip
     add_client_arguments(parser)
     parser.add_argument(
         "--overlap", action="store_true",
@@ -402,6 +436,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "overlaps the encoding and PD pulls each item the moment it is announced; PD must "
         "run ECNixlConnector (with another connector PD would encode the images itself)",
     )  # fmt: skip
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
 
 
 def _encoder_events(text: str) -> tuple[str, str]:
@@ -416,7 +457,10 @@ def run(args: argparse.Namespace) -> int:
     directory = None
     if args.encoder_events:
         directory = EncoderDirectory(dict(args.encoder_events), client_security(args))
-    app = make_app(args.encoder, args.pd, args.encoder_timeout, args.overlap, directory)
+    app = make_app(
+        args.encoder, args.pd, args.encoder_timeout, args.overlap, directory,
+        args.max_media_items, args.encoder_concurrency,
+    )  # fmt: skip
     web.run_app(app, host=args.host, port=args.port, print=None)
     return 0
 

@@ -21,6 +21,7 @@ from ec_nixl.media import (
     SOURCES,
     TEXT_TYPES,
     MediaError,
+    TooManyItems,
     content_id,
     name_by_content,
     split_by_item,
@@ -265,15 +266,37 @@ def test_with_processor_kwargs_vllm_hashes_more_than_the_name():
     assert not name_by_content(chat_body(A, mm_processor_kwargs={"size": 1})).hashes_known
 
 
+def test_a_request_with_more_items_than_the_cap_is_refused():
+    assert len(name_by_content(chat_body([A, B, A]), max_items=3).items) == 3
+    with pytest.raises(TooManyItems, match="more than 2 media items") as refused:
+        name_by_content(chat_body([A, B, A]), max_items=2)
+    assert refused.value.cap == 2
+
+
 def test_without_removes_the_given_items_and_keeps_the_text():
     body = chat_body([A, B])
     assert parts(without(body, [(0, 0)])) == [parts(body)[1], parts(body)[2]]
     assert without(body, []) is body
 
 
-def test_split_by_item_gives_each_item_its_own_request():
-    shares = split_by_item(chat_body([A, B]))
-    assert [[p.get("image_url", {}).get("url") for p in parts(s)] for s in shares] == [
-        [A, None], [B, None]
+def test_split_by_item_gives_each_item_a_request_of_its_own():
+    body = name_by_content(chat_body([A, B], mm_processor_kwargs={"size": 1})).body
+    shares = split_by_item(body)
+    assert [vllm_reads(part) for share in shares for part in parts(share)] == [
+        [("image", A, content_id("image", A))], [("image", B, content_id("image", B))]
     ]  # fmt: skip
+    assert all(share["mm_processor_kwargs"] == {"size": 1} for share in shares)
     assert split_by_item(chat_body(A)) == [chat_body(A)]
+
+
+def test_shares_carry_each_item_once_and_none_of_the_conversation():
+    text = "x" * 80_000
+    items = [f"data:image/png;base64,{n:08d}" for n in range(200)]
+    body = chat_body(items)
+    body["messages"].insert(0, {"role": "system", "content": text})
+    body["messages"][1]["content"].append({"type": "text", "text": text})
+    shares = split_by_item(name_by_content(body).body)
+    assert len(shares) == 200
+    overhead = len(json.dumps({**split_by_item(chat_body([A, B]))[0], "messages": []}))
+    for share, item in zip(shares, items, strict=True):
+        assert len(json.dumps(share)) < overhead + len(item) + 200  # the item, its name

@@ -1,5 +1,6 @@
 """The proxy app on loopback, between stub encoders and a stub PD: what it forwards, read
-by vLLM's own chat parser.
+by vLLM's own chat parser; how many items it takes; how many encoder requests it keeps in
+flight; how many bytes its encoders get.
 
 The stubs stand for vLLM instances where only the request matters: each reads what it is
 sent with vLLM's `parse_chat_messages` (the tiny model's config; no engine) and records
@@ -10,7 +11,9 @@ name, and the proxy's directory of held items learns it, as with --encoder-event
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import inspect
 import io
 import json
 from dataclasses import dataclass, field
@@ -198,5 +201,69 @@ def test_one_tenant_cannot_bind_its_image_to_another_tenants_name(model_config):
             [asked] = proxy_.encoder_bodies[encoded:]  # the victim's image went to an encoder
             assert VICTIM in json.dumps(asked) and proxy_.encoder_uuids[-1] == VICTIM_NAME
             assert proxy_.pd.uuids[-1] == VICTIM_NAME  # PD keys it by its own content name
+
+    asyncio.run(scenario())
+
+
+def test_a_request_with_more_items_than_the_cap_is_refused_before_any_encoder_sees_it():
+    async def scenario():
+        async with rig(max_media_items=3) as proxy_:
+            status, text = await proxy_.post(chat_body([image(n) for n in range(4)]))
+            assert status == 400 and "more than 3 media items" in text
+            assert "--max-media-items" in text and proxy_.encoder_bodies == []
+            assert (await proxy_.post(chat_body([image(n) for n in range(3)])))[0] == 200
+            assert len(proxy_.encoder_bodies) == 3
+
+    asyncio.run(scenario())
+
+
+def test_the_default_cap_refuses_thousands_of_items():
+    async def scenario():
+        async with rig() as proxy_:
+            items = [f"data:image/png;base64,{n:08d}" for n in range(5000)]
+            status, text = await proxy_.post(chat_body(items))
+            assert status == 400 and f"more than {proxy.DEFAULT_MAX_MEDIA_ITEMS} media" in text
+
+    asyncio.run(scenario())
+
+
+def test_encoder_requests_in_flight_never_exceed_the_concurrency():
+    async def scenario():
+        async with rig(encoder_concurrency=3, max_media_items=12, delay_s=0.05) as proxy_:
+            assert (await proxy_.post(chat_body([image(n) for n in range(12)])))[0] == 200
+            assert len(proxy_.encoder_bodies) == 12
+            assert proxy_.encoders[0].live[1] == 3  # both encoders, together
+
+    asyncio.run(scenario())
+
+
+def test_the_default_concurrency_leaves_connections_for_pd_and_health():
+    async def scenario():
+        async with rig(delay_s=0.05) as proxy_:
+            items = [image(n) for n in range(proxy.DEFAULT_MAX_MEDIA_ITEMS)]
+            assert (await proxy_.post(chat_body(items)))[0] == 200
+            assert proxy_.encoders[0].live[1] == proxy.DEFAULT_ENCODER_CONCURRENCY
+        pool = inspect.signature(aiohttp.TCPConnector).parameters["limit"].default
+        assert pool > proxy.DEFAULT_ENCODER_CONCURRENCY
+
+    asyncio.run(scenario())
+
+
+def test_encoders_get_each_item_once_and_none_of_the_conversation():
+    text = "x" * 80_000
+    items = [
+        f"data:image/png;base64,{base64.b64encode(bytes([n]) * 48).decode()}" for n in range(200)
+    ]
+    body = chat_body(items)
+    body["messages"][0]["content"].append({"type": "text", "text": text})
+    request_bytes = len(json.dumps(body))
+
+    async def scenario():
+        async with rig(max_media_items=200) as proxy_:
+            assert (await proxy_.post(body))[0] == 200
+            assert len(proxy_.encoder_bodies) == 200
+            sent = sum(encoder.received_bytes for encoder in proxy_.encoders)
+            assert sent < request_bytes  # before: each of the 200 shares held the whole text
+            assert text in json.dumps(proxy_.pd.bodies[0])  # PD gets the whole request
 
     asyncio.run(scenario())
