@@ -84,6 +84,12 @@ DEFAULT_MAX_MEDIA_ITEMS = 64
 # Below aiohttp's pool of 100 connections, so that PD and /health always find one.
 DEFAULT_ENCODER_CONCURRENCY = 32
 PD_TIMEOUT = aiohttp.ClientTimeout(total=600)
+# Encoder requests drop these: they only shape the text generated, and an encoder's one
+# token is thrown away (tools and schemas can be large, and each share would carry them).
+NOT_FOR_ENCODERS = (
+    "max_completion_tokens", "stream_options", "tools", "tool_choice", "parallel_tool_calls",
+    "response_format", "structured_outputs",
+)  # fmt: skip
 
 
 DOWN_FOR_S = 5.0
@@ -191,7 +197,7 @@ class EPDProxy:
 
     async def _encode_share(self, path: str, body: dict[str, Any]) -> dict[str, Any] | None:
         request = {**body, "max_tokens": 1, "stream": False}
-        for key in ("max_completion_tokens", "stream_options"):
+        for key in NOT_FOR_ENCODERS:
             request.pop(key, None)
         for _ in self.encoders:
             encoder = self._next_encoder()

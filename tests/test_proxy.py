@@ -254,7 +254,7 @@ def test_encoders_get_each_item_once_and_none_of_the_conversation():
     items = [
         f"data:image/png;base64,{base64.b64encode(bytes([n]) * 48).decode()}" for n in range(200)
     ]
-    body = chat_body(items)
+    body = chat_body(items, tools=[{"type": "function", "function": {"name": "f" * 2000}}])
     body["messages"][0]["content"].append({"type": "text", "text": text})
     request_bytes = len(json.dumps(body))
 
@@ -264,6 +264,7 @@ def test_encoders_get_each_item_once_and_none_of_the_conversation():
             assert len(proxy_.encoder_bodies) == 200
             sent = sum(encoder.received_bytes for encoder in proxy_.encoders)
             assert sent < request_bytes  # before: each of the 200 shares held the whole text
+            assert not any("tools" in share for share in proxy_.encoder_bodies)
             assert text in json.dumps(proxy_.pd.bodies[0])  # PD gets the whole request
 
     asyncio.run(scenario())
