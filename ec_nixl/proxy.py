@@ -28,14 +28,22 @@ being skipped, PD gets the request without params and encodes locally.
 `/metrics` counts both, and times each request's two phases (encoders; PD's
 first chunk, which overlap with `--overlap`): where a TTFT goes.
 
-Each inline image gets its content's SHA-256 as its `uuid`, which vLLM takes
-as the item's mm_hash (a client's own uuid is replaced: it could name another
-tenant's image). With `--encoder-events`, the proxy follows the encoders'
-export events, and an image an encoder still holds (a chat's earlier turn) is
-not sent to an encoder again: PD pulls it from the holder (docs/EVENTS.md).
+Each inline media item gets the SHA-256 of its content as its `uuid`, which
+vLLM takes as the item's mm_hash; no client's own uuid is passed on (it could
+name another tenant's image), and an item named by a uuid alone is refused
+(ec_nixl.media says which parts vLLM takes for media). With `--encoder-events`,
+the proxy follows the encoders' export events, and an image an encoder still
+holds (a chat's earlier turn) is not sent to an encoder again: PD pulls it from
+the holder (docs/EVENTS.md).
+
+A request may hold at most `--max-media-items` items (400 past that), and at
+most `--encoder-concurrency` encoder requests are in flight at once, over all
+requests: a request with many items waits for its turn instead of flooding the
+encoders and the proxy's connection pool (which PD and `/health` share).
 
     ec-nixl proxy --encoder URL [--encoder URL ...] --pd [NAME=]URL [--pd ...]
         --port N [--overlap] [--encoder-events ID=HOST:PORT ...]
+        [--max-media-items N] [--encoder-concurrency N]
 """
 
 from __future__ import annotations
@@ -60,6 +68,7 @@ from ec_nixl.media import (
     MediaError,
     Named,
     Position,
+    TooManyItems,
     media_positions,
     name_by_content,
     split_by_item,
@@ -71,7 +80,16 @@ logger = logging.getLogger("ec_nixl.proxy")
 
 ROUTES = ("/v1/chat/completions", "/v1/completions")
 DEFAULT_ENCODER_TIMEOUT_S = 30.0
+DEFAULT_MAX_MEDIA_ITEMS = 64
+# Below aiohttp's pool of 100 connections, so that PD and /health always find one.
+DEFAULT_ENCODER_CONCURRENCY = 32
 PD_TIMEOUT = aiohttp.ClientTimeout(total=600)
+# Encoder requests drop these: they only shape the text generated, and an encoder's one
+# token is thrown away (tools and schemas can be large, and each share would carry them).
+NOT_FOR_ENCODERS = (
+    "max_completion_tokens", "stream_options", "tools", "tool_choice", "parallel_tool_calls",
+    "response_format", "structured_outputs",
+)  # fmt: skip
 
 
 DOWN_FOR_S = 5.0
@@ -98,8 +116,12 @@ class EPDProxy:
         encoder_timeout_s: float,
         overlap: bool = False,
         directory: EncoderDirectory | None = None,
+        max_media_items: int = DEFAULT_MAX_MEDIA_ITEMS,
+        encoder_concurrency: int = DEFAULT_ENCODER_CONCURRENCY,
     ) -> None:
         self.encoders = encoders
+        self.max_media_items = max_media_items
+        self._encoder_slots = asyncio.Semaphore(encoder_concurrency)
         self.directory = directory
         self.pds = pds
         self._next_pd = itertools.cycle(pds)
@@ -132,12 +154,12 @@ class EPDProxy:
         )  # fmt: skip
         self._replaced_uuids = prometheus_client.Counter(
             "ec_nixl_proxy_replaced_uuids",
-            "Client uuids on media items replaced by the item's content id",
+            "Client uuids not passed on: replaced by the item's content id, or dropped",
             registry=self.registry,
         )  # fmt: skip
         self._refused_requests = prometheus_client.Counter(
             "ec_nixl_proxy_refused_requests", "Requests refused with 400 (media the proxy "
-            "cannot name)", registry=self.registry,
+            "cannot name, or too many items)", registry=self.registry,
         )  # fmt: skip
         self._pd_first_chunk_seconds = prometheus_client.Histogram(
             "ec_nixl_proxy_pd_first_chunk_seconds",
@@ -175,16 +197,19 @@ class EPDProxy:
 
     async def _encode_share(self, path: str, body: dict[str, Any]) -> dict[str, Any] | None:
         request = {**body, "max_tokens": 1, "stream": False}
-        for key in ("max_completion_tokens", "stream_options"):
+        for key in NOT_FOR_ENCODERS:
             request.pop(key, None)
         for _ in self.encoders:
             encoder = self._next_encoder()
             if encoder is None:
                 break
             try:
-                async with self._session.post(
-                    encoder + path, json=request, timeout=self._encoder_timeout
-                ) as reply:
+                async with (
+                    self._encoder_slots,
+                    self._session.post(
+                        encoder + path, json=request, timeout=self._encoder_timeout
+                    ) as reply,
+                ):
                     if reply.status == 200:
                         return (await reply.json()).get("ec_transfer_params") or {}
                     # The request itself is bad: another encoder would say the same.
@@ -210,17 +235,20 @@ class EPDProxy:
         # Only an encoder may say where encoder outputs are: never pass on a client's claim.
         body.pop("ec_transfer_params", None)
         try:
-            named = name_by_content(body)
+            named = name_by_content(body, self.max_media_items)
         except MediaError as exc:
             self._refused_requests.inc()
-            logger.warning("refused a request: %s", exc)
-            return web.json_response({"error": str(exc)}, status=400)
+            reason = str(exc)
+            if isinstance(exc, TooManyItems):
+                reason += " (the proxy's --max-media-items)"
+            logger.warning("refused a request: %s", reason)
+            return web.json_response({"error": reason}, status=400)
         self._media_items.inc(len(named.ids))
         if named.replaced_uuids:
             self._replaced_uuids.inc(named.replaced_uuids)
             logger.warning(
-                "replaced %d client uuid(s) by content ids (a uuid names one image for "
-                "every tenant)", named.replaced_uuids
+                "dropped %d client uuid(s), naming the items by their content instead (a "
+                "uuid names one image for every tenant)", named.replaced_uuids
             )  # fmt: skip
         held = self._held(named)
         body = named.body
@@ -358,8 +386,12 @@ def make_app(
     encoder_timeout_s: float,
     overlap: bool = False,
     directory: EncoderDirectory | None = None,
+    max_media_items: int = DEFAULT_MAX_MEDIA_ITEMS,
+    encoder_concurrency: int = DEFAULT_ENCODER_CONCURRENCY,
 ) -> web.Application:
-    proxy = EPDProxy(encoders, pds, encoder_timeout_s, overlap, directory)
+    proxy = EPDProxy(
+        encoders, pds, encoder_timeout_s, overlap, directory, max_media_items, encoder_concurrency
+    )
     app = web.Application(client_max_size=64 << 20)
     app.on_startup.append(proxy.start)
     app.on_cleanup.append(proxy.stop)
@@ -393,6 +425,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "already holds: PD pulls them from it (an image repeated across a chat's turns is "
         "encoded once)",
     )  # fmt: skip
+    parser.add_argument(
+        "--max-media-items", type=_positive, default=DEFAULT_MAX_MEDIA_ITEMS, metavar="N",
+        help="refuse (400) a request with more than N media items (default %(default)s)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--encoder-concurrency", type=_positive, default=DEFAULT_ENCODER_CONCURRENCY,
+        metavar="N",
+        help="at most N encoder requests in flight, over all requests; a request's other "
+        "items wait their turn (default %(default)s)",
+    )  # fmt: skip
     add_client_arguments(parser)
     parser.add_argument(
         "--overlap", action="store_true",
@@ -400,6 +442,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "overlaps the encoding and PD pulls each item the moment it is announced; PD must "
         "run ECNixlConnector (with another connector PD would encode the images itself)",
     )  # fmt: skip
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
 
 
 def _encoder_events(text: str) -> tuple[str, str]:
@@ -414,7 +463,10 @@ def run(args: argparse.Namespace) -> int:
     directory = None
     if args.encoder_events:
         directory = EncoderDirectory(dict(args.encoder_events), client_security(args))
-    app = make_app(args.encoder, args.pd, args.encoder_timeout, args.overlap, directory)
+    app = make_app(
+        args.encoder, args.pd, args.encoder_timeout, args.overlap, directory,
+        args.max_media_items, args.encoder_concurrency,
+    )  # fmt: skip
     web.run_app(app, host=args.host, port=args.port, print=None)
     return 0
 

@@ -53,7 +53,13 @@ def test_help_explains_the_proxy():
     result = ec_nixl("proxy", "--help")
     assert result.returncode == 0
     flags = ("--encoder", "[NAME=]URL", "--overlap", "--encoder-events", "EC_NIXL_TOKEN")
+    flags += ("--max-media-items", "--encoder-concurrency")
     assert all(flag in result.stdout for flag in flags)
+
+
+def test_a_cap_that_is_not_positive_is_a_clear_usage_error():
+    result = ec_nixl("proxy", "--encoder", "http://e", "--pd", "http://p", "--max-media-items", "0")
+    assert result.returncode == 2 and "--max-media-items: expected a positive" in result.stderr
 
 
 def test_help_explains_the_event_stream():
