@@ -136,6 +136,30 @@ def test_a_worker_never_listening_fails_the_order_at_its_deadline(client):
     assert 0.3 <= time.monotonic() - start < 1.0
 
 
+def test_a_worker_that_never_accepts_fails_the_order_at_its_deadline(address, client):
+    path = socket_path(address)
+    with socket.socket(socket.AF_UNIX) as listener, socket.socket(socket.AF_UNIX) as queued:
+        listener.bind(str(path))
+        listener.listen(0)  # room for one connection, which nobody accepts
+        queued.connect(str(path))  # now full: a blocking connect would wait for ever
+        failures: list[Exception] = []
+
+        def pull() -> None:
+            try:
+                client.pull(order(timeout_s=0.3)).result()
+            except Exception as exc:
+                failures.append(exc)
+
+        caller = threading.Thread(target=pull, daemon=True)
+        caller.start()
+        caller.join(10)
+        hung = caller.is_alive()
+    # (Closing the listener woke a caller that hung.)
+    assert not hung, "the order waited past its deadline for a connection"
+    [failure] = failures
+    assert isinstance(failure, DeadlineExceededError) and "accept" in str(failure)
+
+
 def test_a_stuck_worker_is_given_up_on_after_the_deadline_and_a_grace(server, reader, client):
     reader.gate.clear()
     start = time.monotonic()

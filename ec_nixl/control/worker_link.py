@@ -240,13 +240,22 @@ class WorkerClient:
                 conn.close()
         while True:
             conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            # With a timeout the socket does not block: a listener whose backlog is full
+            # (a worker that stopped accepting) refuses at once with EAGAIN, where a
+            # blocking connect would wait for it for ever, and the scheduler with it.
+            conn.settimeout(max(0.001, deadline - time.monotonic()))
             try:
                 conn.connect(self._path)
                 _send(conn, call)
                 return conn
-            except (FileNotFoundError, ConnectionRefusedError) as exc:
+            except (FileNotFoundError, ConnectionRefusedError, BlockingIOError) as exc:
                 conn.close()
                 if time.monotonic() >= deadline:
+                    if isinstance(exc, BlockingIOError):
+                        raise DeadlineExceededError(
+                            f"worker {self.address} did not accept a connection by the "
+                            "deadline: its backlog is full (a stuck worker?)"
+                        ) from exc
                     raise DeadlineExceededError(
                         f"worker {self.address} was not listening by the deadline ({exc})"
                     ) from exc
