@@ -41,6 +41,10 @@ most `--encoder-concurrency` encoder requests are in flight at once, over all
 requests: a request with many items waits for its turn instead of flooding the
 encoders and the proxy's connection pool (which PD and `/health` share).
 
+A client that hangs up ends its request: the proxy closes its requests to the
+encoders and PD, streamed or not, and vLLM aborts them instead of generating
+an answer nobody reads.
+
     ec-nixl proxy --encoder URL [--encoder URL ...] --pd [NAME=]URL [--pd ...]
         --port N [--overlap] [--encoder-events ID=HOST:PORT ...]
         [--max-media-items N] [--encoder-concurrency N]
@@ -84,6 +88,9 @@ DEFAULT_MAX_MEDIA_ITEMS = 64
 # Below aiohttp's pool of 100 connections, so that PD and /health always find one.
 DEFAULT_ENCODER_CONCURRENCY = 32
 PD_TIMEOUT = aiohttp.ClientTimeout(total=600)
+# aiohttp lets a handler run on when its client hangs up; cancelled instead, it closes its
+# requests to the encoders and PD, and vLLM aborts them rather than generate for no one.
+SERVER_OPTIONS = {"handler_cancellation": True}
 # Encoder requests drop these: they only shape the text generated, and an encoder's one
 # token is thrown away (tools and schemas can be large, and each share would carry them).
 NOT_FOR_ENCODERS = (
@@ -289,7 +296,11 @@ class EPDProxy:
         )
         if held_params and not media_positions(to_encode):
             return await first
-        answers = await self.encode(request.path, to_encode, pd)
+        try:
+            answers = await self.encode(request.path, to_encode, pd)
+        except asyncio.CancelledError:  # the client left: PD's request goes with it
+            first.cancel()
+            raise
         if None not in answers or request.get("streaming"):
             return await first
         # An encoder failed: PD would wait out its deadline for items nobody announces.
@@ -392,7 +403,7 @@ def make_app(
     proxy = EPDProxy(
         encoders, pds, encoder_timeout_s, overlap, directory, max_media_items, encoder_concurrency
     )
-    app = web.Application(client_max_size=64 << 20)
+    app = web.Application(client_max_size=64 << 20, handler_args=SERVER_OPTIONS)
     app.on_startup.append(proxy.start)
     app.on_cleanup.append(proxy.stop)
     for route in ROUTES:

@@ -115,13 +115,13 @@ def puller():
     return Puller(Arena(64 * MiB))
 
 
-def wait_until(condition, timeout_s: float = 10.0) -> bool:
-    """Whether `condition()` came true within the time (checked every 10 ms)."""
+def wait_until(condition, timeout_s: float = 10.0, every_s: float = 0.01) -> bool:
+    """Whether `condition()` came true within the time (checked every `every_s`)."""
     end = time.monotonic() + timeout_s
     while time.monotonic() < end:
         if condition():
             return True
-        time.sleep(0.01)
+        time.sleep(every_s)
     return condition()
 
 

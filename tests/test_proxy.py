@@ -5,7 +5,8 @@ flight; how many bytes its encoders get.
 The stubs stand for vLLM instances where only the request matters: each reads what it is
 sent with vLLM's `parse_chat_messages` (the tiny model's config; no engine) and records
 the mm uuids vLLM would take as mm_hashes. A stub encoder "exports" each item under that
-name, and the proxy's directory of held items learns it, as with --encoder-events.
+name, and the proxy's directory of held items learns it, as with --encoder-events. Like
+vLLM, a stub stops working on a request whose connection closes (and counts it).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from integration.tiny_vlm import build
 ATTACKER, VICTIM = image(201), image(202)
 VICTIM_NAME = name_by_content(chat_body(VICTIM)).ids[(0, 0)]  # as anyone can compute it
 CHAT = "/v1/chat/completions"
+LIKE_VLLM = {"handler_cancellation": True}  # a stub's handler ends when its client leaves
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +67,7 @@ class Stub:
     uuids: list[str | None] = field(default_factory=list)
     received_bytes: int = 0
     live: list[int] = field(default_factory=lambda: [0, 0])  # [now, most], shared by encoders
+    abandoned: int = 0  # requests whose connection closed before the answer
 
     async def chat(self, request: web.Request) -> web.Response:
         raw = await request.read()
@@ -76,6 +79,9 @@ class Stub:
         try:
             uuids = await self._vllm_uuids(body)
             await asyncio.sleep(self.delay_s)
+        except asyncio.CancelledError:
+            self.abandoned += 1
+            raise
         finally:
             self.live[0] -= 1
         self.uuids += uuids
@@ -128,8 +134,16 @@ class Rig:
 
 
 @contextlib.asynccontextmanager
-async def rig(encoders: int = 2, *, model_config=None, delay_s: float = 0.0, **options):
-    """The proxy app in front of stub encoders and a stub PD, all on loopback."""
+async def rig(
+    encoders: int = 2,
+    *,
+    model_config=None,
+    delay_s: float = 0.0,
+    pd_delay_s: float = 0.0,
+    **options,
+):
+    """The proxy app in front of stub encoders and a stub PD, all on loopback; a stub
+    takes `delay_s` (PD: `pd_delay_s`) to answer."""
     runners = []
 
     async def serve(app: web.Application) -> str:
@@ -143,13 +157,13 @@ async def rig(encoders: int = 2, *, model_config=None, delay_s: float = 0.0, **o
     stubs = [
         Stub(model_config, options.get("directory"), delay_s, live=live) for _ in range(encoders)
     ]
-    pd = Stub(model_config)
+    pd = Stub(model_config, delay_s=pd_delay_s)
     urls = []
     for stub in stubs:
-        app = web.Application(client_max_size=1 << 30)
+        app = web.Application(client_max_size=1 << 30, handler_args=LIKE_VLLM)
         app.router.add_post(CHAT, stub.chat)
         urls.append(await serve(app))
-    pd_app = web.Application(client_max_size=1 << 30)
+    pd_app = web.Application(client_max_size=1 << 30, handler_args=LIKE_VLLM)
     pd_app.router.add_post(CHAT, pd.chat)
     pd_app.router.add_get("/cat.png", remote_image)
     pd_url = await serve(pd_app)
@@ -266,5 +280,48 @@ def test_encoders_get_each_item_once_and_none_of_the_conversation():
             assert sent < request_bytes  # before: each of the 200 shares held the whole text
             assert not any("tools" in share for share in proxy_.encoder_bodies)
             assert text in json.dumps(proxy_.pd.bodies[0])  # PD gets the whole request
+
+    asyncio.run(scenario())
+
+
+async def eventually(condition, timeout_s: float = 10.0) -> bool:
+    """Whether `condition()` came true within the time (checked every 10 ms)."""
+    end = asyncio.get_running_loop().time() + timeout_s
+    while not condition():
+        if asyncio.get_running_loop().time() > end:
+            return False
+        await asyncio.sleep(0.01)
+    return True
+
+
+async def hang_up_after(proxy_: Rig, body: dict, seconds: float) -> bool:
+    """Send a request that is not streamed and hang up after `seconds`: whether the
+    answer had come by then."""
+    try:
+        async with proxy_.session.post(
+            proxy_.url + CHAT, json=body, timeout=aiohttp.ClientTimeout(total=seconds)
+        ) as reply:
+            await reply.read()
+    except TimeoutError:
+        return False
+    return True
+
+
+def test_a_client_that_leaves_ends_its_request_at_pd():
+    async def scenario():
+        async with rig(pd_delay_s=60) as proxy_:
+            assert not await hang_up_after(proxy_, chat_body(image(1)), 0.5)
+            assert await eventually(lambda: proxy_.pd.abandoned == 1)
+
+    asyncio.run(scenario())
+
+
+def test_a_client_that_leaves_during_encoding_ends_its_encoder_and_pd_requests():
+    async def scenario():
+        async with rig(delay_s=60, pd_delay_s=60, overlap=True) as proxy_:
+            assert not await hang_up_after(proxy_, chat_body(image(1)), 0.5)
+            assert await eventually(lambda: proxy_.pd.abandoned == 1)
+            assert await eventually(lambda: sum(e.abandoned for e in proxy_.encoders) == 1)
+            assert len(proxy_.encoder_bodies) == 1
 
     asyncio.run(scenario())
