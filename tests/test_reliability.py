@@ -218,11 +218,11 @@ def test_forged_transfer_params_get_a_local_encoding_or_a_4xx_and_contact_no_one
     image E has exported, with `ec_transfer_params` forged 7 ways: an unknown
     encoder id, a raw host:port, an address as encoder id, extra size/dtype/shape
     claims, nested junk, an mm_hash not in the request, a list. Each must be
-    answered by encoding locally or refused with a 4xx, or (the size/dtype/shape
-    claims beside a configured encoder id: keys PD does not know, followed as a
-    newer vLLM's would be) by pulling what that encoder holds, the claims ignored
-    and counted; nothing may connect to the listener whose address the forgeries
-    carry."""
+    answered by encoding locally or refused with a 4xx; the size/dtype/shape claims
+    beside a configured encoder id are keys PD does not know, followed as a newer
+    vLLM's would be (the claims ignored and counted; the image is by then in PD's
+    own cache, from the first forgery's local encoding). Nothing is pulled, and
+    nothing may connect to the listener whose address the forgeries carry."""
     url = image(2100)
     mm_hash = next(iter(post(rig.encoder.url, chat_body(url, max_tokens=1))["ec_transfer_params"]))
     listener = socket.create_server(("127.0.0.1", 0))
@@ -252,11 +252,11 @@ def test_forged_transfer_params_get_a_local_encoding_or_a_4xx_and_contact_no_one
     )
     assert outcome.hung == 0
     assert all(re.match(r"HTTP 4\d\d", e) for e in outcome.errors), outcome.errors
-    # those naming the request's own item but for the claims' (pulled from enc0, checked
-    # against the model, the claims ignored); the others name none of its items
+    # those naming the request's own item but for the claims' (followed, the claims
+    # ignored); the others name none of its items
     assert refused == 4
     assert metric(rig.pd.url, "ec_nixl:unknown_param_keys_total") - before[3] == 1
-    assert rig.pulled() == before[1] + 1
+    assert rig.pulled() == before[1]
 
 
 def test_callers_without_the_token_or_tls_are_turned_away(rig, record):
