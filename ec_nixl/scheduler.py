@@ -13,7 +13,8 @@ encoders has announced or said it is encoding:
 - pulled: report the item as available; vLLM then schedules its load;
 - failed: encode locally if the request still carries the media (and the
   load failure policy is "encode"), else fail the request with the reason in
-  the log: vLLM ends it with an error, and sending it again encodes anew.
+  the log: it is not scheduled again, vLLM ends it with an error at the end of
+  the step, and sending it again encodes anew.
 Params that are malformed or name an unconfigured encoder are refused before
 anything is contacted: the request's items are encoded locally (or, without
 media, the request fails), as after a failed pull.
@@ -67,12 +68,14 @@ class ConsumerScheduler:
         self.stats = coordinator.stats
 
     def ensure_available(self, request: Any, num_computed_tokens: int) -> bool:
-        """False while any item the request still needs is being pulled."""
+        """False while any item the request still needs is being pulled, and for a
+        request being failed: it must not run a step without its item (vLLM fails it
+        when this step ends)."""
         try:
             sources = parse_params(request.ec_transfer_params, self._encoders)
         except RefusedError as exc:
             self._refuse(request, exc)
-            return True  # encode locally, or let the scheduler reach the failure
+            return request.request_id not in self._unavailable  # else encode locally
         for encoder_id in set(sources.items.values()):
             self._coordinator.meet(encoder_id)
         self._note_if_unmatched(request, sources.items)
@@ -102,7 +105,7 @@ class ConsumerScheduler:
                 pending = True
             elif job.state is PullState.FAILED:
                 self._fall_back(request, feature, str(job.error))
-        return not pending
+        return not pending and request.request_id not in self._unavailable
 
     def _refuse(self, request: Any, exc: RefusedError) -> None:
         if request.request_id not in self._refused:

@@ -103,7 +103,11 @@ def request(request_id: str, hashes: list[str], params=None, media: bool = True)
 
 
 def settle(scheduler: ConsumerScheduler, req: Request, timeout_s: float = 10) -> None:
+    """Ask as vLLM does at each step until the request may run, or is being failed (it
+    then never runs: vLLM fails it when the step ends)."""
     end = time.monotonic() + timeout_s
     while not scheduler.ensure_available(req, 0):
+        if req.request_id in scheduler._unavailable:
+            return
         assert time.monotonic() < end, "pull never finished"
         time.sleep(0.01)

@@ -119,7 +119,7 @@ def test_forged_params_are_refused_and_the_items_encoded_here_without_any_pull(s
 
 def test_forged_params_fail_a_request_that_has_no_media_to_encode(scheduler):
     req = request("forged-no-media", ["h-y"], {"h-y": "10.0.0.1:7100"}, media=False)
-    assert scheduler.ensure_available(req, 0)  # let vLLM reach the failure
+    assert not scheduler.ensure_available(req, 0)  # never scheduled: failed as the step ends
     assert scheduler.take_unavailable() == {"forged-no-media"}
 
 
@@ -215,7 +215,9 @@ def test_with_the_fail_policy_a_failed_pull_fails_the_request_though_the_media_i
     scheduler = make_scheduler(producer, receiver, other_rank, encode_on_failure=False)
     try:
         params = make_params("enc0", ["h-policy"])
-        settle(scheduler, request("must-not-encode", ["h-policy"], params))
+        req = request("must-not-encode", ["h-policy"], params)
+        settle(scheduler, req)
+        assert not scheduler.ensure_available(req, 0)  # not scheduled, not encoded here
         assert scheduler.take_unavailable() == {"must-not-encode"}
         assert "fallbacks" not in scheduler.stats.take()["counters"]
         assert "h-policy" in caplog.text and "load_failure_policy is 'fail'" in caplog.text
