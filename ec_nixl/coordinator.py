@@ -11,6 +11,11 @@ at its state (and never waits on the network: drops and give-backs run on the
 pool too). A job fails as a whole: workers that did READ drop the item, and
 the lease goes back.
 
+Each job is one pull with an id of its own, and every order to the workers
+that removes a copy (drop, load, free) names it: a job that ends late (its
+request aborted while it ran, the same image asked for again at once) frees
+only its own copy, never the one a newer job read.
+
 A job starts in one of three ways: a request names where its item is
 (`start`); a request says its item is still being encoded (`expect`: the pull
 starts when an encoder announces the item, and the wait has the pull's
@@ -20,6 +25,7 @@ for yet (`prefetch`).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -29,7 +35,7 @@ from enum import Enum
 
 from ec_nixl.connector_config import DEFAULT_RECEIVE_BYTES
 from ec_nixl.control.messages import Announcement
-from ec_nixl.control.worker_link import WorkerClient
+from ec_nixl.control.worker_link import Load, WorkerClient
 from ec_nixl.errors import DeadlineExceededError, ECNixlError, HandshakeError, RefusedError
 from ec_nixl.metrics import Stats
 from ec_nixl.pull_runner import PullRunner
@@ -41,6 +47,9 @@ logger = logging.getLogger(__name__)
 MAX_CONCURRENT_PULLS = 16
 # A prefetched item whose request has not come by then is not coming to this instance.
 PREFETCH_TTL_S = 30.0
+
+# Pull ids, unique in this process: what a worker keeps a pull's copy under.
+_pull_ids = itertools.count(1)
 
 
 class PullState(Enum):
@@ -54,6 +63,7 @@ class PullJob:
     mm_hash: str
     encoder_id: str | None  # None: waiting for an encoder to announce the item
     num_embeds: int  # the rows the model expects (0: a prefetch, no request yet)
+    pull_id: int = field(default_factory=lambda: next(_pull_ids))
     started_at: float = field(default_factory=time.monotonic)
     # When a request first asked for the item: a prefetch is claimed later, or never.
     claimed_at: float | None = None
@@ -85,6 +95,7 @@ class Item:
     encoding: tuple[str, float] | None = None  # (the encoder encoding it, since when)
     job: PullJob | None = None  # our pull of it
     resident: bool = False  # in vLLM's encoder cache: never pulled again
+    lent: int | None = None  # the pull whose copy vLLM's encoder cache holds (if loaded)
 
     @property
     def empty(self) -> bool:
@@ -211,32 +222,39 @@ class PullCoordinator:
             item = self._items.get(mm_hash)
             return item is not None and item.resident
 
-    def allocated(self, mm_hash: str) -> bool:
+    def allocated(self, mm_hash: str) -> Load | None:
         """vLLM reserved encoder-cache room for the item: it is resident from now on.
-        True when our pulled copy is to be loaded into it (its job ends here)."""
+        The load order when our pulled copy is to be loaded into it (its job ends here)."""
         with self._lock:
             item = self._item(mm_hash)
             item.resident = True
             job = item.job
             if job is None or job.state is not PullState.READY:
-                return False
+                return None
             item.job = None
-        if job.claimed_at is not None:
+            item.lent = job.pull_id
+        if job.claimed_at is not None and job.ready_at is not None:
             # Waiting for the encoder to announce the item is encoding, not transfer.
             announced = max(job.claimed_at, job.started_at)
             if job.expected:
                 self.stats.observe("announce_wait_seconds", announced - job.claimed_at)
             self.stats.observe("ready_wait_seconds", max(0.0, job.ready_at - announced))
-        return True
+        assert job.encoder_id is not None  # pulled
+        return Load(mm_hash, job.pull_id, job.encoder_id, job.rows)
 
-    def freed(self, mm_hashes: list[str]) -> None:
-        """vLLM evicted these from its encoder cache: pull them again if asked."""
+    def freed(self, mm_hashes: list[str]) -> list[tuple[str, int]]:
+        """vLLM evicted these from its encoder cache: pull them again if asked. The
+        (mm_hash, pull id) of those whose slots the workers lent it, to free."""
+        released = []
         with self._lock:
             for mm_hash in mm_hashes:
                 item = self._items.get(mm_hash)
                 if item is not None:
-                    item.resident = False
+                    if item.lent is not None:
+                        released.append((mm_hash, item.lent))
+                    item.resident, item.lent = False, None
                     self._prune(mm_hash)
+        return released
 
     def _item(self, mm_hash: str) -> Item:
         item = self._items.get(mm_hash)
@@ -360,7 +378,7 @@ class PullCoordinator:
 
     def forget(self, mm_hash: str) -> None:
         """A request that needed the item ended: a pull not loaded by then ends, and the
-        workers free what they got of it."""
+        workers free that pull's copy."""
         with self._lock:
             item = self._items.get(mm_hash)
             job = item.job if item is not None else None
@@ -371,12 +389,13 @@ class PullCoordinator:
 
     def _drop_when_done(self, job: PullJob) -> None:
         if job.future is not None:
-            job.future.add_done_callback(lambda _: self._drop(job.mm_hash))
+            job.future.add_done_callback(lambda _: self._drop(job))
 
-    def _drop(self, mm_hash: str) -> None:
-        """Workers forget the item, on the pool: never on the caller's (scheduler) thread."""
+    def _drop(self, job: PullJob) -> None:
+        """Workers free the job's copy (a newer pull's stays), on the pool: never on the
+        caller's (scheduler) thread."""
         for worker in self._runner.workers:
-            self._pool.submit(worker.drop, [mm_hash])
+            self._pool.submit(worker.drop, [job.mm_hash], job.pull_id)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -390,7 +409,9 @@ class PullCoordinator:
             resolution, via = self._runner.lease(
                 job.mm_hash, job.encoder_id, announcement, deadline
             )
-            reports = self._runner.read(job.encoder_id, resolution, job.num_embeds, deadline)
+            reports = self._runner.read(
+                job.encoder_id, resolution, job.num_embeds, deadline, job.pull_id
+            )
         except Exception as exc:  # a thread boundary: whatever fails here fails this pull only
             if not isinstance(exc, ECNixlError):
                 logger.exception("pull of %s failed unexpectedly", job.mm_hash)
@@ -410,8 +431,8 @@ class PullCoordinator:
         self.stats.count("bytes_pulled", reports[0].bytes)
         self.stats.observe("pull_seconds", elapsed)
         logger.info(
-            "pulled %s from %s in %.1f ms (%s; READ per rank %s ms)",
-            job.mm_hash, job.encoder_id, elapsed * 1000, via,
+            "pulled %s (pull %d) from %s in %.1f ms (%s; READ per rank %s ms)",
+            job.mm_hash, job.pull_id, job.encoder_id, elapsed * 1000, via,
             "/".join(f"{r.read_s * 1000:.1f}" for r in reports),
         )  # fmt: skip
 
@@ -425,7 +446,7 @@ class PullCoordinator:
 
     def _fail(self, job: PullJob, exc: ECNixlError) -> None:
         if job.future is not None:  # some workers may hold it
-            self._drop(job.mm_hash)
+            self._drop(job)
         with self._lock:  # a failed prefetch is forgotten: a request will try afresh
             prefetch = job.claimed_at is None
             if prefetch:

@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from ec_nixl.control.messages import Announcement
+from ec_nixl.control.worker_link import Load
 from ec_nixl.coordinator import PullCoordinator, PullState
 from ec_nixl.errors import RefusedError
 from ec_nixl.pool import EventKind
@@ -57,7 +58,7 @@ class ConsumerScheduler:
         self._encoders = encoders
         self._prefetch = prefetch
         self._encode_on_failure = encode_on_failure
-        self._to_load: list[str] = []
+        self._to_load: list[Load] = []
         self._unavailable: set[str] = set()
         self._warned_unmatched = False
         self._fell_back: set[tuple[str, str]] = set()  # (request id, mm_hash), for counting
@@ -133,8 +134,9 @@ class ConsumerScheduler:
 
     def on_alloc(self, mm_hash: str) -> None:
         """vLLM reserved encoder-cache room for an item; a pulled one is loaded this step."""
-        if self._coordinator.allocated(mm_hash):
-            self._to_load.append(mm_hash)
+        load = self._coordinator.allocated(mm_hash)
+        if load is not None:
+            self._to_load.append(load)
 
     def on_event(self, event: Announcement, encoder_id: str) -> None:
         """An encoder exported or dropped an item: a request waiting for it pulls it
@@ -158,15 +160,16 @@ class ConsumerScheduler:
         """An encoder's event stream (re)started: it will announce what it holds anew."""
         self._coordinator.reconnected(encoder_id)
 
-    def on_freed(self, mm_hashes: list[str]) -> None:
-        """vLLM evicted these from its encoder cache: pull them again if asked."""
-        self._coordinator.freed(mm_hashes)
+    def on_freed(self, mm_hashes: list[str]) -> list[tuple[str, int]]:
+        """vLLM evicted these from its encoder cache: pull them again if asked. The
+        (mm_hash, pull id) whose slots the workers lent it, for them to free."""
+        return self._coordinator.freed(mm_hashes)
 
     def idle_step(self) -> None:
         """vLLM's scheduler found nothing to run this step."""
         self._coordinator.park(IDLE_PARK_S)
 
-    def take_loads(self) -> list[str]:
+    def take_loads(self) -> list[Load]:
         loads, self._to_load = self._to_load, []
         return loads
 

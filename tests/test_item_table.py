@@ -62,9 +62,9 @@ def test_a_reconnected_encoder_is_forgotten_until_it_announces_again(table):
 
 
 def test_an_allocated_item_is_resident_until_vllm_frees_it(table):
-    assert not table.allocated("h")  # nothing pulled: vLLM encodes it
+    assert table.allocated("h") is None  # nothing pulled: vLLM encodes it
     assert table.resident("h")
-    table.freed(["h"])
+    assert table.freed(["h"]) == []  # nothing lent to it: nothing to free
     assert not table.resident("h") and table._items == {}
 
 

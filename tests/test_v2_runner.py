@@ -54,6 +54,11 @@ IDLE_STEPS = 3  # PD steps without tokens before E encodes
 STEPS_S = 30.0  # deadline for those steps
 
 
+def loaded(step) -> list[str]:
+    """The items whose pulled copies a step's metadata has PD's workers load."""
+    return [load.mm_hash for load in step.output.ec_connector_metadata.loads]
+
+
 class Rig:
     def __init__(self, e: Engine, pd: Engine, pd_runner: Runner, control: str, config) -> None:
         self.e, self.pd, self.pd_runner = e, pd, pd_runner
@@ -137,7 +142,7 @@ def test_a_pulled_item_is_in_the_encoder_cache_when_the_forward_gathers_it(rig):
     it in the encoder cache, bit for bit what E's encoder made."""
     params = rig.encode("v2-pulled")
     load = rig.pd.run(rig.request("pd-pulled", "v2-pulled", params))[-1]
-    assert load.output.ec_connector_metadata.loads == ["v2-pulled"]
+    assert loaded(load) == ["v2-pulled"]
     assert load.output.scheduled_encoder_inputs == {}  # loaded, not encoded
     # The forward gathered it (a miss would have raised) and it stays in the cache.
     expected = encoder_output("v2-pulled")
@@ -165,9 +170,9 @@ def test_a_pull_that_lands_while_pd_is_idle_needs_no_forward_step(rig):
         *idle, load = running.result(timeout=RUN_TIMEOUT_S)
     assert len(idle) >= IDLE_STEPS
     for step in idle:
-        assert step.idle and step.output.ec_connector_metadata.loads == []
+        assert step.idle and loaded(step) == []
         assert "v2-idle" not in step.cached
-    assert not load.idle and load.output.ec_connector_metadata.loads == ["v2-idle"]
+    assert not load.idle and loaded(load) == ["v2-idle"]
     assert torch.equal(rig.pd_runner.gathered["v2-idle"], encoder_output("v2-idle"))
 
 
@@ -183,5 +188,5 @@ def test_an_item_claimed_for_pd_is_pulled_before_pd_takes_any_step(rig):
     assert wait_until(lambda: rig.pd.scheduler.ec_connector.has_cache_item("v2-claimed"), PULL_S)
     assert len(rig.pd.steps) == before
     [load] = rig.pd.run(rig.request("pd-claimed", "v2-claimed", params))
-    assert load.output.ec_connector_metadata.loads == ["v2-claimed"]
+    assert loaded(load) == ["v2-claimed"]
     assert torch.equal(rig.pd_runner.gathered["v2-claimed"], encoder_output("v2-claimed"))
