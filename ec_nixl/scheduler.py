@@ -10,7 +10,8 @@ sends the request to an encoder first, then unchanged to PD) that one of PD's
 encoders has announced or said it is encoding:
 - start a pull in the background (once the item is announced) and defer the
   request until it ends;
-- pulled: report the item as available; vLLM then schedules its load;
+- pulled: report the item as available; vLLM then schedules its load (see
+  `has_item` for why that answer must be certain);
 - failed: encode locally if the request still carries the media (and the
   load failure policy is "encode"), else fail the request with the reason in
   the log: it is not scheduled again, vLLM ends it with an error at the end of
@@ -29,7 +30,7 @@ from typing import Any
 
 from ec_nixl.control.messages import Announcement
 from ec_nixl.control.worker_link import Load
-from ec_nixl.coordinator import PullCoordinator, PullState
+from ec_nixl.coordinator import PullCoordinator, PullJob, PullState
 from ec_nixl.errors import RefusedError
 from ec_nixl.pool import EventKind
 from ec_nixl.transfer_params import make_params, parse_consumer, parse_params
@@ -58,6 +59,7 @@ class ConsumerScheduler:
         self._encoders = encoders
         self._prefetch = prefetch
         self._encode_on_failure = encode_on_failure
+        self._promised: dict[str, PullJob] = {}  # has_item said yes, this scheduling pass
         self._to_load: list[Load] = []
         self._unavailable: set[str] = set()
         self._warned_unmatched = False
@@ -98,10 +100,11 @@ class ConsumerScheduler:
             ):
                 continue
             num_embeds = position.get_num_embeds()
+            request_id = request.request_id
             if encoder_id is None:
-                job = self._coordinator.expect(mm_hash, num_embeds)
+                job = self._coordinator.expect(mm_hash, num_embeds, request_id)
             else:
-                job = self._coordinator.start(mm_hash, encoder_id, num_embeds)
+                job = self._coordinator.start(mm_hash, encoder_id, num_embeds, request_id)
             if job.state is PullState.RUNNING:
                 pending = True
             elif job.state is PullState.FAILED:
@@ -129,12 +132,38 @@ class ConsumerScheduler:
             self.stats.count("fallbacks")
 
     def has_item(self, mm_hash: str) -> bool:
-        job = self._coordinator.job(mm_hash)
-        return job is not None and job.state is PullState.READY
+        """vLLM's `has_cache_item`: may this step load the item instead of encoding it?
+
+        This is where a pulled item is given to vLLM, and the last point where it can
+        be refused. Once this says yes, vLLM 0.32 reserves the item's encoder-cache
+        entry (`update_state_after_alloc`: `on_alloc`, in this same scheduling pass) and
+        schedules its tokens without encoding it; the model runner puts in the entry
+        whatever the workers' `start_load_caches` gave, and its `_gather_mm_embeddings`
+        raises "Encoder cache miss", ending the engine, if that was nothing. No
+        connector hook can take the request back within that step:
+        `take_unavailable_requests` and `update_connector_output` are read only after
+        the forward pass, and a stand-in tensor would be decoded into the answer and
+        kept in the prefix cache under the item's hash.
+
+        So the answer is yes only for a load that is certain: the item's pull, every
+        rank having reported holding its copy, claimed by a live request (nothing ends
+        such a job before `on_alloc`: requests end between scheduling passes), and
+        held by the workers under its pull id, which only orders naming that pull
+        remove. Anything else is a no, before any step runs without the item: vLLM
+        encodes it here, or the request, failed by the load failure policy, is not
+        scheduled (`ensure_available`). `on_alloc` orders the load of exactly the
+        pull promised here; a worker that lacks it anyway reads it again from its
+        encoder (`Receiver.lend`)."""
+        job = self._coordinator.loadable(mm_hash)
+        if job is None:
+            return False
+        self._promised[mm_hash] = job
+        return True
 
     def on_alloc(self, mm_hash: str) -> None:
-        """vLLM reserved encoder-cache room for an item; a pulled one is loaded this step."""
-        load = self._coordinator.allocated(mm_hash)
+        """vLLM reserved encoder-cache room for an item: the pull promised for it in this
+        pass is loaded this step; an item not promised is encoded by vLLM."""
+        load = self._coordinator.allocated(mm_hash, self._promised.pop(mm_hash, None))
         if load is not None:
             self._to_load.append(load)
 
@@ -170,6 +199,8 @@ class ConsumerScheduler:
         self._coordinator.park(IDLE_PARK_S)
 
     def take_loads(self) -> list[Load]:
+        """This step's loads, at the end of its scheduling pass: its promises end."""
+        self._promised.clear()
         loads, self._to_load = self._to_load, []
         return loads
 
@@ -178,12 +209,13 @@ class ConsumerScheduler:
         return failed
 
     def request_finished(self, request: Any) -> None:
-        """Items pulled for a request that ended without loading them are dropped."""
+        """Items pulled for a request that ended without loading them are dropped, unless
+        another live request relies on them."""
         self._refused.discard(request.request_id)
         self._unmatched.discard(request.request_id)
         self._unknown.discard(request.request_id)
         for feature in request.mm_features:
-            self._coordinator.forget(feature.identifier)
+            self._coordinator.forget(feature.identifier, request.request_id)
             self._fell_back.discard((request.request_id, feature.identifier))
 
     def _note_if_unmatched(self, request: Any, where: dict[str, str]) -> None:

@@ -171,6 +171,7 @@ def test_with_prefetch_an_exported_item_is_pulled_before_its_request_comes(
     producer.export("h-early", item(seed=8))
     assert wait_until(lambda: pulled(prefetching, "h-early"))
     assert "h-early" in receiver[0].held and "h-early" in other_rank[0].held
+    assert not prefetching.has_item("h-early")  # vLLM loads what a request asked for
     req = request("early", ["h-early"], make_params("enc0", ["h-early"]))
     assert prefetching.ensure_available(req, 0)  # scheduled at once
     order = load(prefetching, "h-early")

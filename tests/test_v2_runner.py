@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 from conftest import wait_until
+from pd_rig import pulled
 from v2_rig import (
     RUN_TIMEOUT_S,
     SAMPLED_TOKEN,
@@ -185,7 +186,8 @@ def test_an_item_claimed_for_pd_is_pulled_before_pd_takes_any_step(rig):
     it comes, is scheduled and loaded in its first step."""
     params = rig.encode("v2-claimed", {"consumer_id": PD_ID})
     before = len(rig.pd.steps)
-    assert wait_until(lambda: rig.pd.scheduler.ec_connector.has_cache_item("v2-claimed"), PULL_S)
+    consumer = rig.pd.scheduler.ec_connector._consumer
+    assert wait_until(lambda: pulled(consumer, "v2-claimed"), PULL_S)
     assert len(rig.pd.steps) == before
     [load] = rig.pd.run(rig.request("pd-claimed", "v2-claimed", params))
     assert loaded(load) == ["v2-claimed"]
