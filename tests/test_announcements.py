@@ -235,6 +235,30 @@ def test_a_prefetched_item_with_other_rows_than_its_request_needs_is_encoded_her
     assert wait_until(lambda: "h-long" not in receiver[0].held)
 
 
+def test_a_prefetch_claimed_while_it_runs_has_its_rows_checked_when_it_lands(
+    prefetching, producer, receiver, monkeypatch
+):
+    """Read before any request said how many rows it needs: checked when it lands."""
+    reading, gate = threading.Event(), threading.Event()
+    read = receiver[0].read
+
+    def held_back(order):
+        reading.set()
+        gate.wait(10)
+        return read(order)
+
+    monkeypatch.setattr(receiver[0], "read", held_back)
+    producer.export("h-long-claimed", item(seed=36, shape=(ROWS + 2, 1024)))
+    assert reading.wait(10)  # the prefetch is reading
+    req = request("long-claimed", ["h-long-claimed"], make_params("enc0", ["h-long-claimed"]))
+    assert not prefetching.ensure_available(req, 0)  # claimed while it runs
+    gate.set()
+    settle(prefetching, req)
+    assert not prefetching.has_item("h-long-claimed")
+    assert prefetching.stats.take()["counters"]["fallbacks"] == 1
+    assert wait_until(lambda: "h-long-claimed" not in receiver[0].held)
+
+
 def test_a_prefetched_item_no_request_claims_is_dropped_after_a_while(
     prefetching, producer, receiver, monkeypatch
 ):
