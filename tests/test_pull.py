@@ -320,7 +320,7 @@ def test_a_worker_order_keeps_its_deadline_with_a_stalled_encoder_not_met_yet(re
         producer.signal(signal.SIGSTOP)
         start = time.monotonic()
         try:
-            order = PullOrder("enc0", [item], [0], start + 30, deadline=start + 0.5)
+            order = PullOrder("enc0", [item], [0], start + 30, deadline=start + 0.5, pull_id=1)
             with pytest.raises(DeadlineExceededError):
                 worker.read(order)  # its handshake keeps the order's deadline
             assert time.monotonic() - start < 1.0

@@ -91,6 +91,12 @@ ELSEWHERE = [
      "tests/test_pull.py::test_a_read_past_its_deadline_disconnects_before_its_slot_is_reused"),
     ("health checks held open by anyone",
      "tests/test_hostile_input.py::test_health_checks_held_open_leave_the_export_service_its_threads"),
+    ("a request aborted while its pull runs, the same image asked for again at once (40 rounds)",
+     "tests/test_aborted_pulls.py::test_a_request_aborted_while_its_pull_runs_never_costs_the_next_one_its_item"),
+    ("two requests sharing an image, one of them aborted",
+     "tests/test_aborted_pulls.py::test_a_request_sharing_an_image_with_an_aborted_one_still_loads_the_same_pull"),
+    ("a PD rank told to load an item it does not hold",
+     "tests/test_aborted_pulls.py::test_a_rank_told_to_load_a_copy_it_lacks_reads_the_item_again_before_the_step_goes_on"),
 ]  # fmt: skip
 
 
