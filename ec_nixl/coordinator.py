@@ -485,8 +485,9 @@ class PullCoordinator:
             )  # fmt: skip
 
     def _fail(self, job: PullJob, exc: ECNixlError) -> None:
-        if job.future is not None:  # some workers may hold it
-            self._drop(job)
+        # Some workers may hold it. (Not judged by `job.future`: a pull that fails fast
+        # can end before its submitter has set it.)
+        self._drop(job)
         with self._lock:  # a failed prefetch is forgotten: a request will try afresh
             prefetch = job.claimed_at is None
             if prefetch:

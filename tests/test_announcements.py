@@ -46,13 +46,15 @@ def test_an_item_still_being_encoded_is_pulled_the_moment_its_encoder_announces_
     assert not announced.ensure_available(req, 0)  # deferred: nothing to pull yet
     time.sleep(0.2)  # the encoder is still encoding
     assert not announced.ensure_available(req, 0)
+    exported_at = time.monotonic()
     producer.export("h-coming", item(seed=12))
     settle(announced, req)
+    settled_s = time.monotonic() - exported_at
     order = load(announced, "h-coming")
     assert torch.equal(receiver[0].take("h-coming", order.pull_id), item(seed=12).make())
     waits = announced.stats.take()["observations"]
     assert waits["announce_wait_seconds"][0] >= 0.2  # encoding, counted apart
-    assert waits["ready_wait_seconds"][0] < 0.2  # the transfer alone
+    assert waits["ready_wait_seconds"][0] <= settled_s  # from the announcement on, not before
 
 
 def test_an_item_announced_before_its_request_came_is_pulled_at_once(announced, producer, receiver):
