@@ -53,6 +53,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import sys
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -64,6 +65,7 @@ from aiohttp import web
 
 from ec_nixl.control.security import add_client_arguments, client_security
 from ec_nixl.encoder_directory import EncoderDirectory
+from ec_nixl.errors import ConfigError
 from ec_nixl.media import (
     MediaError,
     Named,
@@ -462,7 +464,13 @@ def run(args: argparse.Namespace) -> int:
     logging.getLogger().setLevel(logging.INFO)  # a server's log: one line per request
     directory = None
     if args.encoder_events:
-        directory = EncoderDirectory(dict(args.encoder_events), client_security(args))
+        encoders = dict(args.encoder_events)
+        try:
+            security = client_security(args, encoders.values())
+        except ConfigError as exc:
+            print(f"ec-nixl proxy: {exc}", file=sys.stderr)
+            return 2
+        directory = EncoderDirectory(encoders, security)
     app = make_app(
         args.encoder, args.pd, args.encoder_timeout, args.overlap, directory,
         args.max_media_items, args.encoder_concurrency,

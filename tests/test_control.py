@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 import time
@@ -13,12 +14,14 @@ import torch
 from conftest import wait_until
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from ec_nixl.connector_config import ConnectorConfig
 from ec_nixl.control.client import ExportClient
 from ec_nixl.control.messages import PROTOCOL_VERSION
-from ec_nixl.control.security import Security
+from ec_nixl.control.security import TOKEN_ENV, Security
 from ec_nixl.control.server import MAX_ITEMS_PER_CALL, MAX_READERS, WATCH_QUEUE_DEPTH, EventHub
 from ec_nixl.errors import (
     AuthError,
+    ConfigError,
     HandshakeError,
     NotFoundError,
     PeerDeadError,
@@ -151,6 +154,46 @@ def test_callers_without_the_token_are_unauthenticated(exporter, token):
     with pytest.raises(AuthError):
         list(client.watch())
     client.close()
+
+
+def test_the_token_is_in_no_log_record_and_no_error_message(tmp_path, monkeypatch, caplog):
+    """A token from a token file, served, presented, refused and misconfigured: nowhere
+    in what is logged or raised (another user may read logs and error reports)."""
+    secret = "n0body-else-may-read-th1s"
+    path = tmp_path / "token"
+    path.write_text(secret + "\n")
+    path.chmod(0o600)
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    caplog.set_level(logging.DEBUG)
+    both = {
+        "encoder_id": "enc0", "control_address": "0.0.0.0:7100",
+        "encoders": {"enc0": "10.0.0.9:7100"}, "token_file": str(path),
+    }  # fmt: skip
+    config = ConnectorConfig.parse("ec_both", both)
+    texts = [repr(config), *config.risks]
+    exporter = Exporter(ExporterConfig(capacity_bytes=1 << 20, security=config.security))
+    try:
+        exporter.export("behind-the-token", embedding())
+        client = ExportClient(exporter.address, config.security)
+        [item] = client.resolve(["behind-the-token"], "pd-0")
+        client.release([item.lease_id])
+        client.close()
+        for wrong in (Security("not-" + secret), Security(None)):
+            client = ExportClient(exporter.address, wrong)
+            with pytest.raises(AuthError) as refused:
+                client.handshake(COMPAT, "pd-0")
+            texts.append(str(refused.value))
+            client.close()
+    finally:
+        exporter.close()
+    for bad in ({"token": secret + " "}, {"token_file": str(path)}):
+        path.chmod(0o644)
+        with pytest.raises(ConfigError) as refused:
+            ConnectorConfig.parse("ec_producer", {**both, **bad})
+        texts.append(str(refused.value))
+    texts += [record.getMessage() for record in caplog.records]
+    assert len(texts) > 8 and config.security.token == secret
+    assert [text for text in texts if secret in text] == []
 
 
 def test_health_check_is_serving_without_a_token(exporter):
