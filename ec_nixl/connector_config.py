@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from ec_nixl.control.messages import consumer_id_problem
 from ec_nixl.control.security import TOKEN_ENV, Security, TokenSource, is_loopback, resolve_token
 from ec_nixl.errors import ConfigError
 from ec_nixl.pool import DEFAULT_LEASE_S
@@ -172,6 +173,14 @@ def _as_is(key: str, value: Any) -> Any:
     return value
 
 
+def _consumer_id(key: str, value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{key} must be a non-empty name, got {value!r}")
+    if problem := consumer_id_problem(value):
+        raise ConfigError(f"{problem}: {value[:64]!r}")
+    return value
+
+
 def _file(key: str, value: Any) -> Path:
     path = Path(value) if isinstance(value, str) else None
     if path is None or not path.is_file():
@@ -197,7 +206,7 @@ _PRODUCER = {
 }
 _CONSUMER = {
     "encoders": _encoders,
-    "consumer_id": _identifier,
+    "consumer_id": _consumer_id,
     "receive_bytes": _positive_int,
     "pull_timeout_s": _positive_float,
     "prefetch": _bool,

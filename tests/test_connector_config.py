@@ -71,6 +71,7 @@ def test_ec_both_takes_producer_and_consumer_keys():
         ("ec_consumer", {"encoders": {"enc0": "127.0.0.1"}}, "encoders.enc0"),
         ("ec_consumer", {**CONSUMER, "pull_timeout_s": "fast"}, "pull_timeout_s"),
         ("ec_consumer", {**CONSUMER, "consumer_id": "pd a"}, "consumer_id"),
+        ("ec_consumer", {**CONSUMER, "consumer_id": "p" * 129}, "consumer_id .*at most 128"),
         ("ec_consumer", {**CONSUMER, "load_failure_policy": "recompute"}, "load_failure_policy"),
         ("ec_consumer", {**CONSUMER, "tls_ca_file": "/no/such/file"}, "tls_ca_file"),
         ("kv_both", PRODUCER, "ec_role"),
