@@ -1,4 +1,5 @@
-"""`ec-nixl` as a user runs it: help that explains, a benchmark with a table and JSON."""
+"""`ec-nixl` as a user runs it: help that explains, a benchmark with a table and JSON, and
+where a command takes the control-plane token from."""
 
 import json
 import logging
@@ -71,12 +72,21 @@ def test_help_explains_the_proxy():
     assert result.returncode == 0
     flags = ("--encoder", "[NAME=]URL", "--overlap", "--encoder-events", "EC_NIXL_TOKEN")
     flags += ("--max-media-items", "--encoder-concurrency", "--token-file", "--require-tls")
+    flags += ("--max-body-bytes", "--max-body-bytes-in-flight")
     assert all(flag in result.stdout for flag in flags)
 
 
 def test_a_cap_that_is_not_positive_is_a_clear_usage_error():
     result = ec_nixl("proxy", "--encoder", "http://e", "--pd", "http://p", "--max-media-items", "0")
     assert result.returncode == 2 and "--max-media-items: expected a positive" in result.stderr
+
+
+def test_a_bound_on_bodies_in_flight_below_the_body_bound_is_a_clear_error():
+    result = ec_nixl(
+        "proxy", "--encoder", "http://e", "--pd", "http://p", "--max-body-bytes", "2000",
+        "--max-body-bytes-in-flight", "1000", timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 2 and "--max-body-bytes-in-flight (1000) is below" in result.stderr
 
 
 def test_help_explains_the_event_stream():
