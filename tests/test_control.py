@@ -147,7 +147,7 @@ def lone_exporter():
     """An exporter of its own, with one item, and a client of it with the token."""
     exporter = Exporter(ExporterConfig(capacity_bytes=1 << 20, security=Security(TOKEN)))
     exporter.export("h", embedding())
-    client = ExportClient(exporter.address, Security(TOKEN))
+    client = ExportClient(exporter.address, Security(TOKEN), timeout_s=30)  # a loaded host
     yield exporter, client
     client.close()
     exporter.close()
