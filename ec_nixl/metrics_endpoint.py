@@ -112,7 +112,12 @@ class MetricsEndpoint:
         return _response(200, body, prometheus_client.CONTENT_TYPE_LATEST)
 
 
-_REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 431: "Too Large"}
+_REASONS = {
+    200: "OK",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    431: "Request Header Fields Too Large",
+}
 
 
 def _response(status: int, body: bytes, content_type: str = "text/plain") -> bytes:

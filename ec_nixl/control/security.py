@@ -4,10 +4,10 @@ The token travels as `authorization: Bearer <token>` metadata and is compared
 in constant time; health checks stay open so orchestrators can probe. Every
 component takes it from one place, `resolve_token`: an explicit value first
 (ec_connector_extra_config `token`, `--token`), else a token file readable by
-its owner alone (`token_file`, `--token-file`), else $EC_NIXL_TOKEN. The
-explicit value is the last resort: it sits in the process list, where every
-user of the host can read it, and in vLLM's log of its arguments. No log line
-or error message here ever holds the token.
+its owner alone (`token_file`, `--token-file`), else $EC_NIXL_TOKEN. An
+explicit value is best left out: it sits in the process list, where every user
+of the host can read it, and in vLLM's log of its arguments. No log line or
+error message here ever holds the token.
 """
 
 from __future__ import annotations
