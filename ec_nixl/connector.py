@@ -123,8 +123,9 @@ class ECNixlConnector(ECConnectorBase):
         self._watcher: ExportWatcher | None = None
         self._producer_worker: ProducerWorker | None = None
         self._consumer_worker: ConsumerWorker | None = None
-        if role == ECConnectorRole.SCHEDULER and (risk := self.config.exposure()):
-            logger.warning("ECNixlConnector: %s", risk)  # once per instance: its scheduler
+        if role == ECConnectorRole.SCHEDULER:  # once per instance: its scheduler
+            for risk in self.config.risks:
+                logger.warning("ECNixlConnector: %s", risk)
         if role == ECConnectorRole.SCHEDULER and self.config.is_consumer:
             self._start_consumer(parallel.tensor_parallel_size)
         if role == ECConnectorRole.SCHEDULER and self.config.is_producer:
