@@ -343,6 +343,15 @@ class PullCoordinator:
         Unclaimed ones are dropped after PREFETCH_TTL_S, or, oldest first, when they would
         hold more than half the receive arena (checked whenever another is prefetched)."""
         mm_hash = announcement.mm_hash
+        # Its size for the prefetch bound: the claim's descriptor (checked against its
+        # dtype and shape) where there is one, else the announced length until the
+        # resolve tells (an announced 0 would escape the bound: not prefetched).
+        nbytes = announcement.claim.region.length if announcement.claim else announcement.length
+        if nbytes <= 0:
+            logger.warning(
+                "encoder %s announced %s with %d bytes: not prefetched", encoder_id, mm_hash, nbytes
+            )
+            return False
         now = time.monotonic()
         with self._lock:  # stale ones leave under the lock: no request can claim them after
             stale = [
@@ -353,8 +362,8 @@ class PullCoordinator:
             item = self._item(mm_hash)
             started = item.job is None
             if started:
-                stale += self._make_room_locked(announcement.length)
-                job = item.job = PullJob(mm_hash, None, 0, nbytes=announcement.length)
+                stale += self._make_room_locked(nbytes)
+                job = item.job = PullJob(mm_hash, None, 0, nbytes=nbytes)
                 self._submit_locked(job, encoder_id, announcement)
         for job in stale:
             self._drop_when_done(job)
@@ -463,6 +472,8 @@ class PullCoordinator:
         with self._lock:
             job.rows = resolution.items[0].shape[0]
             job.ready_at = time.monotonic()
+            if job.nbytes:  # a prefetch: what it holds, whatever was announced
+                job.nbytes = resolution.items[0].region.length
             claimed = job.claimed_at is not None
         elapsed = job.ready_at - job.started_at
         self.stats.count("items_pulled")

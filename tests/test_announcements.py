@@ -14,6 +14,8 @@ from conftest import MiB, spec, wait_until
 from pd_rig import ROWS, item, load, make_scheduler, pulled, request, settle, watching
 
 from ec_nixl.arena import Arena
+from ec_nixl.control.messages import Announcement
+from ec_nixl.pool import EventKind
 from ec_nixl.receiver import ModelShape, Receiver
 from ec_nixl.resolver import Resolver
 from ec_nixl.transfer_params import announce_params, make_params
@@ -285,6 +287,17 @@ def test_unclaimed_prefetches_hold_at_most_half_the_receive_arena_oldest_dropped
         assert wait_until(lambda rank=rank: not {"h-orphan-0", "h-orphan-1"} & set(rank[0].held))
         assert set(names[2:]) <= set(rank[0].held)
     assert prefetching.stats.take()["counters"]["prefetches_dropped"] >= 2
+
+
+def test_an_understated_announcement_counts_at_its_real_size_once_resolved(prefetching, producer):
+    """An encoder that announces fewer bytes than it holds does not stretch the
+    prefetch bound: a prefetch counts what its resolve described."""
+    real = item(seed=36, shape=(4 * MiB // 2048, 1024))
+    producer.export("h-understated", real)
+    lie = Announcement(EventKind.EXPORTED, "h-understated", 1024)
+    prefetching._coordinator.prefetch(lie, "enc0")
+    assert wait_until(lambda: pulled(prefetching, "h-understated"))
+    assert prefetching._coordinator.job("h-understated").nbytes == 4 * MiB
 
 
 def test_a_worker_meets_its_encoders_at_start_and_skips_one_that_is_down(producer, caplog):

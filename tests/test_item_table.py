@@ -89,3 +89,10 @@ def test_every_pull_has_an_id_of_its_own(table):
     table.forget("h", "first")
     again = table.expect("h", 8, "again")  # the same item asked for again: a new pull
     assert again is not first and again.pull_id != first.pull_id
+
+
+def test_an_announcement_of_no_bytes_is_not_prefetched(table, caplog):
+    """Its size is what bounds unclaimed prefetches: 0 would let them fill the arena."""
+    assert not table.prefetch(Announcement(EventKind.EXPORTED, "h-empty", 0), "enc0")
+    assert table.job("h-empty") is None
+    assert "announced h-empty with 0 bytes: not prefetched" in caplog.text
