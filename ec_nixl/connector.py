@@ -32,7 +32,7 @@ from vllm.distributed.ec_transfer.ec_connector.utils import (
 )
 
 from ec_nixl.connector_config import ConnectorConfig
-from ec_nixl.control.worker_link import WorkerClient, worker_address
+from ec_nixl.control.worker_link import Load, WorkerClient, worker_address
 from ec_nixl.coordinator import PullCoordinator
 from ec_nixl.errors import ConfigError
 from ec_nixl.metrics import PromMetrics, merge, summary
@@ -52,10 +52,10 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class ECNixlConnectorMetadata(ECConnectorMetadata):
-    # consumer: pulled items to lend from the receive arena to the encoder cache, and
-    # items vLLM evicted from it (their slots are freed)
-    loads: list[str] = field(default_factory=list)
-    evicted: list[str] = field(default_factory=list)
+    # consumer: pulled copies to lend from the receive arena to the encoder cache, and
+    # the (mm_hash, pull id) of those vLLM evicted from it (their slots are freed)
+    loads: list[Load] = field(default_factory=list)
+    evicted: list[tuple[str, int]] = field(default_factory=list)
     # producer: items this step uses (export those served from the encoder cache), each
     # with the PD it is meant for ("": none named), which gets a claim with its announcement
     uses: dict[str, str] = field(default_factory=dict)
@@ -123,8 +123,9 @@ class ECNixlConnector(ECConnectorBase):
         self._watcher: ExportWatcher | None = None
         self._producer_worker: ProducerWorker | None = None
         self._consumer_worker: ConsumerWorker | None = None
-        if role == ECConnectorRole.SCHEDULER and (risk := self.config.exposure()):
-            logger.warning("ECNixlConnector: %s", risk)  # once per instance: its scheduler
+        if role == ECConnectorRole.SCHEDULER:  # once per instance: its scheduler
+            for risk in self.config.risks:
+                logger.warning("ECNixlConnector: %s", risk)
         if role == ECConnectorRole.SCHEDULER and self.config.is_consumer:
             self._start_consumer(parallel.tensor_parallel_size)
         if role == ECConnectorRole.SCHEDULER and self.config.is_producer:
@@ -231,8 +232,8 @@ class ECNixlConnector(ECConnectorBase):
         if self._consumer is not None:
             if scheduler_output.total_num_scheduled_tokens == 0:
                 self._consumer.idle_step()
-            metadata.evicted = list(scheduler_output.free_encoder_mm_hashes)
-            self._consumer.on_freed(metadata.evicted)
+            freed = list(scheduler_output.free_encoder_mm_hashes)
+            metadata.evicted = self._consumer.on_freed(freed)
             metadata.loads = self._consumer.take_loads()
         if self._producer is not None:
             metadata.uses = self._producer.uses(scheduler_output.scheduled_new_reqs)

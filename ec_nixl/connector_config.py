@@ -6,11 +6,12 @@ names the key, not surface later as a request that silently never hits.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ec_nixl.control.security import Security
+from ec_nixl.control.messages import consumer_id_problem
+from ec_nixl.control.security import TOKEN_ENV, Security, TokenSource, is_loopback, resolve_token
 from ec_nixl.errors import ConfigError
 from ec_nixl.pool import DEFAULT_LEASE_S
 from ec_nixl.resolver import DEFAULT_PULL_TIMEOUT_S
@@ -44,22 +45,8 @@ class ConnectorConfig:
     load_failure_policy: str = "encode"
     # both
     security: Security = field(default_factory=Security)
-
-    def exposure(self) -> str | None:
-        """Why running like this is risky, or None: without a token, anyone who reaches
-        a control-plane address beyond loopback can resolve, release and evict items."""
-        if self.security.token:
-            return None
-        addresses = [self.control_address] if self.is_producer else []
-        addresses += list(self.encoders.values()) if self.is_consumer else []
-        exposed = [a for a in addresses if a and not _loopback(a)]
-        if not exposed:
-            return None
-        return (
-            f"the control plane runs without a token on {', '.join(exposed)}: anyone who "
-            "reaches it can resolve, release and evict encoder outputs, and a forged handshake "
-            "can reach NIXL. Set ec_connector_extra_config.token (and TLS) on every instance."
-        )
+    # what is risky about running like this, one sentence each: the instance warns of them
+    risks: tuple[str, ...] = field(default=(), compare=False)
 
     @property
     def is_producer(self) -> bool:
@@ -94,18 +81,39 @@ class ConnectorConfig:
                 f"ec_connector_extra_config.encoders is required for {role}: "
                 '{"enc0": "HOST:PORT"}'
             )
+        token, source = resolve_token(values.pop("token", None), values.pop("token_file", None))
         security = Security(
-            token=values.pop("token", None),
+            token=token,
             tls_cert_file=values.pop("tls_cert_file", None),
             tls_key_file=values.pop("tls_key_file", None),
             tls_ca_file=values.pop("tls_ca_file", None),
+            require_tls=values.pop("require_tls", False),
         )
-        return cls(security=security, **values)
+        config = cls(security=security, **values)
+        return replace(config, risks=config._risks(source))
 
-
-def _loopback(address: str) -> bool:
-    host = address.rpartition(":")[0].strip("[]")
-    return host == "localhost" or host == "::1" or host.startswith("127.")
+    def _risks(self, token_source: TokenSource) -> tuple[str, ...]:
+        """What to warn of; ConfigError where `require_tls` forbids it."""
+        serves = [self.control_address] if self.is_producer else []
+        calls = list(self.encoders.values()) if self.is_consumer else []
+        risks = [risk] if (risk := self.security.transport_risk(serves, calls)) else []
+        if token_source is TokenSource.EXPLICIT:
+            risks.append(
+                "ec_connector_extra_config.token is in this instance's arguments, which every "
+                "user of the host can read in the process list and which vLLM logs: give it "
+                f"in token_file or ${TOKEN_ENV} instead"
+            )
+        exposed = [a for a in serves + calls if not is_loopback(a)]
+        if not self.security.token and exposed:
+            # Without a token, anyone who reaches a control-plane address beyond loopback
+            # can resolve, release and evict items.
+            risks.append(
+                f"the control plane runs without a token on {', '.join(exposed)}: anyone who "
+                "reaches it can resolve, release and evict encoder outputs, and a forged "
+                "handshake can reach NIXL. Give every instance the same token (token_file or "
+                f"${TOKEN_ENV}), and TLS."
+            )
+        return tuple(risks)
 
 
 def _identifier(key: str, value: Any) -> str:
@@ -161,9 +169,15 @@ def _encoders(key: str, value: Any) -> dict[str, str]:
     return {_identifier(f"{key} id", k): _address(f"{key}.{k}", v) for k, v in value.items()}
 
 
-def _token(key: str, value: Any) -> str:
+def _as_is(key: str, value: Any) -> Any:
+    return value
+
+
+def _consumer_id(key: str, value: Any) -> str:
     if not isinstance(value, str) or not value:
-        raise ConfigError(f"{key} must be a non-empty string")
+        raise ConfigError(f"{key} must be a non-empty name, got {value!r}")
+    if problem := consumer_id_problem(value):
+        raise ConfigError(f"{problem}: {value[:64]!r}")
     return value
 
 
@@ -174,7 +188,15 @@ def _file(key: str, value: Any) -> Path:
     return path
 
 
-_COMMON = {"token": _token, "tls_cert_file": _file, "tls_key_file": _file, "tls_ca_file": _file}
+# token and token_file are checked where every component's token is resolved (resolve_token)
+_COMMON = {
+    "token": _as_is,
+    "token_file": _as_is,
+    "tls_cert_file": _file,
+    "tls_key_file": _file,
+    "tls_ca_file": _file,
+    "require_tls": _bool,
+}
 _PRODUCER = {
     "encoder_id": _identifier,
     "control_address": _address,
@@ -184,7 +206,7 @@ _PRODUCER = {
 }
 _CONSUMER = {
     "encoders": _encoders,
-    "consumer_id": _identifier,
+    "consumer_id": _consumer_id,
     "receive_bytes": _positive_int,
     "pull_timeout_s": _positive_float,
     "prefetch": _bool,

@@ -11,6 +11,13 @@ at its state (and never waits on the network: drops and give-backs run on the
 pool too). A job fails as a whole: workers that did READ drop the item, and
 the lease goes back.
 
+Each job is one pull with an id of its own, and every order to the workers
+that removes a copy (drop, load, free) names it: a job that ends late (its
+request aborted while it ran, the same image asked for again at once) frees
+only its own copy, never the one a newer job read. A job lasts while a request
+relies on it: a request that ends leaves the job to the others that share the
+item, and only the last one's end stops it.
+
 A job starts in one of three ways: a request names where its item is
 (`start`); a request says its item is still being encoded (`expect`: the pull
 starts when an encoder announces the item, and the wait has the pull's
@@ -20,6 +27,7 @@ for yet (`prefetch`).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -29,7 +37,7 @@ from enum import Enum
 
 from ec_nixl.connector_config import DEFAULT_RECEIVE_BYTES
 from ec_nixl.control.messages import Announcement
-from ec_nixl.control.worker_link import WorkerClient
+from ec_nixl.control.worker_link import Load, WorkerClient
 from ec_nixl.errors import DeadlineExceededError, ECNixlError, HandshakeError, RefusedError
 from ec_nixl.metrics import Stats
 from ec_nixl.pull_runner import PullRunner
@@ -41,6 +49,9 @@ logger = logging.getLogger(__name__)
 MAX_CONCURRENT_PULLS = 16
 # A prefetched item whose request has not come by then is not coming to this instance.
 PREFETCH_TTL_S = 30.0
+
+# Pull ids, unique in this process: what a worker keeps a pull's copy under.
+_pull_ids = itertools.count(1)
 
 
 class PullState(Enum):
@@ -54,9 +65,13 @@ class PullJob:
     mm_hash: str
     encoder_id: str | None  # None: waiting for an encoder to announce the item
     num_embeds: int  # the rows the model expects (0: a prefetch, no request yet)
+    pull_id: int = field(default_factory=lambda: next(_pull_ids))
     started_at: float = field(default_factory=time.monotonic)
     # When a request first asked for the item: a prefetch is claimed later, or never.
     claimed_at: float | None = None
+    # The requests that rely on the pulled item: the job ends (its copies dropped)
+    # once none does, unless vLLM's encoder cache took it first.
+    users: set[str] = field(default_factory=set)
     expected: bool = False  # asked for before any encoder announced it
     future: Future | None = None
     error: ECNixlError | None = None
@@ -85,6 +100,7 @@ class Item:
     encoding: tuple[str, float] | None = None  # (the encoder encoding it, since when)
     job: PullJob | None = None  # our pull of it
     resident: bool = False  # in vLLM's encoder cache: never pulled again
+    lent: int | None = None  # the pull whose copy vLLM's encoder cache holds (if loaded)
 
     @property
     def empty(self) -> bool:
@@ -115,32 +131,39 @@ class PullCoordinator:
         self._incompatible: set[str] = set()
         self._landed = threading.Event()  # a pull ended: a request waiting for it may go on
 
-    def start(self, mm_hash: str, encoder_id: str, num_embeds: int) -> PullJob:
+    def start(self, mm_hash: str, encoder_id: str, num_embeds: int, request_id: str) -> PullJob:
         """Start pulling `mm_hash` from `encoder_id` for a request, unless a job for it
         exists; a prefetched item is claimed (and its rows checked once pulled)."""
         with self._lock:
             item = self._item(mm_hash)
             job = item.job = item.job or PullJob(mm_hash, None, num_embeds)
+            pulled = self._claim_locked(job, num_embeds, request_id)  # before it can fail
             if job.awaiting:
                 self._submit_locked(job, encoder_id)
-        return self._claim(job, num_embeds)
+        if pulled and self._rows_fit(job):
+            self.stats.count("prefetch_hits")
+        return job
 
-    def expect(self, mm_hash: str, num_embeds: int) -> PullJob:
+    def expect(self, mm_hash: str, num_embeds: int, request_id: str) -> PullJob:
         """Pull `mm_hash` for a request once an encoder announces it (at once if one has);
         the request fails over to local encoding if none has by the pull deadline."""
         with self._lock:
             item = self._item(mm_hash)
             job = item.job
+            new = job is None
             if job is None:
                 job = item.job = PullJob(mm_hash, None, num_embeds, expected=True)
-                if item.holder is not None:
-                    self._submit_locked(job, item.holder)
+            pulled = self._claim_locked(job, num_embeds, request_id)
+            if new and item.holder is not None:
+                self._submit_locked(job, item.holder)
         if job.awaiting and time.monotonic() - job.started_at > self._timeout_s:
             self.stats.count("pull_failures", label=DeadlineExceededError.__name__)
             self._fail(job, DeadlineExceededError(
                 f"{mm_hash}: no encoder announced it within {self._timeout_s:.1f} s"
             ))  # fmt: skip
-        return self._claim(job, num_embeds)
+        elif pulled and self._rows_fit(job):
+            self.stats.count("prefetch_hits")
+        return job
 
     def announced(self, announcement: Announcement, encoder_id: str, *, prefetch: bool) -> None:
         """An encoder exported an item: pull it for a request expecting it, or, with
@@ -211,32 +234,55 @@ class PullCoordinator:
             item = self._items.get(mm_hash)
             return item is not None and item.resident
 
-    def allocated(self, mm_hash: str) -> bool:
+    def loadable(self, mm_hash: str) -> PullJob | None:
+        """The item's pull if vLLM may load it: every worker reported holding its copy,
+        and a live request relies on it (so nothing ends the job before it is loaded)."""
+        with self._lock:
+            item = self._items.get(mm_hash)
+            job = item.job if item is not None else None
+            if job is not None and job.users and job.state is PullState.READY:
+                return job
+            return None
+
+    def allocated(self, mm_hash: str, promised: PullJob | None) -> Load | None:
         """vLLM reserved encoder-cache room for the item: it is resident from now on.
-        True when our pulled copy is to be loaded into it (its job ends here)."""
+        With `promised` (the pull `loadable` gave in this scheduling pass), vLLM loads
+        that pull's copy instead of encoding the item: the job ends here and its load
+        order is returned. Without, vLLM encodes the item itself."""
         with self._lock:
             item = self._item(mm_hash)
             item.resident = True
-            job = item.job
-            if job is None or job.state is not PullState.READY:
-                return False
-            item.job = None
-        if job.claimed_at is not None:
+            item.lent = promised.pull_id if promised is not None else None
+            if promised is None:
+                return None
+            kept = item.job is promised
+            if kept:
+                item.job = None
+        if not kept:  # the workers read it again if they dropped it (`Receiver.lend`)
+            logger.error("%s: pull %d ended before its promised load", mm_hash, promised.pull_id)
+        job = promised
+        if job.claimed_at is not None and job.ready_at is not None:
             # Waiting for the encoder to announce the item is encoding, not transfer.
             announced = max(job.claimed_at, job.started_at)
             if job.expected:
                 self.stats.observe("announce_wait_seconds", announced - job.claimed_at)
             self.stats.observe("ready_wait_seconds", max(0.0, job.ready_at - announced))
-        return True
+        assert job.encoder_id is not None  # pulled
+        return Load(mm_hash, job.pull_id, job.encoder_id, job.rows)
 
-    def freed(self, mm_hashes: list[str]) -> None:
-        """vLLM evicted these from its encoder cache: pull them again if asked."""
+    def freed(self, mm_hashes: list[str]) -> list[tuple[str, int]]:
+        """vLLM evicted these from its encoder cache: pull them again if asked. The
+        (mm_hash, pull id) of those whose slots the workers lent it, to free."""
+        released = []
         with self._lock:
             for mm_hash in mm_hashes:
                 item = self._items.get(mm_hash)
                 if item is not None:
-                    item.resident = False
+                    if item.lent is not None:
+                        released.append((mm_hash, item.lent))
+                    item.resident, item.lent = False, None
                     self._prune(mm_hash)
+        return released
 
     def _item(self, mm_hash: str) -> Item:
         item = self._items.get(mm_hash)
@@ -270,28 +316,42 @@ class PullCoordinator:
             self._landed.wait(timeout_s)
         self._landed.clear()
 
-    def _claim(self, job: PullJob, num_embeds: int) -> PullJob:
-        with self._lock:
-            claiming = job.claimed_at is None
-            if claiming:
-                job.claimed_at = time.monotonic()
-                job.num_embeds = num_embeds
-        if claiming and job.state is PullState.READY:
-            if job.rows == num_embeds:
-                self.stats.count("prefetch_hits")
-            else:
-                self.stats.count("pull_failures", label=RefusedError.__name__)
-                self._fail(job, RefusedError(
-                    f"{job.mm_hash}: the encoder sent {job.rows} rows, "
-                    f"the request needs {num_embeds}"
-                ))  # fmt: skip
-        return job
+    def _claim_locked(self, job: PullJob, num_embeds: int, request_id: str) -> bool:
+        """`request_id` relies on the job from now on; the first claim gives it its rows.
+        True if that claim found the item already pulled (a prefetch): its rows are then
+        checked here (`_rows_fit`), else by the pull when it ends."""
+        job.users.add(request_id)
+        if job.claimed_at is not None:
+            return False
+        job.claimed_at = time.monotonic()
+        job.num_embeds = num_embeds
+        return job.ready_at is not None
+
+    def _rows_fit(self, job: PullJob) -> bool:
+        """Whether a claimed, pulled item has the rows its request needs (the workers
+        check them before reading only when a request asked first); if not, it fails."""
+        if job.rows == job.num_embeds:
+            return True
+        self.stats.count("pull_failures", label=RefusedError.__name__)
+        self._fail(job, RefusedError(
+            f"{job.mm_hash}: the encoder sent {job.rows} rows, the request needs {job.num_embeds}"
+        ))  # fmt: skip
+        return False
 
     def prefetch(self, announcement: Announcement, encoder_id: str) -> bool:
         """Pull an item no request has asked for yet (False: a job for it exists).
         Unclaimed ones are dropped after PREFETCH_TTL_S, or, oldest first, when they would
         hold more than half the receive arena (checked whenever another is prefetched)."""
         mm_hash = announcement.mm_hash
+        # Its size for the prefetch bound: the claim's descriptor (checked against its
+        # dtype and shape) where there is one, else the announced length until the
+        # resolve tells (an announced 0 would escape the bound: not prefetched).
+        nbytes = announcement.claim.region.length if announcement.claim else announcement.length
+        if nbytes <= 0:
+            logger.warning(
+                "encoder %s announced %s with %d bytes: not prefetched", encoder_id, mm_hash, nbytes
+            )
+            return False
         now = time.monotonic()
         with self._lock:  # stale ones leave under the lock: no request can claim them after
             stale = [
@@ -302,8 +362,8 @@ class PullCoordinator:
             item = self._item(mm_hash)
             started = item.job is None
             if started:
-                stale += self._make_room_locked(announcement.length)
-                job = item.job = PullJob(mm_hash, None, 0, nbytes=announcement.length)
+                stale += self._make_room_locked(nbytes)
+                job = item.job = PullJob(mm_hash, None, 0, nbytes=nbytes)
                 self._submit_locked(job, encoder_id, announcement)
         for job in stale:
             self._drop_when_done(job)
@@ -358,25 +418,30 @@ class PullCoordinator:
             item = self._items.get(mm_hash)
             return item.job if item is not None else None
 
-    def forget(self, mm_hash: str) -> None:
-        """A request that needed the item ended: a pull not loaded by then ends, and the
-        workers free what they got of it."""
+    def forget(self, mm_hash: str, request_id: str) -> None:
+        """A request that needed the item ended. Once no request relies on its pull, a
+        pull not loaded by then ends, and the workers free that pull's copy; another
+        request sharing the item keeps the pull going."""
         with self._lock:
             item = self._items.get(mm_hash)
             job = item.job if item is not None else None
-            if job is not None:
-                self._end_job_locked(job)
-        if job is not None:
-            self._drop_when_done(job)
+            if job is None or request_id not in job.users:
+                return
+            job.users.discard(request_id)
+            if job.users:
+                return
+            self._end_job_locked(job)
+        self._drop_when_done(job)
 
     def _drop_when_done(self, job: PullJob) -> None:
         if job.future is not None:
-            job.future.add_done_callback(lambda _: self._drop(job.mm_hash))
+            job.future.add_done_callback(lambda _: self._drop(job))
 
-    def _drop(self, mm_hash: str) -> None:
-        """Workers forget the item, on the pool: never on the caller's (scheduler) thread."""
+    def _drop(self, job: PullJob) -> None:
+        """Workers free the job's copy (a newer pull's stays), on the pool: never on the
+        caller's (scheduler) thread."""
         for worker in self._runner.workers:
-            self._pool.submit(worker.drop, [mm_hash])
+            self._pool.submit(worker.drop, [job.mm_hash], job.pull_id)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -390,7 +455,9 @@ class PullCoordinator:
             resolution, via = self._runner.lease(
                 job.mm_hash, job.encoder_id, announcement, deadline
             )
-            reports = self._runner.read(job.encoder_id, resolution, job.num_embeds, deadline)
+            reports = self._runner.read(
+                job.encoder_id, resolution, job.num_embeds, deadline, job.pull_id
+            )
         except Exception as exc:  # a thread boundary: whatever fails here fails this pull only
             if not isinstance(exc, ECNixlError):
                 logger.exception("pull of %s failed unexpectedly", job.mm_hash)
@@ -405,15 +472,20 @@ class PullCoordinator:
         with self._lock:
             job.rows = resolution.items[0].shape[0]
             job.ready_at = time.monotonic()
+            if job.nbytes:  # a prefetch: what it holds, whatever was announced
+                job.nbytes = resolution.items[0].region.length
+            claimed = job.claimed_at is not None
         elapsed = job.ready_at - job.started_at
         self.stats.count("items_pulled")
         self.stats.count("bytes_pulled", reports[0].bytes)
         self.stats.observe("pull_seconds", elapsed)
         logger.info(
-            "pulled %s from %s in %.1f ms (%s; READ per rank %s ms)",
-            job.mm_hash, job.encoder_id, elapsed * 1000, via,
+            "pulled %s (pull %d) from %s in %.1f ms (%s; READ per rank %s ms)",
+            job.mm_hash, job.pull_id, job.encoder_id, elapsed * 1000, via,
             "/".join(f"{r.read_s * 1000:.1f}" for r in reports),
         )  # fmt: skip
+        if claimed:  # a prefetch claimed while it ran was read without the request's rows
+            self._rows_fit(job)
 
     def _report_incompatible(self, encoder_id: str, exc: HandshakeError) -> None:
         if encoder_id not in self._incompatible:
@@ -424,8 +496,9 @@ class PullCoordinator:
             )  # fmt: skip
 
     def _fail(self, job: PullJob, exc: ECNixlError) -> None:
-        if job.future is not None:  # some workers may hold it
-            self._drop(job.mm_hash)
+        # Some workers may hold it. (Not judged by `job.future`: a pull that fails fast
+        # can end before its submitter has set it.)
+        self._drop(job)
         with self._lock:  # a failed prefetch is forgotten: a request will try afresh
             prefetch = job.claimed_at is None
             if prefetch:

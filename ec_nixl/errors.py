@@ -37,6 +37,12 @@ class WorkerLostError(ECNixlError):
     it died or restarted. The encoder is not at fault: its lease goes back."""
 
 
+class LoadLostError(ECNixlError):
+    """A PD worker was told to load an item it does not hold, and could not read it again
+    from its encoder. vLLM has scheduled the item's tokens without encoding it: the step
+    cannot go on."""
+
+
 class DeadlineExceededError(ECNixlError, TimeoutError):
     """A call or a transfer did not finish before its deadline."""
 

@@ -17,7 +17,12 @@ The stream begins with an "exported" line for every item held at that moment
 may be announced twice. A router keeps `mm_hash -> encoder` from it; an operator watches what
 an encoder holds. The schema is `ec_nixl.v1.ExportService/WatchEvents`
 (docs/EVENTS.md); lines only gain keys. Exits 0 when the encoder ends the
-stream, 1 with the reason when it cannot be reached or refuses the token.
+stream, 1 with the reason when it cannot be reached or refuses the token, 2
+when the token cannot be had (a token file open to others, say) or TLS is
+required and missing.
+
+The token: --token, else --token-file, else $EC_NIXL_TOKEN (the first keeps
+it in the process list: prefer the others).
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from typing import Any, TextIO
 from ec_nixl.control.client import ExportClient
 from ec_nixl.control.messages import Announcement
 from ec_nixl.control.security import add_client_arguments, client_security
-from ec_nixl.errors import ECNixlError
+from ec_nixl.errors import ConfigError, ECNixlError
 
 
 def event_json(event: Announcement, encoder: str, received_at: float) -> dict[str, Any]:
@@ -63,7 +68,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    client = ExportClient(args.encoder, client_security(args))
+    try:
+        security = client_security(args, [args.encoder])
+    except ConfigError as exc:
+        print(f"ec-nixl events: {exc}", file=sys.stderr)
+        return 2
+    client = ExportClient(args.encoder, security)
     try:
         follow(client, sys.stdout)
     except ECNixlError as exc:

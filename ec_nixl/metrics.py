@@ -195,10 +195,13 @@ class PromMetrics:
 class MetricsServer:
     """Our own /metrics endpoint, for processes whose numbers vLLM cannot carry
     (the encoder's worker: vLLM drops an encoder-only step's connector output).
-    Folds `stats` into Prometheus metrics every `interval_s`."""
+    Folds `stats` into Prometheus metrics every `interval_s`; serves them from one
+    thread with a deadline on each request (see ec_nixl.metrics_endpoint)."""
 
     def __init__(self, stats: Stats, address: str, interval_s: float = 1.0) -> None:
         import prometheus_client
+
+        from ec_nixl.metrics_endpoint import MetricsEndpoint
 
         self._stats = stats
         self.registry = prometheus_client.CollectorRegistry()
@@ -209,10 +212,8 @@ class MetricsServer:
         }
         self._metrics = PromMetrics(constructors, labelnames=[])
         host, _, port = address.rpartition(":")
-        self._server, self._thread = prometheus_client.start_http_server(
-            int(port), addr=host, registry=self.registry
-        )
-        self.port = self._server.server_port
+        self.endpoint = MetricsEndpoint(self.registry, host.strip("[]"), int(port))
+        self.port = self.endpoint.port
         self._stop = threading.Event()
         self._folder = threading.Thread(
             target=self._fold, args=(interval_s,), name="ec-nixl-metrics", daemon=True
@@ -228,4 +229,4 @@ class MetricsServer:
 
     def close(self) -> None:
         self._stop.set()
-        self._server.shutdown()
+        self.endpoint.close()

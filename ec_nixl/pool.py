@@ -32,9 +32,17 @@ from ec_nixl.errors import NotFoundError, PoolFullError
 T = TypeVar("T")
 
 DEFAULT_LEASE_S = 30.0
+# Bounds on lease bookkeeping (a lease costs memory here and pins its item; a token
+# holder could otherwise grow it without end, naming itself anew with each call).
 # Live leases one consumer may hold: a PD needs one per item in flight per request; a
-# caller asking for more is flooding (each lease costs memory and pins its item).
+# caller asking for more is flooding.
 MAX_LEASES_PER_CONSUMER = 4096
+# Consumers holding live leases at once: each PD leases under one name (its scheduler's),
+# and so does the proxy's watcher; more than this many on one encoder is a flood.
+MAX_CONSUMERS = 64
+# Live leases over all consumers: four consumers at their own bound (under 5 MiB of
+# bookkeeping here).
+MAX_LIVE_LEASES = 4 * MAX_LEASES_PER_CONSUMER
 
 
 class EventKind(Enum):
@@ -153,7 +161,8 @@ class ExportPool:
         consumer: str = "",
     ) -> list[Lease]:
         """Lease every item for `readers` READs by `consumer`, or none: raises
-        NotFoundError naming the missing hashes, PoolFullError past the consumer's bound."""
+        NotFoundError naming the missing hashes, PoolFullError past a bound on leases
+        (the consumer's, all consumers', or the number of consumers holding any)."""
         mm_hashes = list(mm_hashes)
         with self._lock:
             now = self._clock()
@@ -161,11 +170,7 @@ class ExportPool:
             missing = tuple(h for h in mm_hashes if h not in self._items)
             if missing:
                 raise NotFoundError(f"not exported here: {', '.join(missing)}", missing)
-            if self._held_by[consumer] + len(mm_hashes) > MAX_LEASES_PER_CONSUMER:
-                raise PoolFullError(
-                    f"consumer {consumer[:64]!r} holds {self._held_by[consumer]} leases and "
-                    f"asks for {len(mm_hashes)} more; at most {MAX_LEASES_PER_CONSUMER}"
-                )
+            self._check_bounds_locked(consumer, len(mm_hashes))
             expires_at = now + (lease_s or self.lease_s)
             leases = []
             for mm_hash in mm_hashes:
@@ -231,6 +236,24 @@ class ExportPool:
 
     def remaining_s(self, lease: Lease) -> float:
         return max(0.0, lease.expires_at - self._clock())
+
+    def _check_bounds_locked(self, consumer: str, more: int) -> None:
+        name = consumer[:64]
+        if consumer not in self._held_by and len(self._held_by) >= MAX_CONSUMERS:
+            raise PoolFullError(
+                f"{len(self._held_by)} consumers hold leases here, at most {MAX_CONSUMERS}: "
+                f"consumer {name!r} gets one once a consumer's leases have all ended"
+            )
+        if self._held_by[consumer] + more > MAX_LEASES_PER_CONSUMER:
+            raise PoolFullError(
+                f"consumer {name!r} holds {self._held_by[consumer]} leases and asks for "
+                f"{more} more; at most {MAX_LEASES_PER_CONSUMER}"
+            )
+        if len(self._leases) + more > MAX_LIVE_LEASES:
+            raise PoolFullError(
+                f"{len(self._leases)} leases are live here and consumer {name!r} asks for "
+                f"{more} more; at most {MAX_LIVE_LEASES} over all consumers"
+            )
 
     def _new_lease_id(self) -> int:
         """Random, so nobody can release (by RPC or READ notification) a lease not theirs."""

@@ -40,14 +40,25 @@ A request may hold at most `--max-media-items` items (400 past that), and at
 most `--encoder-concurrency` encoder requests are in flight at once, over all
 requests: a request with many items waits for its turn instead of flooding the
 encoders and the proxy's connection pool (which PD and `/health` share).
+A request body may be at most `--max-body-bytes` (413 past that), and the
+proxy holds at most `--max-body-bytes-in-flight` of bodies at once, over all
+requests: each is kept, parsed, for its request's whole life, at about four
+times its size (six bodies of 48 MiB took 1.2 GiB). A request that would pass
+that is answered 503 with Retry-After, before its body is read when it gives
+its length.
 
 A client that hangs up ends its request: the proxy closes its requests to the
 encoders and PD, streamed or not, and vLLM aborts them instead of generating
 an answer nobody reads.
 
+The token for `--encoder-events` is taken from --token, else --token-file,
+else $EC_NIXL_TOKEN (the first keeps it in the process list: prefer the others).
+
     ec-nixl proxy --encoder URL [--encoder URL ...] --pd [NAME=]URL [--pd ...]
         --port N [--overlap] [--encoder-events ID=HOST:PORT ...]
         [--max-media-items N] [--encoder-concurrency N]
+        [--max-body-bytes N] [--max-body-bytes-in-flight N]
+        [--token-file FILE] [--tls-ca FILE] [--require-tls]
 """
 
 from __future__ import annotations
@@ -56,7 +67,9 @@ import argparse
 import asyncio
 import contextlib
 import itertools
+import json
 import logging
+import sys
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -68,6 +81,7 @@ from aiohttp import web
 
 from ec_nixl.control.security import add_client_arguments, client_security
 from ec_nixl.encoder_directory import EncoderDirectory
+from ec_nixl.errors import ConfigError
 from ec_nixl.media import (
     MediaError,
     Named,
@@ -87,6 +101,10 @@ DEFAULT_ENCODER_TIMEOUT_S = 30.0
 DEFAULT_MAX_MEDIA_ITEMS = 64
 # Below aiohttp's pool of 100 connections, so that PD and /health always find one.
 DEFAULT_ENCODER_CONCURRENCY = 32
+DEFAULT_MAX_BODY_BYTES = 64 << 20
+# Room for four bodies of the largest size: about 1 GiB once parsed and sent on.
+DEFAULT_MAX_BODY_BYTES_IN_FLIGHT = 256 << 20
+BUSY_RETRY_AFTER_S = 1
 PD_TIMEOUT = aiohttp.ClientTimeout(total=600)
 # aiohttp lets a handler run on when its client hangs up; cancelled instead, it closes its
 # requests to the encoders and PD, and vLLM aborts them rather than generate for no one.
@@ -115,6 +133,24 @@ class PD:
         return cls(url, name) if sep and not name.startswith("http") else cls(text)
 
 
+class BodyBudget:
+    """Bytes of request bodies the proxy holds at once, over all requests (the event
+    loop's thread alone calls it)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+
+    def take(self, nbytes: int) -> bool:
+        if self.held + nbytes > self.limit:
+            return False
+        self.held += nbytes
+        return True
+
+    def give(self, nbytes: int) -> None:
+        self.held -= nbytes
+
+
 class EPDProxy:
     def __init__(
         self,
@@ -125,9 +161,13 @@ class EPDProxy:
         directory: EncoderDirectory | None = None,
         max_media_items: int = DEFAULT_MAX_MEDIA_ITEMS,
         encoder_concurrency: int = DEFAULT_ENCODER_CONCURRENCY,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        max_body_bytes_in_flight: int = DEFAULT_MAX_BODY_BYTES_IN_FLIGHT,
     ) -> None:
         self.encoders = encoders
         self.max_media_items = max_media_items
+        self.max_body_bytes = max_body_bytes
+        self._bodies = BodyBudget(max_body_bytes_in_flight)
         self._encoder_slots = asyncio.Semaphore(encoder_concurrency)
         self.directory = directory
         self.pds = pds
@@ -167,6 +207,11 @@ class EPDProxy:
         self._refused_requests = prometheus_client.Counter(
             "ec_nixl_proxy_refused_requests", "Requests refused with 400 (media the proxy "
             "cannot name, or too many items)", registry=self.registry,
+        )  # fmt: skip
+        self._shed_requests = prometheus_client.Counter(
+            "ec_nixl_proxy_shed_requests", "Requests turned away for their body: 413 (over "
+            "--max-body-bytes) or 503 (past --max-body-bytes-in-flight)", ["status"],
+            registry=self.registry,
         )  # fmt: skip
         self._pd_first_chunk_seconds = prometheus_client.Histogram(
             "ec_nixl_proxy_pd_first_chunk_seconds",
@@ -233,10 +278,54 @@ class EPDProxy:
         return None
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        """Read the body within the bounds on bodies, then serve the request; the body's
+        bytes count against the bound on bodies in flight until its answer is sent."""
+        taken = 0
         try:
-            body = await request.json()
-        except ValueError:
-            return web.json_response({"error": "body is not JSON"}, status=400)
+            declared = request.content_length
+            if declared is not None:
+                if declared > self.max_body_bytes:
+                    return self._too_large()
+                if not self._bodies.take(declared):
+                    return self._busy(declared)
+                taken = declared
+            chunks, size = [], 0
+            async for chunk in request.content.iter_any():
+                size += len(chunk)
+                if size > self.max_body_bytes:
+                    return self._too_large()
+                if size > taken:
+                    if not self._bodies.take(size - taken):
+                        return self._busy(size)
+                    taken = size
+                chunks.append(chunk)
+            try:
+                body = json.loads(b"".join(chunks))
+            except ValueError:
+                return web.json_response({"error": "body is not JSON"}, status=400)
+            del chunks  # the request's life long, only its parsed form is kept
+            return await self._serve(request, body)
+        finally:
+            self._bodies.give(taken)
+
+    def _too_large(self) -> web.Response:
+        self._shed_requests.labels("413").inc()
+        reason = f"request body over {self.max_body_bytes} bytes (the proxy's --max-body-bytes)"
+        logger.warning("refused a request: %s", reason)
+        return web.json_response({"error": reason}, status=413)
+
+    def _busy(self, nbytes: int) -> web.Response:
+        """Not logged: under a flood, one line per request would be the flood's."""
+        self._shed_requests.labels("503").inc()
+        reason = (
+            f"the proxy holds {self._bodies.held} bytes of request bodies, and this one's "
+            f"{nbytes} would pass its --max-body-bytes-in-flight ({self._bodies.limit}): "
+            "try again shortly"
+        )
+        headers = {"Retry-After": str(BUSY_RETRY_AFTER_S)}
+        return web.json_response({"error": reason}, status=503, headers=headers)
+
+    async def _serve(self, request: web.Request, body: Any) -> web.StreamResponse:
         if not isinstance(body, dict):
             return web.json_response({"error": "body is not a JSON object"}, status=400)
         # Only an encoder may say where encoder outputs are: never pass on a client's claim.
@@ -391,6 +480,14 @@ def make_params_by_holder(held: Iterable[tuple[str, str]]) -> dict[str, Any]:
     return {uid: {ENCODER_ID: encoder_id} for uid, encoder_id in held}
 
 
+def check_body_bounds(max_body_bytes: int, max_body_bytes_in_flight: int) -> None:
+    if max_body_bytes_in_flight < max_body_bytes:
+        raise ConfigError(
+            f"--max-body-bytes-in-flight ({max_body_bytes_in_flight}) is below --max-body-bytes "
+            f"({max_body_bytes}): a body of the largest size could never be served"
+        )
+
+
 def make_app(
     encoders: list[str],
     pds: list[PD],
@@ -399,11 +496,15 @@ def make_app(
     directory: EncoderDirectory | None = None,
     max_media_items: int = DEFAULT_MAX_MEDIA_ITEMS,
     encoder_concurrency: int = DEFAULT_ENCODER_CONCURRENCY,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    max_body_bytes_in_flight: int = DEFAULT_MAX_BODY_BYTES_IN_FLIGHT,
 ) -> web.Application:
+    check_body_bounds(max_body_bytes, max_body_bytes_in_flight)
     proxy = EPDProxy(
-        encoders, pds, encoder_timeout_s, overlap, directory, max_media_items, encoder_concurrency
-    )
-    app = web.Application(client_max_size=64 << 20, handler_args=SERVER_OPTIONS)
+        encoders, pds, encoder_timeout_s, overlap, directory, max_media_items,
+        encoder_concurrency, max_body_bytes, max_body_bytes_in_flight,
+    )  # fmt: skip
+    app = web.Application(client_max_size=max_body_bytes, handler_args=SERVER_OPTIONS)
     app.on_startup.append(proxy.start)
     app.on_cleanup.append(proxy.stop)
     for route in ROUTES:
@@ -446,6 +547,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="at most N encoder requests in flight, over all requests; a request's other "
         "items wait their turn (default %(default)s)",
     )  # fmt: skip
+    parser.add_argument(
+        "--max-body-bytes", type=_positive, default=DEFAULT_MAX_BODY_BYTES, metavar="N",
+        help="refuse (413) a request body of more than N bytes (default %(default)s)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--max-body-bytes-in-flight", type=_positive, default=DEFAULT_MAX_BODY_BYTES_IN_FLIGHT,
+        metavar="N",
+        help="hold at most N bytes of request bodies at once, over all requests (each is "
+        "kept, parsed, until its answer is sent, at about 4x its size); a request past it "
+        "is answered 503 with Retry-After (default %(default)s)",
+    )  # fmt: skip
     add_client_arguments(parser)
     parser.add_argument(
         "--overlap", action="store_true",
@@ -471,12 +583,18 @@ def _encoder_events(text: str) -> tuple[str, str]:
 
 def run(args: argparse.Namespace) -> int:
     logging.getLogger().setLevel(logging.INFO)  # a server's log: one line per request
-    directory = None
-    if args.encoder_events:
-        directory = EncoderDirectory(dict(args.encoder_events), client_security(args))
+    encoders = dict(args.encoder_events)
+    try:
+        check_body_bounds(args.max_body_bytes, args.max_body_bytes_in_flight)
+        security = client_security(args, encoders.values())
+    except ConfigError as exc:
+        print(f"ec-nixl proxy: {exc}", file=sys.stderr)
+        return 2
+    directory = EncoderDirectory(encoders, security) if encoders else None
     app = make_app(
         args.encoder, args.pd, args.encoder_timeout, args.overlap, directory,
-        args.max_media_items, args.encoder_concurrency,
+        args.max_media_items, args.encoder_concurrency, args.max_body_bytes,
+        args.max_body_bytes_in_flight,
     )  # fmt: skip
     web.run_app(app, host=args.host, port=args.port, print=None)
     return 0

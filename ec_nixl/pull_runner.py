@@ -64,12 +64,17 @@ class PullRunner:
         return resolution, f"resolve {resolve_s * 1000:.1f} ms"
 
     def read(
-        self, encoder_id: str, resolution: Resolution, num_embeds: int, deadline: float
+        self,
+        encoder_id: str,
+        resolution: Resolution,
+        num_embeds: int,
+        deadline: float,
+        pull_id: int,
     ) -> list[PullReport]:
-        """Every rank READs the leased item; each rank's report, or the first failure
-        once all have answered."""
+        """Every rank READs the leased item, keeping it under `pull_id`; each rank's
+        report, or the first failure once all have answered."""
         order = PullOrder(
-            encoder_id, resolution.items, [num_embeds], resolution.valid_until, deadline
+            encoder_id, resolution.items, [num_embeds], resolution.valid_until, deadline, pull_id
         )
         return _results([worker.pull(order) for worker in self.workers])
 

@@ -5,8 +5,10 @@ resolutions it is given (the agent metadata came with the handshake) and
 READs all items of a resolution in one transfer. The READ's completion
 notification releases the leases, so a successful pull costs no extra round
 trip. After any failure the slots are freed: a cut READ leaves garbage. A READ
-that failed or outlived its deadline disconnects the peer first, so nothing
-can still write into a freed slot.
+that failed or outlived its deadline may still be in flight (over RDMA the NIC
+would go on writing), so the peer is disconnected before its slots are freed;
+other READs from that peer may be running, and are left to end first: the
+peer goes, and those slots are freed, when no READ uses it.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -46,6 +49,10 @@ class Puller:
         self.agent.register(arena.buffer)
         self._lock = threading.Lock()
         self._agent_at: dict[str, str] = {}  # exporter address -> its current agent name
+        self._reading: Counter[str] = Counter()  # agent name -> READs in flight from it
+        # agent name -> slots of its failed READs: the peer goes, and the slots are freed,
+        # when no READ uses it
+        self._retiring: dict[str, list[Slot]] = {}
 
     def read(self, resolution: Resolution, deadline: float) -> list[PulledItem]:
         """READ resolved items into fresh local slots, in order, or raise a typed error."""
@@ -54,6 +61,8 @@ class Puller:
                 f"leases at {resolution.address} ended before the READ began; not reading"
             )
         peer = self.meet(resolution.address, resolution.peer, deadline)
+        with self._lock:
+            self._reading[peer] += 1
         slots: list[Slot] = []
         try:
             for item in resolution.items:
@@ -81,15 +90,30 @@ class Puller:
                 )
         except BaseException as exc:
             if isinstance(exc, (PeerDeadError, DeadlineExceededError)):
-                # Disconnect before freeing: a READ stopped at its deadline may still be
-                # in flight, and over RDMA the NIC would go on writing into the slots.
-                with self._lock:
-                    self._agent_at.pop(resolution.address, None)
-                    self.agent.remove_peer(peer)
+                with self._lock:  # the next pull from that address meets it anew
+                    if self._agent_at.get(resolution.address) == peer:
+                        del self._agent_at[resolution.address]
+                    self._retiring.setdefault(peer, []).extend(slots)
+                slots = []
             for slot in slots:
                 self.arena.free(slot)
             raise
+        finally:
+            self._done_reading(peer)
         return pulled
+
+    def _done_reading(self, peer: str) -> None:
+        with self._lock:
+            self._reading[peer] -= 1
+            if self._reading[peer] > 0:
+                return
+            del self._reading[peer]
+            slots = self._retiring.pop(peer, None)
+            if slots is None:
+                return
+            self.agent.remove_peer(peer)  # before the slots are freed: nothing writes there now
+        for slot in slots:
+            self.arena.free(slot)
 
     def free(self, item: PulledItem) -> None:
         self.arena.free(item.slot)
@@ -102,7 +126,10 @@ class Puller:
         with self._lock:
             previous = self._agent_at.get(address)
             if previous is not None and previous != peer.agent_name:
-                self.agent.remove_peer(previous)
+                if self._reading[previous]:
+                    self._retiring.setdefault(previous, [])
+                else:
+                    self.agent.remove_peer(previous)
             if not self.agent.has_peer(peer.agent_name):
                 self.agent.add_peer(peer.agent_metadata)
             self._agent_at[address] = peer.agent_name

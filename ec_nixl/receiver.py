@@ -8,6 +8,13 @@ schedules the request (`take` hands vLLM's encoder cache a view of the slot:
 no copy) or drops them. A slot lent to the encoder cache is freed when vLLM
 evicts the item from it (`release`, on the scheduler's word: it sees every
 eviction). The scheduler owns the lease: on failure it gives it back.
+
+Each copy is held under its mm_hash and the pull that read it, and every order
+that removes one (drop, take, release) names that pull: two pulls of one item
+(a request aborted while its pull ran, the same image asked for again) hold two
+copies, and the older pull's drop leaves the newer one's alone. Calls come from
+the worker link's threads (read, drop) and from the model runner (take, lend,
+release), under one lock.
 """
 
 from __future__ import annotations
@@ -22,12 +29,16 @@ import torch
 
 from ec_nixl.arena import Arena
 from ec_nixl.control.messages import RemoteItem
-from ec_nixl.control.worker_link import PullOrder, PullReport
-from ec_nixl.errors import ECNixlError, PeerDeadError, RefusedError
+from ec_nixl.control.worker_link import Load, PullOrder, PullReport
+from ec_nixl.errors import ECNixlError, LoadLostError, PeerDeadError, RefusedError
 from ec_nixl.puller import PulledItem, Puller
 from ec_nixl.resolver import DEFAULT_PULL_TIMEOUT_S, Resolution, Resolver
 
 logger = logging.getLogger(__name__)
+
+# Pulls dropped lately, remembered so that a READ that ends after its pull was dropped
+# (a rank slower than the scheduler would wait) frees what it read instead of holding it.
+DROPPED_MEMORY = 1024
 
 
 @dataclass(frozen=True)
@@ -65,7 +76,7 @@ class ModelShape:
 
 
 class Receiver:
-    """Pulled items held by mm_hash in a registered receive arena."""
+    """Pulled items held in a registered receive arena, by mm_hash and pull."""
 
     def __init__(
         self,
@@ -79,8 +90,9 @@ class Receiver:
         self.encoders = encoders
         self.model = model
         self._lock = threading.Lock()
-        self._held: dict[str, PulledItem] = {}
-        self._lent: dict[str, PulledItem] = {}  # in vLLM's encoder cache
+        self._held: dict[tuple[str, int], PulledItem] = {}  # by (mm_hash, pull id)
+        self._lent: dict[str, tuple[int, PulledItem]] = {}  # in vLLM's encoder cache: pull, copy
+        self._dropped: dict[int, None] = {}  # pull ids, oldest first
 
     def read(self, order: PullOrder) -> PullReport:
         """READ the leased items of a configured encoder, then hold them."""
@@ -99,35 +111,99 @@ class Receiver:
         except PeerDeadError:
             self.resolver.forget_peer(address)
             raise
+        keys = [(item.mm_hash, order.pull_id) for item in pulled]
         with self._lock:
-            for item in pulled:
-                if (older := self._held.pop(item.mm_hash, None)) is not None:
-                    self.puller.free(older)
-                self._held[item.mm_hash] = item
+            dropped = order.pull_id in self._dropped  # while it read: nobody will load it
+            if dropped:
+                freed = pulled
+            else:  # only orders that name no pull (0) repeat a key: the newest copy stays
+                freed = [self._held.pop(key) for key in keys if key in self._held]
+                self._held.update(zip(keys, pulled, strict=True))
+        for item in freed:
+            self.puller.free(item)
+        if dropped:
+            raise RefusedError(f"pull {order.pull_id} was dropped while it read; freed")
         return PullReport(sum(i.region.length for i in order.items), time.monotonic() - start)
 
-    def take(self, mm_hash: str) -> torch.Tensor | None:
-        """The held item for the encoder cache: a view of its slot, lent until `release`."""
+    def take(self, mm_hash: str, pull_id: int) -> torch.Tensor | None:
+        """Pull `pull_id`'s copy for the encoder cache: a view of its slot, lent until
+        `release`; None if this worker does not hold that copy."""
         with self._lock:
-            item = self._held.pop(mm_hash, None)
-            if item is None:
-                return None
-            replaced = self._lent.pop(mm_hash, None)
-            self._lent[mm_hash] = item
-        if replaced is not None:  # the encoder cache drops its old tensor for this one
-            self.puller.free(replaced)
+            item = self._held.pop((mm_hash, pull_id), None)
+        if item is None:
+            return None
+        self._lend(mm_hash, pull_id, item)
         return item.tensor
 
-    def release(self, mm_hashes: Iterable[str]) -> None:
-        """vLLM evicted these from its encoder cache: free the slots lent to it."""
+    def lend(self, load: Load, timeout_s: float) -> torch.Tensor:
+        """The ordered copy for the encoder cache, as `take`; a worker that does not hold
+        it reads the item again from its encoder first, within `timeout_s`.
+
+        The scheduler orders only loads that every rank reported holding, of pulls that
+        nothing but this load removes, so a missing copy is a broken promise, not a path
+        of its own; but vLLM has by now scheduled the item's tokens without encoding it,
+        and a miss would fail the whole engine in its gather (see
+        `ConsumerScheduler.has_item`). Reading it again gives the bytes the pull would
+        have (the encoder keeps what it exported, as a cache); if that fails too,
+        LoadLostError names the item and stops the step before vLLM's gather."""
+        tensor = self.take(load.mm_hash, load.pull_id)
+        if tensor is not None:
+            return tensor
+        logger.error(
+            "told to load %s (pull %d), which this worker does not hold; reading it again "
+            "from encoder %s", load.mm_hash, load.pull_id, load.encoder_id,
+        )  # fmt: skip
+        try:
+            item = self._read_again(load, time.monotonic() + timeout_s)
+        except ECNixlError as exc:
+            raise LoadLostError(
+                f"{load.mm_hash} (pull {load.pull_id}) is not held here and could not be "
+                f"read again from encoder {load.encoder_id}: {exc}"
+            ) from exc
+        self._lend(load.mm_hash, load.pull_id, item)
+        return item.tensor
+
+    def _read_again(self, load: Load, deadline: float) -> PulledItem:
+        address = self.encoders.get(load.encoder_id)
+        if address is None:
+            raise RefusedError(f"encoder {load.encoder_id!r} is not configured")
+        resolution = self.resolver.resolve(address, [load.mm_hash], deadline)
+        try:
+            self.model.check(resolution.items[0], load.num_embeds)
+            [item] = self.puller.read(resolution, deadline)
+        except BaseException as exc:
+            self.resolver.abandon(address, resolution.lease_ids, exc)
+            raise
+        return item
+
+    def _lend(self, mm_hash: str, pull_id: int, item: PulledItem) -> None:
         with self._lock:
-            released = [self._lent.pop(h) for h in mm_hashes if h in self._lent]
+            replaced = self._lent.pop(mm_hash, None)
+            self._lent[mm_hash] = (pull_id, item)
+        if replaced is not None:  # the encoder cache drops its old tensor for this one
+            self.puller.free(replaced[1])
+
+    def release(self, lent: Iterable[tuple[str, int]]) -> None:
+        """vLLM evicted these (mm_hash, pull id) from its encoder cache: free their slots."""
+        with self._lock:
+            released = [
+                self._lent.pop(mm_hash)[1]
+                for mm_hash, pull_id in lent
+                if mm_hash in self._lent and self._lent[mm_hash][0] == pull_id
+            ]
         for item in released:
             self.puller.free(item)
 
-    def drop(self, mm_hashes: Iterable[str]) -> None:
+    def drop(self, mm_hashes: Iterable[str], pull_id: int) -> None:
+        """Free pull `pull_id`'s copies of these items; a READ of that pull still running
+        frees what it reads when it ends."""
         with self._lock:
-            dropped = [self._held.pop(h) for h in mm_hashes if h in self._held]
+            keys = [(h, pull_id) for h in mm_hashes]
+            dropped = [self._held.pop(key) for key in keys if key in self._held]
+            if pull_id:  # 0 names no pull: nothing to remember
+                self._dropped[pull_id] = None
+                if len(self._dropped) > DROPPED_MEMORY:
+                    del self._dropped[next(iter(self._dropped))]
         for item in dropped:
             self.puller.free(item)
 
@@ -145,5 +221,6 @@ class Receiver:
 
     @property
     def held(self) -> list[str]:
+        """The mm_hashes held (once per pull that holds one)."""
         with self._lock:
-            return list(self._held)
+            return [mm_hash for mm_hash, _ in self._held]

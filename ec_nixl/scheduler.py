@@ -10,10 +10,12 @@ sends the request to an encoder first, then unchanged to PD) that one of PD's
 encoders has announced or said it is encoding:
 - start a pull in the background (once the item is announced) and defer the
   request until it ends;
-- pulled: report the item as available; vLLM then schedules its load;
+- pulled: report the item as available; vLLM then schedules its load (see
+  `has_item` for why that answer must be certain);
 - failed: encode locally if the request still carries the media (and the
   load failure policy is "encode"), else fail the request with the reason in
-  the log: vLLM ends it with an error, and sending it again encodes anew.
+  the log: it is not scheduled again, vLLM ends it with an error at the end of
+  the step, and sending it again encodes anew.
 Params that are malformed or name an unconfigured encoder are refused before
 anything is contacted: the request's items are encoded locally (or, without
 media, the request fails), as after a failed pull.
@@ -27,7 +29,8 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from ec_nixl.control.messages import Announcement
-from ec_nixl.coordinator import PullCoordinator, PullState
+from ec_nixl.control.worker_link import Load
+from ec_nixl.coordinator import PullCoordinator, PullJob, PullState
 from ec_nixl.errors import RefusedError
 from ec_nixl.pool import EventKind
 from ec_nixl.transfer_params import make_params, parse_consumer, parse_params
@@ -56,7 +59,8 @@ class ConsumerScheduler:
         self._encoders = encoders
         self._prefetch = prefetch
         self._encode_on_failure = encode_on_failure
-        self._to_load: list[str] = []
+        self._promised: dict[str, PullJob] = {}  # has_item said yes, this scheduling pass
+        self._to_load: list[Load] = []
         self._unavailable: set[str] = set()
         self._warned_unmatched = False
         self._fell_back: set[tuple[str, str]] = set()  # (request id, mm_hash), for counting
@@ -67,12 +71,14 @@ class ConsumerScheduler:
         self.stats = coordinator.stats
 
     def ensure_available(self, request: Any, num_computed_tokens: int) -> bool:
-        """False while any item the request still needs is being pulled."""
+        """False while any item the request still needs is being pulled, and for a
+        request being failed: it must not run a step without its item (vLLM fails it
+        when this step ends)."""
         try:
             sources = parse_params(request.ec_transfer_params, self._encoders)
         except RefusedError as exc:
             self._refuse(request, exc)
-            return True  # encode locally, or let the scheduler reach the failure
+            return request.request_id not in self._unavailable  # else encode locally
         for encoder_id in set(sources.items.values()):
             self._coordinator.meet(encoder_id)
         self._note_if_unmatched(request, sources.items)
@@ -94,15 +100,16 @@ class ConsumerScheduler:
             ):
                 continue
             num_embeds = position.get_num_embeds()
+            request_id = request.request_id
             if encoder_id is None:
-                job = self._coordinator.expect(mm_hash, num_embeds)
+                job = self._coordinator.expect(mm_hash, num_embeds, request_id)
             else:
-                job = self._coordinator.start(mm_hash, encoder_id, num_embeds)
+                job = self._coordinator.start(mm_hash, encoder_id, num_embeds, request_id)
             if job.state is PullState.RUNNING:
                 pending = True
             elif job.state is PullState.FAILED:
                 self._fall_back(request, feature, str(job.error))
-        return not pending
+        return not pending and request.request_id not in self._unavailable
 
     def _refuse(self, request: Any, exc: RefusedError) -> None:
         if request.request_id not in self._refused:
@@ -125,13 +132,40 @@ class ConsumerScheduler:
             self.stats.count("fallbacks")
 
     def has_item(self, mm_hash: str) -> bool:
-        job = self._coordinator.job(mm_hash)
-        return job is not None and job.state is PullState.READY
+        """vLLM's `has_cache_item`: may this step load the item instead of encoding it?
+
+        This is where a pulled item is given to vLLM, and the last point where it can
+        be refused. Once this says yes, vLLM 0.32 reserves the item's encoder-cache
+        entry (`update_state_after_alloc`: `on_alloc`, in this same scheduling pass) and
+        schedules its tokens without encoding it; the model runner puts in the entry
+        whatever the workers' `start_load_caches` gave, and its `_gather_mm_embeddings`
+        raises "Encoder cache miss", ending the engine, if that was nothing. No
+        connector hook can take the request back within that step:
+        `take_unavailable_requests` and `update_connector_output` are read only after
+        the forward pass, and a stand-in tensor would be decoded into the answer and
+        kept in the prefix cache under the item's hash.
+
+        So the answer is yes only for a load that is certain: the item's pull, every
+        rank having reported holding its copy, claimed by a live request (nothing ends
+        such a job before `on_alloc`: requests end between scheduling passes), and
+        held by the workers under its pull id, which only orders naming that pull
+        remove. Anything else is a no, before any step runs without the item: vLLM
+        encodes it here, or the request, failed by the load failure policy, is not
+        scheduled (`ensure_available`). `on_alloc` orders the load of exactly the
+        pull promised here; a worker that lacks it anyway reads it again from its
+        encoder (`Receiver.lend`)."""
+        job = self._coordinator.loadable(mm_hash)
+        if job is None:
+            return False
+        self._promised[mm_hash] = job
+        return True
 
     def on_alloc(self, mm_hash: str) -> None:
-        """vLLM reserved encoder-cache room for an item; a pulled one is loaded this step."""
-        if self._coordinator.allocated(mm_hash):
-            self._to_load.append(mm_hash)
+        """vLLM reserved encoder-cache room for an item: the pull promised for it in this
+        pass is loaded this step; an item not promised is encoded by vLLM."""
+        load = self._coordinator.allocated(mm_hash, self._promised.pop(mm_hash, None))
+        if load is not None:
+            self._to_load.append(load)
 
     def on_event(self, event: Announcement, encoder_id: str) -> None:
         """An encoder exported or dropped an item: a request waiting for it pulls it
@@ -155,15 +189,18 @@ class ConsumerScheduler:
         """An encoder's event stream (re)started: it will announce what it holds anew."""
         self._coordinator.reconnected(encoder_id)
 
-    def on_freed(self, mm_hashes: list[str]) -> None:
-        """vLLM evicted these from its encoder cache: pull them again if asked."""
-        self._coordinator.freed(mm_hashes)
+    def on_freed(self, mm_hashes: list[str]) -> list[tuple[str, int]]:
+        """vLLM evicted these from its encoder cache: pull them again if asked. The
+        (mm_hash, pull id) whose slots the workers lent it, for them to free."""
+        return self._coordinator.freed(mm_hashes)
 
     def idle_step(self) -> None:
         """vLLM's scheduler found nothing to run this step."""
         self._coordinator.park(IDLE_PARK_S)
 
-    def take_loads(self) -> list[str]:
+    def take_loads(self) -> list[Load]:
+        """This step's loads, at the end of its scheduling pass: its promises end."""
+        self._promised.clear()
         loads, self._to_load = self._to_load, []
         return loads
 
@@ -172,12 +209,13 @@ class ConsumerScheduler:
         return failed
 
     def request_finished(self, request: Any) -> None:
-        """Items pulled for a request that ended without loading them are dropped."""
+        """Items pulled for a request that ended without loading them are dropped, unless
+        another live request relies on them."""
         self._refused.discard(request.request_id)
         self._unmatched.discard(request.request_id)
         self._unknown.discard(request.request_id)
         for feature in request.mm_features:
-            self._coordinator.forget(feature.identifier)
+            self._coordinator.forget(feature.identifier, request.request_id)
             self._fell_back.discard((request.request_id, feature.identifier))
 
     def _note_if_unmatched(self, request: Any, where: dict[str, str]) -> None:

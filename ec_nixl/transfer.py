@@ -50,6 +50,12 @@ nixlMismatchError = _bindings.nixlMismatchError
 nixlNotAllowedError = _bindings.nixlNotAllowedError
 nixlNotFoundError = _bindings.nixlNotFoundError
 nixlRemoteDisconnectError = _bindings.nixlRemoteDisconnectError
+# Every error NIXL's bindings raise (they share no base class but Exception).
+NIXL_ERRORS = tuple(
+    error
+    for name, error in vars(_bindings).items()
+    if name.startswith("nixl") and isinstance(error, type) and issubclass(error, Exception)
+)
 
 # How long a waiting reader sleeps between polls: short enough to add little
 # latency, long enough to leave the CPU to the other side on a small host.
@@ -167,6 +173,8 @@ class TransferAgent:
                 raise PeerDeadError(f"READ from {peer} failed (state {state})")
         except nixlRemoteDisconnectError as exc:
             raise PeerDeadError(f"peer {peer} disconnected during a READ: {exc}") from exc
+        except NIXL_ERRORS as exc:
+            raise PeerDeadError(f"READ from {peer} failed in NIXL: {exc!r}") from exc
         finally:
             self._agent.release_xfer_handle(handle)
 

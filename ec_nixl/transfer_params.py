@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ec_nixl.control.messages import MAX_CONSUMER_ID_LENGTH, consumer_id_problem
 from ec_nixl.errors import RefusedError
 
 ENCODER_ID = "encoder_id"
@@ -157,11 +158,12 @@ def parse_consumer(params: Any) -> str:
     if (
         not isinstance(consumer, str)
         or len(params) != 1
-        or not 0 < len(consumer) <= MAX_ID_LENGTH
-        or not consumer.replace("-", "").replace("_", "").isalnum()
+        or not consumer
+        or consumer_id_problem(consumer)
     ):
         raise RefusedError(
-            f"an encoder's ec_transfer_params must be {{{CONSUMER_ID!r}: name}} "
-            f"(letters, digits, '-', '_'), got {str(params)[:64]!r}"
+            f"an encoder's ec_transfer_params must be {{{CONSUMER_ID!r}: name}} (at most "
+            f"{MAX_CONSUMER_ID_LENGTH} ASCII letters, digits, '-', '_', '.', ':'), got "
+            f"{str(params)[:64]!r}"
         )
     return consumer

@@ -24,7 +24,7 @@ import torch
 
 from ec_nixl.arena import Arena
 from ec_nixl.connector_config import ConnectorConfig
-from ec_nixl.control.worker_link import WorkerServer, worker_address
+from ec_nixl.control.worker_link import Load, WorkerServer, worker_address
 from ec_nixl.errors import ECNixlError
 from ec_nixl.exporter import Exporter, ExporterConfig
 from ec_nixl.receiver import ModelShape, Receiver
@@ -85,6 +85,7 @@ class ConsumerWorker:
         )
         arena = Arena(config.receive_bytes, device)
         self.receiver = Receiver(arena, resolver, config.encoders, model)
+        self._timeout_s = config.pull_timeout_s
         self.address = worker_address(engine_id, rank)
         self._server = WorkerServer(self.receiver, self.address)
         threading.Thread(target=self.receiver.meet_encoders, daemon=True).start()
@@ -93,17 +94,14 @@ class ConsumerWorker:
     def load(
         self,
         encoder_cache: dict[str, torch.Tensor],
-        mm_hashes: Iterable[str],
-        evicted: Iterable[str],
+        loads: Iterable[Load],
+        evicted: Iterable[tuple[str, int]],
     ) -> None:
-        """Free the slots of items vLLM evicted, then lend it the pulled ones."""
+        """Free the slots of the pulls vLLM evicted, then lend it the pulled copies this
+        step loads (each is read again if this worker lacks it: `Receiver.lend`)."""
         self.receiver.release(evicted)
-        for mm_hash in mm_hashes:
-            tensor = self.receiver.take(mm_hash)
-            if tensor is None:
-                logger.error("scheduler asked to load %s, which this worker does not hold", mm_hash)
-            else:
-                encoder_cache[mm_hash] = tensor
+        for load in loads:
+            encoder_cache[load.mm_hash] = self.receiver.lend(load, self._timeout_s)
 
     def close(self) -> None:
         self._server.stop()

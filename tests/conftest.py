@@ -141,7 +141,10 @@ ROUTED = [image(seed) for seed in (100, 101, 102, 103)]  # through a proxy in fr
 UNFORWARDED = image(104)  # to E, then to PD without E's params, as a stock EPD proxy does
 CHATTED = image(105)  # a chat's turns about it, through a proxy that follows E's events
 # Through vLLM's own example EPD proxy: with --no-rewrite, one image and two; rewriting.
-STOCK, STOCK_PAIR, REWRITTEN = image(106), [image(107), image(108)], image(109)
+# vLLM's example EPD proxy of each release the drop-in tests run: an image, and a pair
+STOCK = {"0.32.0": (image(106), [image(107), image(108)]),
+         "0.34.0": (image(110), [image(111), image(112)])}  # fmt: skip
+REWRITTEN = {"0.32.0": image(109), "0.34.0": image(113)}
 
 
 def start_encoder(
@@ -184,11 +187,13 @@ def reference(workdirs):
         wait_healthy([server])
         singles = (
             PROXIED + DIRECT + AFTER_FAILURE + [ACROSS_HOSTS, PREFETCHED, UNFORWARDED]
-            + RECOVERED + ROUTED + [STOCK, REWRITTEN]
+            + RECOVERED + ROUTED + [single for single, _ in STOCK.values()]
+            + list(REWRITTEN.values())
         )  # fmt: skip
         answers = {url: answer(server.url, url) for url in singles}
         answers["pair"] = answer(server.url, PAIR)
-        answers["stock pair"] = answer(server.url, STOCK_PAIR)
+        for release, (_, pair) in STOCK.items():
+            answers[f"stock pair {release}"] = answer(server.url, pair)
         answers["chat"] = conversation(server.url, CHATTED)
         return answers
     finally:

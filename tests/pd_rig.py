@@ -13,8 +13,8 @@ from vllm.sampling_params import SamplingParams
 from vllm.v1.request import Request
 
 from ec_nixl.arena import Arena
-from ec_nixl.control.worker_link import WorkerClient, WorkerServer
-from ec_nixl.coordinator import PullCoordinator
+from ec_nixl.control.worker_link import Load, WorkerClient, WorkerServer
+from ec_nixl.coordinator import PullCoordinator, PullState
 from ec_nixl.exporter_process import TensorSpec
 from ec_nixl.receiver import ModelShape, Receiver
 from ec_nixl.resolver import Resolver
@@ -103,7 +103,28 @@ def request(request_id: str, hashes: list[str], params=None, media: bool = True)
 
 
 def settle(scheduler: ConsumerScheduler, req: Request, timeout_s: float = 10) -> None:
+    """Ask as vLLM does at each step until the request may run, or is being failed (it
+    then never runs: vLLM fails it when the step ends)."""
     end = time.monotonic() + timeout_s
     while not scheduler.ensure_available(req, 0):
+        if req.request_id in scheduler._unavailable:
+            return
         assert time.monotonic() < end, "pull never finished"
         time.sleep(0.01)
+
+
+def pulled(scheduler: ConsumerScheduler, mm_hash: str) -> bool:
+    """Every rank holds the item's pull, whether or not a request has asked for it yet."""
+    job = scheduler._coordinator.job(mm_hash)
+    return job is not None and job.state is PullState.READY
+
+
+def load(scheduler: ConsumerScheduler, mm_hash: str) -> Load:
+    """vLLM's part once a request that needs the item is scheduled: it asks
+    `has_cache_item`, reserves the encoder-cache entry, and ends the scheduling pass;
+    the load order its metadata then carries to every worker."""
+    assert scheduler.has_item(mm_hash)
+    scheduler.on_alloc(mm_hash)
+    [order] = scheduler.take_loads()
+    assert order.mm_hash == mm_hash
+    return order

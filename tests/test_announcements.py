@@ -11,9 +11,11 @@ import time
 import pytest
 import torch
 from conftest import MiB, spec, wait_until
-from pd_rig import ROWS, item, make_scheduler, request, settle, watching
+from pd_rig import ROWS, item, load, make_scheduler, pulled, request, settle, watching
 
 from ec_nixl.arena import Arena
+from ec_nixl.control.messages import Announcement
+from ec_nixl.pool import EventKind
 from ec_nixl.receiver import ModelShape, Receiver
 from ec_nixl.resolver import Resolver
 from ec_nixl.transfer_params import announce_params, make_params
@@ -46,14 +48,15 @@ def test_an_item_still_being_encoded_is_pulled_the_moment_its_encoder_announces_
     assert not announced.ensure_available(req, 0)  # deferred: nothing to pull yet
     time.sleep(0.2)  # the encoder is still encoding
     assert not announced.ensure_available(req, 0)
+    exported_at = time.monotonic()
     producer.export("h-coming", item(seed=12))
     settle(announced, req)
-    announced.on_alloc("h-coming")
-    assert announced.take_loads() == ["h-coming"]
-    assert torch.equal(receiver[0].take("h-coming"), item(seed=12).make())
+    settled_s = time.monotonic() - exported_at
+    order = load(announced, "h-coming")
+    assert torch.equal(receiver[0].take("h-coming", order.pull_id), item(seed=12).make())
     waits = announced.stats.take()["observations"]
     assert waits["announce_wait_seconds"][0] >= 0.2  # encoding, counted apart
-    assert waits["ready_wait_seconds"][0] < 0.2  # the transfer alone
+    assert waits["ready_wait_seconds"][0] <= settled_s  # from the announcement on, not before
 
 
 def test_an_item_announced_before_its_request_came_is_pulled_at_once(announced, producer, receiver):
@@ -76,10 +79,9 @@ def test_a_request_without_params_gets_what_an_encoder_announced_pulled(
     time.sleep(0.3)  # announced
     req = request("no-params", ["h-stock-proxy", "h-never-at-e"])  # then, unchanged, to PD
     settle(announced, req)
-    assert announced.has_item("h-stock-proxy")
     assert announced._coordinator.job("h-never-at-e") is None  # encoded here, at once
-    announced.on_alloc("h-stock-proxy")
-    assert torch.equal(receiver[0].take("h-stock-proxy"), item(seed=25).make())
+    order = load(announced, "h-stock-proxy")
+    assert torch.equal(receiver[0].take("h-stock-proxy", order.pull_id), item(seed=25).make())
 
 
 def test_a_request_without_params_waits_for_an_item_its_encoder_is_encoding(
@@ -92,8 +94,8 @@ def test_a_request_without_params_waits_for_an_item_its_encoder_is_encoding(
     assert not announced.ensure_available(req, 0)  # deferred: it is coming
     producer.export("h-being-encoded", item(seed=27))
     settle(announced, req)
-    announced.on_alloc("h-being-encoded")
-    assert torch.equal(receiver[0].take("h-being-encoded"), item(seed=27).make())
+    order = load(announced, "h-being-encoded")
+    assert torch.equal(receiver[0].take("h-being-encoded", order.pull_id), item(seed=27).make())
 
 
 def test_a_request_with_params_gets_only_what_they_name(announced, producer):
@@ -161,7 +163,7 @@ def test_an_item_announced_with_a_claim_for_this_pd_is_pulled_before_its_request
     time.sleep(0.3)  # the watcher's stream is open: a claim comes with live exports only
     producer.export("h-routed", item(seed=20), target="test-watch")  # the proxy named us
     producer.export("h-routed-elsewhere", item(seed=21), target="another-pd")
-    assert wait_until(lambda: announced.has_item("h-routed"))
+    assert wait_until(lambda: pulled(announced, "h-routed"))
     assert "h-routed" in receiver[0].held and "h-routed" in other_rank[0].held
     assert announced.stats.take()["counters"]["claimed_pulls"] == 1
     assert announced._coordinator.job("h-routed-elsewhere") is None
@@ -171,13 +173,13 @@ def test_with_prefetch_an_exported_item_is_pulled_before_its_request_comes(
     prefetching, producer, receiver, other_rank
 ):
     producer.export("h-early", item(seed=8))
-    assert wait_until(lambda: prefetching.has_item("h-early"))
+    assert wait_until(lambda: pulled(prefetching, "h-early"))
     assert "h-early" in receiver[0].held and "h-early" in other_rank[0].held
+    assert not prefetching.has_item("h-early")  # vLLM loads what a request asked for
     req = request("early", ["h-early"], make_params("enc0", ["h-early"]))
     assert prefetching.ensure_available(req, 0)  # scheduled at once
-    prefetching.on_alloc("h-early")
-    assert prefetching.take_loads() == ["h-early"]
-    assert torch.equal(receiver[0].take("h-early"), item(seed=8).make())
+    order = load(prefetching, "h-early")
+    assert torch.equal(receiver[0].take("h-early", order.pull_id), item(seed=8).make())
     data = prefetching.stats.take()
     assert data["counters"]["prefetch_hits"] == 1
     assert data["observations"]["ready_wait_seconds"][0] < 0.5
@@ -217,7 +219,7 @@ def test_a_claim_that_lapsed_before_its_pull_is_resolved_afresh(
 ):
     monkeypatch.setattr("ec_nixl.pull_runner.CLAIM_MARGIN_S", 3600.0)  # every claim "lapsed"
     producer.export("h-lapsed", item(seed=19))
-    assert wait_until(lambda: prefetching.has_item("h-lapsed"))
+    assert wait_until(lambda: pulled(prefetching, "h-lapsed"))
     assert "h-lapsed" in other_rank[0].held
     data = prefetching.stats.take()
     assert "claimed_pulls" not in data["counters"]
@@ -229,7 +231,7 @@ def test_a_prefetched_item_with_other_rows_than_its_request_needs_is_encoded_her
     prefetching, producer, receiver
 ):
     producer.export("h-long", item(seed=9, shape=(ROWS + 2, 1024)))
-    assert wait_until(lambda: prefetching.has_item("h-long"))
+    assert wait_until(lambda: pulled(prefetching, "h-long"))
     req = request("long", ["h-long"], make_params("enc0", ["h-long"]))
     assert prefetching.ensure_available(req, 0)
     assert not prefetching.has_item("h-long")
@@ -237,12 +239,36 @@ def test_a_prefetched_item_with_other_rows_than_its_request_needs_is_encoded_her
     assert wait_until(lambda: "h-long" not in receiver[0].held)
 
 
+def test_a_prefetch_claimed_while_it_runs_has_its_rows_checked_when_it_lands(
+    prefetching, producer, receiver, monkeypatch
+):
+    """Read before any request said how many rows it needs: checked when it lands."""
+    reading, gate = threading.Event(), threading.Event()
+    read = receiver[0].read
+
+    def held_back(order):
+        reading.set()
+        gate.wait(10)
+        return read(order)
+
+    monkeypatch.setattr(receiver[0], "read", held_back)
+    producer.export("h-long-claimed", item(seed=36, shape=(ROWS + 2, 1024)))
+    assert reading.wait(10)  # the prefetch is reading
+    req = request("long-claimed", ["h-long-claimed"], make_params("enc0", ["h-long-claimed"]))
+    assert not prefetching.ensure_available(req, 0)  # claimed while it runs
+    gate.set()
+    settle(prefetching, req)
+    assert not prefetching.has_item("h-long-claimed")
+    assert prefetching.stats.take()["counters"]["fallbacks"] == 1
+    assert wait_until(lambda: "h-long-claimed" not in receiver[0].held)
+
+
 def test_a_prefetched_item_no_request_claims_is_dropped_after_a_while(
     prefetching, producer, receiver, monkeypatch
 ):
     monkeypatch.setattr("ec_nixl.coordinator.PREFETCH_TTL_S", 0.2)
     producer.export("h-unasked", item(seed=10))
-    assert wait_until(lambda: prefetching.has_item("h-unasked"))
+    assert wait_until(lambda: pulled(prefetching, "h-unasked"))
     time.sleep(0.3)
     producer.export("h-next", item(seed=11))  # the next prefetch sweeps
     assert wait_until(lambda: "h-unasked" not in receiver[0].held)
@@ -256,11 +282,22 @@ def test_unclaimed_prefetches_hold_at_most_half_the_receive_arena_oldest_dropped
     names = [f"h-orphan-{n}" for n in range(6)]
     for n, name in enumerate(names):
         producer.export(name, item(seed=30 + n, shape=big))
-        assert wait_until(lambda name=name: prefetching.has_item(name))
+        assert wait_until(lambda name=name: pulled(prefetching, name))
     for rank in (receiver, other_rank):  # the two oldest made room for the newest
         assert wait_until(lambda rank=rank: not {"h-orphan-0", "h-orphan-1"} & set(rank[0].held))
         assert set(names[2:]) <= set(rank[0].held)
     assert prefetching.stats.take()["counters"]["prefetches_dropped"] >= 2
+
+
+def test_an_understated_announcement_counts_at_its_real_size_once_resolved(prefetching, producer):
+    """An encoder that announces fewer bytes than it holds does not stretch the
+    prefetch bound: a prefetch counts what its resolve described."""
+    real = item(seed=36, shape=(4 * MiB // 2048, 1024))
+    producer.export("h-understated", real)
+    lie = Announcement(EventKind.EXPORTED, "h-understated", 1024)
+    prefetching._coordinator.prefetch(lie, "enc0")
+    assert wait_until(lambda: pulled(prefetching, "h-understated"))
+    assert prefetching._coordinator.job("h-understated").nbytes == 4 * MiB
 
 
 def test_a_worker_meets_its_encoders_at_start_and_skips_one_that_is_down(producer, caplog):

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 from conftest import wait_until
-from pd_rig import ROWS, item, make_scheduler, request, settle
+from pd_rig import ROWS, item, load, make_scheduler, request, settle
 
 from ec_nixl.control.worker_link import WorkerClient, WorkerServer
 from ec_nixl.coordinator import PullCoordinator
@@ -33,11 +33,9 @@ def test_a_named_item_defers_the_request_until_every_worker_holds_it(
     req = request("pulled", ["h-pulled"], make_params("enc0", ["h-pulled"]))
     assert not scheduler.ensure_available(req, 0)  # deferred while the pull runs
     settle(scheduler, req)
-    assert scheduler.has_item("h-pulled")
-    scheduler.on_alloc("h-pulled")
-    assert scheduler.take_loads() == ["h-pulled"]
+    order = load(scheduler, "h-pulled")
     for rank in (receiver, other_rank):
-        assert torch.equal(rank[0].take("h-pulled"), item(seed=1).make())
+        assert torch.equal(rank[0].take("h-pulled", order.pull_id), item(seed=1).make())
     # One lease for both ranks, ended by their two READs; E keeps the item cached.
     counters = scheduler.stats.take()["counters"]
     assert counters["items_pulled"] == 1 and "pull_failures" not in str(counters)
@@ -66,13 +64,15 @@ def test_a_pulled_item_is_lent_to_the_encoder_cache_uncopied_until_vllm_evicts_i
 ):
     producer.export("h-lent", item(seed=12))
     settle(scheduler, request("lent", ["h-lent"], make_params("enc0", ["h-lent"])))
+    order = load(scheduler, "h-lent")
     arena = receiver[0].puller.arena
     used = arena.bytes_used
-    tensor = receiver[0].take("h-lent")
+    tensor = receiver[0].take("h-lent", order.pull_id)
     start = arena.buffer.data_ptr()
     assert start <= tensor.data_ptr() < start + arena.capacity  # the receive slot itself
     assert arena.bytes_used == used
-    receiver[0].release(["h-lent", "h-never-lent"])
+    assert scheduler.on_freed(["h-lent"]) == [("h-lent", order.pull_id)]  # vLLM evicted it
+    receiver[0].release([("h-lent", order.pull_id), ("h-never-lent", order.pull_id)])
     assert arena.bytes_used == used - tensor.nbytes
 
 
@@ -119,7 +119,7 @@ def test_forged_params_are_refused_and_the_items_encoded_here_without_any_pull(s
 
 def test_forged_params_fail_a_request_that_has_no_media_to_encode(scheduler):
     req = request("forged-no-media", ["h-y"], {"h-y": "10.0.0.1:7100"}, media=False)
-    assert scheduler.ensure_available(req, 0)  # let vLLM reach the failure
+    assert not scheduler.ensure_available(req, 0)  # never scheduled: failed as the step ends
     assert scheduler.take_unavailable() == {"forged-no-media"}
 
 
@@ -215,7 +215,9 @@ def test_with_the_fail_policy_a_failed_pull_fails_the_request_though_the_media_i
     scheduler = make_scheduler(producer, receiver, other_rank, encode_on_failure=False)
     try:
         params = make_params("enc0", ["h-policy"])
-        settle(scheduler, request("must-not-encode", ["h-policy"], params))
+        req = request("must-not-encode", ["h-policy"], params)
+        settle(scheduler, req)
+        assert not scheduler.ensure_available(req, 0)  # not scheduled, not encoded here
         assert scheduler.take_unavailable() == {"must-not-encode"}
         assert "fallbacks" not in scheduler.stats.take()["counters"]
         assert "h-policy" in caplog.text and "load_failure_policy is 'fail'" in caplog.text
@@ -274,7 +276,7 @@ def test_a_rank_that_dies_mid_read_fails_the_pull_and_the_lease_goes_back_at_onc
             dying.wait(10)
             raise AssertionError("its link was cut first")
 
-        def drop(self, mm_hashes):
+        def drop(self, mm_hashes, pull_id):
             pass
 
     address = f"unix:{tmp_path / 'dying-rank.sock'}"

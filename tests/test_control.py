@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 import time
@@ -13,12 +14,14 @@ import torch
 from conftest import wait_until
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from ec_nixl.connector_config import ConnectorConfig
 from ec_nixl.control.client import ExportClient
-from ec_nixl.control.messages import PROTOCOL_VERSION
-from ec_nixl.control.security import Security
+from ec_nixl.control.messages import MAX_CONSUMER_ID_LENGTH, PROTOCOL_VERSION
+from ec_nixl.control.security import TOKEN_ENV, Security
 from ec_nixl.control.server import MAX_ITEMS_PER_CALL, MAX_READERS, WATCH_QUEUE_DEPTH, EventHub
 from ec_nixl.errors import (
     AuthError,
+    ConfigError,
     HandshakeError,
     NotFoundError,
     PeerDeadError,
@@ -26,7 +29,13 @@ from ec_nixl.errors import (
     RefusedError,
 )
 from ec_nixl.exporter import Exporter, ExporterConfig
-from ec_nixl.pool import EventKind, PoolEvent
+from ec_nixl.pool import (
+    MAX_CONSUMERS,
+    MAX_LEASES_PER_CONSUMER,
+    MAX_LIVE_LEASES,
+    EventKind,
+    PoolEvent,
+)
 from ec_nixl.resolver import Resolver
 from ec_nixl.v1 import export_pb2 as pb
 from ec_nixl.v1 import export_pb2_grpc as pb_grpc
@@ -133,6 +142,66 @@ def test_a_caller_past_its_lease_bound_gets_resource_exhausted(exporter, client,
     client.release([item.lease_id for item in held])
 
 
+@pytest.fixture
+def lone_exporter():
+    """An exporter of its own, with one item, and a client of it with the token."""
+    exporter = Exporter(ExporterConfig(capacity_bytes=1 << 20, security=Security(TOKEN)))
+    exporter.export("h", embedding())
+    client = ExportClient(exporter.address, Security(TOKEN), timeout_s=30)  # a loaded host
+    yield exporter, client
+    client.close()
+    exporter.close()
+
+
+def test_leases_are_bounded_over_all_consumers_whatever_names_a_caller_takes(lone_exporter):
+    exporter, client = lone_exporter
+    calls = MAX_LIVE_LEASES // MAX_ITEMS_PER_CALL
+    assert calls <= MAX_CONSUMERS and MAX_ITEMS_PER_CALL <= MAX_LEASES_PER_CONSUMER
+    held = [client.resolve(["h"] * MAX_ITEMS_PER_CALL, f"name-{n}") for n in range(calls)]
+    with pytest.raises(PoolFullError, match=f"RESOURCE_EXHAUSTED.*at most {MAX_LIVE_LEASES} over"):
+        client.resolve(["h"], "yet-another-name")
+    assert exporter.pool.live_leases == MAX_LIVE_LEASES
+    client.release([item.lease_id for item in held[0]])
+    assert len(client.resolve(["h"], "yet-another-name")) == 1  # room again
+
+
+def test_consumers_holding_leases_are_bounded(lone_exporter):
+    exporter, client = lone_exporter
+    for n in range(MAX_CONSUMERS):
+        client.resolve(["h"], f"consumer-{n}")
+    with pytest.raises(PoolFullError, match=f"RESOURCE_EXHAUSTED.*at most {MAX_CONSUMERS}"):
+        client.resolve(["h"], "one-consumer-too-many")
+    assert len(client.resolve(["h"], "consumer-0")) == 1  # a consumer holding leases may go on
+    assert exporter.pool.live_leases == MAX_CONSUMERS + 1
+
+
+@pytest.mark.parametrize(
+    "consumer_id",
+    ["x" * (3 << 20), "x" * (MAX_CONSUMER_ID_LENGTH + 1), "pd 0", "pd\n0", "pd-\u00e9"],
+)
+def test_a_consumer_id_too_long_or_of_other_characters_is_refused_and_kept_nowhere(
+    lone_exporter, consumer_id
+):
+    exporter, client = lone_exporter
+    bound = f"INVALID_ARGUMENT: consumer_id must be at most {MAX_CONSUMER_ID_LENGTH}"
+    with pytest.raises(RefusedError, match=bound) as refused:
+        client.resolve(["h"], consumer_id)
+    assert len(str(refused.value)) < 300  # it says the bound, and does not echo the id
+    with pytest.raises(RefusedError, match=bound):
+        client.handshake(COMPAT, consumer_id)
+    with pytest.raises(RefusedError, match=bound):
+        list(client.watch(consumer_id, claim=True))
+    assert exporter.pool.live_leases == 0 and not exporter.events._queues
+
+
+def test_a_consumer_id_of_the_longest_length_and_every_allowed_character_is_served(
+    lone_exporter,
+):
+    _, client = lone_exporter
+    name = ("pd-0_A.z:9" * 13)[:MAX_CONSUMER_ID_LENGTH]
+    assert client.handshake("", name).epoch and len(client.resolve(["h"], name)) == 1
+
+
 @pytest.mark.parametrize("call", ["release", "renew"])
 def test_a_release_or_renewal_of_more_leases_than_a_resolve_grants_is_refused(client, call):
     too_many = list(range(1, MAX_ITEMS_PER_CALL + 2))
@@ -151,6 +220,46 @@ def test_callers_without_the_token_are_unauthenticated(exporter, token):
     with pytest.raises(AuthError):
         list(client.watch())
     client.close()
+
+
+def test_the_token_is_in_no_log_record_and_no_error_message(tmp_path, monkeypatch, caplog):
+    """A token from a token file, served, presented, refused and misconfigured: nowhere
+    in what is logged or raised (another user may read logs and error reports)."""
+    secret = "n0body-else-may-read-th1s"
+    path = tmp_path / "token"
+    path.write_text(secret + "\n")
+    path.chmod(0o600)
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    caplog.set_level(logging.DEBUG)
+    both = {
+        "encoder_id": "enc0", "control_address": "0.0.0.0:7100",
+        "encoders": {"enc0": "10.0.0.9:7100"}, "token_file": str(path),
+    }  # fmt: skip
+    config = ConnectorConfig.parse("ec_both", both)
+    texts = [repr(config), *config.risks]
+    exporter = Exporter(ExporterConfig(capacity_bytes=1 << 20, security=config.security))
+    try:
+        exporter.export("behind-the-token", embedding())
+        client = ExportClient(exporter.address, config.security)
+        [item] = client.resolve(["behind-the-token"], "pd-0")
+        client.release([item.lease_id])
+        client.close()
+        for wrong in (Security("not-" + secret), Security(None)):
+            client = ExportClient(exporter.address, wrong)
+            with pytest.raises(AuthError) as refused:
+                client.handshake(COMPAT, "pd-0")
+            texts.append(str(refused.value))
+            client.close()
+    finally:
+        exporter.close()
+    for bad in ({"token": secret + " "}, {"token_file": str(path)}):
+        path.chmod(0o644)
+        with pytest.raises(ConfigError) as refused:
+            ConnectorConfig.parse("ec_producer", {**both, **bad})
+        texts.append(str(refused.value))
+    texts += [record.getMessage() for record in caplog.records]
+    assert len(texts) > 8 and config.security.token == secret
+    assert [text for text in texts if secret in text] == []
 
 
 def test_health_check_is_serving_without_a_token(exporter):

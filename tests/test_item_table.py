@@ -62,13 +62,37 @@ def test_a_reconnected_encoder_is_forgotten_until_it_announces_again(table):
 
 
 def test_an_allocated_item_is_resident_until_vllm_frees_it(table):
-    assert not table.allocated("h")  # nothing pulled: vLLM encodes it
+    assert table.allocated("h", None) is None  # nothing pulled: vLLM encodes it
     assert table.resident("h")
-    table.freed(["h"])
+    assert table.freed(["h"]) == []  # nothing lent to it: nothing to free
     assert not table.resident("h") and table._items == {}
 
 
 def test_a_resident_item_is_not_prefetched_when_announced(table):
-    table.allocated("h")
+    table.allocated("h", None)
     table.announced(exported("h"), "enc0", prefetch=True)
     assert table.job("h") is None and table.resident("h")
+
+
+def test_a_pull_lasts_while_any_request_that_asked_for_it_is_live(table):
+    first = table.expect("h", 8, "first")
+    assert table.expect("h", 8, "second") is first  # one pull for both
+    table.forget("h", "never-asked")  # a request that did not claim it changes nothing
+    table.forget("h", "first")  # aborted: the other still waits for the same pull
+    assert table.job("h") is first
+    table.forget("h", "second")
+    assert table.job("h") is None and table._items == {}
+
+
+def test_every_pull_has_an_id_of_its_own(table):
+    first = table.expect("h", 8, "first")
+    table.forget("h", "first")
+    again = table.expect("h", 8, "again")  # the same item asked for again: a new pull
+    assert again is not first and again.pull_id != first.pull_id
+
+
+def test_an_announcement_of_no_bytes_is_not_prefetched(table, caplog):
+    """Its size is what bounds unclaimed prefetches: 0 would let them fill the arena."""
+    assert not table.prefetch(Announcement(EventKind.EXPORTED, "h-empty", 0), "enc0")
+    assert table.job("h-empty") is None
+    assert "announced h-empty with 0 bytes: not prefetched" in caplog.text

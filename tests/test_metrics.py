@@ -1,12 +1,19 @@
 """What ec_nixl counts, how counts merge across processes, and our own /metrics endpoint."""
 
+import socket
+import threading
 import urllib.request
 
+import pytest
 import torch
+from conftest import wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
 from ec_nixl.exporter import Exporter, ExporterConfig
 from ec_nixl.metrics import Stats, merge, summary
+from ec_nixl.metrics_endpoint import MAX_CONNECTIONS
+
+HALF_SENT = b"GET /metrics HTTP/1.1\r\nHost: encoder\r\n"  # the blank line never comes
 
 
 def test_take_returns_what_happened_since_the_last_take():
@@ -50,3 +57,65 @@ def test_an_exporter_serves_its_counts_on_its_own_metrics_endpoint():
     assert samples["ec_nixl:bytes_exported_total", ()] == 3 * 64
     assert samples["ec_nixl:evictions_total", ()] == 1
     assert samples["ec_nixl:pool_bytes_in_use", ()] == 8 << 10
+
+
+@pytest.fixture
+def metered():
+    """An exporter with its /metrics endpoint, and the endpoint's port."""
+    exporter = Exporter(ExporterConfig(capacity_bytes=8 << 10, metrics_address="127.0.0.1:0"))
+    yield exporter, exporter.metrics.port
+    exporter.close()
+
+
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+        assert reply.status == 200
+        return reply.read().decode()
+
+
+def held_open(port: int, count: int, request: bytes = HALF_SENT) -> list[socket.socket]:
+    sockets = []
+    for _ in range(count):
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.sendall(request)
+        sockets.append(sock)
+    return sockets
+
+
+def closed_by_the_server(sock: socket.socket) -> bool:
+    sock.settimeout(30)  # a deadline, far past the server's
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+def test_connections_that_never_finish_their_request_take_no_thread_and_scrapes_go_on(metered):
+    exporter, port = metered
+    threads = threading.active_count()
+    held = held_open(port, 300)
+    try:
+        assert wait_until(lambda: exporter.metrics.endpoint.open_connections == MAX_CONNECTIONS)
+        assert "ec_nixl:items_exported_total" in scrape(port)
+        assert threading.active_count() <= threads
+        assert exporter.metrics.endpoint.open_connections <= MAX_CONNECTIONS
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def test_a_connection_that_sends_nothing_or_half_a_request_is_closed_after_the_deadline(
+    monkeypatch,
+):
+    monkeypatch.setattr("ec_nixl.metrics_endpoint.REQUEST_TIMEOUT_S", 0.5)
+    exporter = Exporter(ExporterConfig(capacity_bytes=8 << 10, metrics_address="127.0.0.1:0"))
+    port = exporter.metrics.port
+    held = held_open(port, 4) + held_open(port, 4, request=b"")
+    try:
+        assert all(closed_by_the_server(sock) for sock in held)
+        assert wait_until(lambda: exporter.metrics.endpoint.open_connections == 0)
+        assert "ec_nixl:items_exported_total" in scrape(port)
+    finally:
+        for sock in held:
+            sock.close()
+        exporter.close()

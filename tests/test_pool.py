@@ -118,6 +118,33 @@ def test_a_consumer_past_its_lease_bound_is_refused_and_others_are_not(monkeypat
     assert pool.live_leases == 4
 
 
+def test_a_consumer_past_the_bound_on_consumers_is_refused_and_known_ones_are_not(monkeypatch):
+    monkeypatch.setattr("ec_nixl.pool.MAX_CONSUMERS", 2)
+    pool, _, _ = make_pool()
+    pool.export("h", item())
+    pool.lease(["h"], consumer="a")
+    [lease] = pool.lease(["h"], consumer="b")
+    with pytest.raises(PoolFullError, match="2 consumers hold leases here, at most 2"):
+        pool.lease(["h"], consumer="c")
+    pool.lease(["h"], consumer="a")  # a consumer that holds leases may take more
+    pool.release([lease.lease_id])  # "b" holds none now
+    pool.lease(["h"], consumer="c")
+    assert pool.live_leases == 3
+
+
+def test_leases_over_all_consumers_are_bounded(monkeypatch):
+    monkeypatch.setattr("ec_nixl.pool.MAX_LIVE_LEASES", 3)
+    pool, clock, _ = make_pool(lease_s=5.0)
+    pool.export("h", item())
+    pool.lease(["h", "h"], consumer="a")
+    with pytest.raises(PoolFullError, match="2 leases are live here.*at most 3 over all"):
+        pool.lease(["h", "h"], consumer="b")
+    pool.lease(["h"], consumer="b")
+    clock.now = 5.0  # expired leases make room
+    pool.lease(["h", "h", "h"], consumer="c")
+    assert pool.live_leases == 3
+
+
 def test_renew_extends_live_leases_and_reports_ended_ones():
     pool, clock, _ = make_pool(lease_s=5.0)
     pool.export("h", item())

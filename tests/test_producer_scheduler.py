@@ -48,7 +48,14 @@ def test_the_encoder_claims_a_requests_items_for_the_pd_the_proxy_names():
 
 
 @pytest.mark.parametrize(
-    "params", [{"consumer_id": "../etc"}, {"consumer_id": ""}, {"consumer_id": 7}, ["pd-a"]]
+    "params",
+    [
+        {"consumer_id": "../etc"},
+        {"consumer_id": ""},
+        {"consumer_id": 7},
+        ["pd-a"],
+        {"consumer_id": "p" * 129},  # no watcher could go by it: the control plane refuses it
+    ],
 )
 def test_the_encoder_claims_for_no_pd_when_the_named_one_is_malformed(params, caplog):
     encoder = ProducerScheduler("enc0")

@@ -1,6 +1,7 @@
 """The proxy app on loopback, between stub encoders and a stub PD: what it forwards, read
 by vLLM's own chat parser; how many items it takes; how many encoder requests it keeps in
-flight; how many bytes its encoders get.
+flight; how many bytes its encoders get; how many bytes of bodies it holds; that a client
+who hangs up leaves nothing running behind it.
 
 The stubs stand for vLLM instances where only the request matters: each reads what it is
 sent with vLLM's `parse_chat_messages` (the tiny model's config; no engine) and records
@@ -63,6 +64,7 @@ class Stub:
     model_config: Any = None
     directory: Directory | None = None  # an encoder: exports under vLLM's uuids
     delay_s: float = 0.0
+    gate: asyncio.Event | None = None  # an encoder: answers once it is set
     bodies: list[dict] = field(default_factory=list)
     uuids: list[str | None] = field(default_factory=list)
     received_bytes: int = 0
@@ -79,6 +81,8 @@ class Stub:
         try:
             uuids = await self._vllm_uuids(body)
             await asyncio.sleep(self.delay_s)
+            if self.gate is not None:
+                await self.gate.wait()
         except asyncio.CancelledError:
             self.abandoned += 1
             raise
@@ -139,6 +143,7 @@ async def rig(
     *,
     model_config=None,
     delay_s: float = 0.0,
+    gate: asyncio.Event | None = None,
     pd_delay_s: float = 0.0,
     **options,
 ):
@@ -155,7 +160,8 @@ async def rig(
 
     live = [0, 0]
     stubs = [
-        Stub(model_config, options.get("directory"), delay_s, live=live) for _ in range(encoders)
+        Stub(model_config, options.get("directory"), delay_s, gate, live=live)
+        for _ in range(encoders)
     ]
     pd = Stub(model_config, delay_s=pd_delay_s)
     urls = []
@@ -284,14 +290,63 @@ def test_encoders_get_each_item_once_and_none_of_the_conversation():
     asyncio.run(scenario())
 
 
-async def eventually(condition, timeout_s: float = 10.0) -> bool:
-    """Whether `condition()` came true within the time (checked every 10 ms)."""
+def padded(nbytes: int) -> dict:
+    """A chat request with one image, padded with text to about `nbytes`."""
+    body = chat_body(image(0))
+    body["messages"][0]["content"].append({"type": "text", "text": ""})
+    body["messages"][0]["content"][-1]["text"] = "x" * (nbytes - len(json.dumps(body)))
+    return body
+
+
+async def chunked(body: dict):
+    """The body sent without a Content-Length, in pieces."""
+    data, piece = json.dumps(body).encode(), 64 << 10
+    for at in range(0, len(data), piece):
+        yield data[at : at + piece]
+
+
+async def until(condition, timeout_s: float = 10.0) -> bool:
     end = asyncio.get_running_loop().time() + timeout_s
     while not condition():
         if asyncio.get_running_loop().time() > end:
             return False
         await asyncio.sleep(0.01)
     return True
+
+
+def test_a_body_over_the_size_bound_is_refused_before_any_encoder_sees_it():
+    async def scenario():
+        async with rig(max_body_bytes=100_000) as proxy_:
+            status, text = await proxy_.post(padded(150_000))
+            assert status == 413 and "over 100000 bytes (the proxy's --max-body-bytes)" in text
+            url = proxy_.url + CHAT
+            async with proxy_.session.post(url, data=chunked(padded(150_000))) as reply:
+                assert reply.status == 413
+            assert proxy_.encoder_bodies == []
+            assert (await proxy_.post(padded(90_000)))[0] == 200
+
+    asyncio.run(scenario())
+
+
+def test_bodies_past_the_bound_in_flight_are_turned_away_until_room_is_made():
+    async def scenario():
+        gate = asyncio.Event()
+        bounds = {"max_body_bytes": 600_000, "max_body_bytes_in_flight": 1_000_000}
+        async with rig(1, gate=gate, **bounds) as proxy_:
+            first = asyncio.create_task(proxy_.post(padded(500_000)))
+            assert await until(lambda: proxy_.encoders[0].live[0] == 1)  # its body is held
+            url = proxy_.url + CHAT
+            async with proxy_.session.post(url, json=padded(550_000)) as reply:
+                assert reply.status == 503 and reply.headers["Retry-After"] == "1"
+                assert "--max-body-bytes-in-flight (1000000)" in await reply.text()
+            async with proxy_.session.post(url, data=chunked(padded(550_000))) as reply:
+                assert reply.status == 503
+            assert len(proxy_.encoder_bodies) == 1
+            gate.set()
+            assert (await first)[0] == 200
+            assert (await proxy_.post(padded(550_000)))[0] == 200  # its body's room is back
+
+    asyncio.run(scenario())
 
 
 async def hang_up_after(proxy_: Rig, body: dict, seconds: float) -> bool:
@@ -311,7 +366,7 @@ def test_a_client_that_leaves_ends_its_request_at_pd():
     async def scenario():
         async with rig(pd_delay_s=60) as proxy_:
             assert not await hang_up_after(proxy_, chat_body(image(1)), 0.5)
-            assert await eventually(lambda: proxy_.pd.abandoned == 1)
+            assert await until(lambda: proxy_.pd.abandoned == 1)
 
     asyncio.run(scenario())
 
@@ -320,8 +375,8 @@ def test_a_client_that_leaves_during_encoding_ends_its_encoder_and_pd_requests()
     async def scenario():
         async with rig(delay_s=60, pd_delay_s=60, overlap=True) as proxy_:
             assert not await hang_up_after(proxy_, chat_body(image(1)), 0.5)
-            assert await eventually(lambda: proxy_.pd.abandoned == 1)
-            assert await eventually(lambda: sum(e.abandoned for e in proxy_.encoders) == 1)
+            assert await until(lambda: proxy_.pd.abandoned == 1)
+            assert await until(lambda: sum(e.abandoned for e in proxy_.encoders) == 1)
             assert len(proxy_.encoder_bodies) == 1
 
     asyncio.run(scenario())

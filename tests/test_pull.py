@@ -294,6 +294,43 @@ def test_a_read_past_its_deadline_disconnects_before_its_slot_is_reused(resolver
         puller.free(item)
 
 
+def test_a_read_past_its_deadline_leaves_a_concurrent_read_from_that_exporter_to_finish(
+    resolver, puller
+):
+    """The stalled READ's peer goes only once no READ uses it: the other READ, with a
+    longer deadline, ends when the exporter wakes (it failed with NIXL's untyped
+    nixlNotFoundError when the first one's deadline removed the peer under it)."""
+    big = (2048, 1024)  # 4 MiB: a READ of it waits for the exporter's side of UCX
+    with ExporterProcess(ExporterConfig(capacity_bytes=16 * MiB)) as producer:
+        producer.export("met", spec(seed=73))
+        puller.free(pull(resolver, puller, producer.address, ["met"])[0])  # met: no probe now
+        for n in (74, 75):
+            producer.export(f"stalled-{n}", spec(big, seed=n))
+        short, long = (
+            resolver.resolve(producer.address, [f"stalled-{n}"], time.monotonic() + DEADLINE_S)
+            for n in (74, 75)
+        )
+        producer.signal(signal.SIGSTOP)
+        outcome: list = []
+        patient = threading.Thread(
+            target=lambda: outcome.append(puller.read(long, time.monotonic() + 4 * DEADLINE_S))
+        )
+        try:
+            patient.start()
+            with pytest.raises(DeadlineExceededError, match="READ from"):
+                puller.read(short, time.monotonic() + 0.5)
+            time.sleep(0.5)  # the patient READ is still waiting
+            assert puller.agent.has_peer(long.peer.agent_name) and not outcome
+        finally:
+            producer.signal(signal.SIGCONT)
+        patient.join(4 * DEADLINE_S)
+        [[item]] = outcome
+        assert torch.equal(item.tensor, spec(big, seed=75).make())
+        assert not puller.agent.has_peer(long.peer.agent_name)  # gone with the last READ
+        assert puller.arena.bytes_used == item.slot.length  # the stalled READ's slot is free
+        puller.free(item)
+
+
 def test_stalled_producer_fails_the_resolve_at_its_deadline(resolver, puller):
     with ExporterProcess(ExporterConfig(capacity_bytes=8 * MiB)) as producer:
         producer.export("stalled-rpc", spec(seed=72))
@@ -320,7 +357,7 @@ def test_a_worker_order_keeps_its_deadline_with_a_stalled_encoder_not_met_yet(re
         producer.signal(signal.SIGSTOP)
         start = time.monotonic()
         try:
-            order = PullOrder("enc0", [item], [0], start + 30, deadline=start + 0.5)
+            order = PullOrder("enc0", [item], [0], start + 30, deadline=start + 0.5, pull_id=1)
             with pytest.raises(DeadlineExceededError):
                 worker.read(order)  # its handshake keeps the order's deadline
             assert time.monotonic() - start < 1.0

@@ -91,6 +91,12 @@ ELSEWHERE = [
      "tests/test_pull.py::test_a_read_past_its_deadline_disconnects_before_its_slot_is_reused"),
     ("health checks held open by anyone",
      "tests/test_hostile_input.py::test_health_checks_held_open_leave_the_export_service_its_threads"),
+    ("a request aborted while its pull runs, the same image asked for again at once (40 rounds)",
+     "tests/test_aborted_pulls.py::test_a_request_aborted_while_its_pull_runs_never_costs_the_next_one_its_item"),
+    ("two requests sharing an image, one of them aborted",
+     "tests/test_aborted_pulls.py::test_a_request_sharing_an_image_with_an_aborted_one_still_loads_the_same_pull"),
+    ("a PD rank told to load an item it does not hold",
+     "tests/test_aborted_pulls.py::test_a_rank_told_to_load_a_copy_it_lacks_reads_the_item_again_before_the_step_goes_on"),
 ]  # fmt: skip
 
 
@@ -218,11 +224,11 @@ def test_forged_transfer_params_get_a_local_encoding_or_a_4xx_and_contact_no_one
     image E has exported, with `ec_transfer_params` forged 7 ways: an unknown
     encoder id, a raw host:port, an address as encoder id, extra size/dtype/shape
     claims, nested junk, an mm_hash not in the request, a list. Each must be
-    answered by encoding locally or refused with a 4xx, or (the size/dtype/shape
-    claims beside a configured encoder id: keys PD does not know, followed as a
-    newer vLLM's would be) by pulling what that encoder holds, the claims ignored
-    and counted; nothing may connect to the listener whose address the forgeries
-    carry."""
+    answered by encoding locally or refused with a 4xx; the size/dtype/shape claims
+    beside a configured encoder id are keys PD does not know, followed as a newer
+    vLLM's would be (the claims ignored and counted; the image is by then in PD's
+    own cache, from the first forgery's local encoding). Nothing is pulled, and
+    nothing may connect to the listener whose address the forgeries carry."""
     url = image(2100)
     mm_hash = next(iter(post(rig.encoder.url, chat_body(url, max_tokens=1))["ec_transfer_params"]))
     listener = socket.create_server(("127.0.0.1", 0))
@@ -252,11 +258,11 @@ def test_forged_transfer_params_get_a_local_encoding_or_a_4xx_and_contact_no_one
     )
     assert outcome.hung == 0
     assert all(re.match(r"HTTP 4\d\d", e) for e in outcome.errors), outcome.errors
-    # those naming the request's own item but for the claims' (pulled from enc0, checked
-    # against the model, the claims ignored); the others name none of its items
+    # those naming the request's own item but for the claims' (followed, the claims
+    # ignored); the others name none of its items
     assert refused == 4
     assert metric(rig.pd.url, "ec_nixl:unknown_param_keys_total") - before[3] == 1
-    assert rig.pulled() == before[1] + 1
+    assert rig.pulled() == before[1]
 
 
 def test_callers_without_the_token_or_tls_are_turned_away(rig, record):

@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 from conftest import wait_until
+from pd_rig import pulled
 from v2_rig import (
     RUN_TIMEOUT_S,
     SAMPLED_TOKEN,
@@ -52,6 +53,11 @@ PD_ID = "pd-v2"  # the name PD goes by at its encoder
 PULL_S = 30.0  # deadline for a pull to land
 IDLE_STEPS = 3  # PD steps without tokens before E encodes
 STEPS_S = 30.0  # deadline for those steps
+
+
+def loaded(step) -> list[str]:
+    """The items whose pulled copies a step's metadata has PD's workers load."""
+    return [load.mm_hash for load in step.output.ec_connector_metadata.loads]
 
 
 class Rig:
@@ -137,7 +143,7 @@ def test_a_pulled_item_is_in_the_encoder_cache_when_the_forward_gathers_it(rig):
     it in the encoder cache, bit for bit what E's encoder made."""
     params = rig.encode("v2-pulled")
     load = rig.pd.run(rig.request("pd-pulled", "v2-pulled", params))[-1]
-    assert load.output.ec_connector_metadata.loads == ["v2-pulled"]
+    assert loaded(load) == ["v2-pulled"]
     assert load.output.scheduled_encoder_inputs == {}  # loaded, not encoded
     # The forward gathered it (a miss would have raised) and it stays in the cache.
     expected = encoder_output("v2-pulled")
@@ -165,9 +171,9 @@ def test_a_pull_that_lands_while_pd_is_idle_needs_no_forward_step(rig):
         *idle, load = running.result(timeout=RUN_TIMEOUT_S)
     assert len(idle) >= IDLE_STEPS
     for step in idle:
-        assert step.idle and step.output.ec_connector_metadata.loads == []
+        assert step.idle and loaded(step) == []
         assert "v2-idle" not in step.cached
-    assert not load.idle and load.output.ec_connector_metadata.loads == ["v2-idle"]
+    assert not load.idle and loaded(load) == ["v2-idle"]
     assert torch.equal(rig.pd_runner.gathered["v2-idle"], encoder_output("v2-idle"))
 
 
@@ -180,8 +186,9 @@ def test_an_item_claimed_for_pd_is_pulled_before_pd_takes_any_step(rig):
     it comes, is scheduled and loaded in its first step."""
     params = rig.encode("v2-claimed", {"consumer_id": PD_ID})
     before = len(rig.pd.steps)
-    assert wait_until(lambda: rig.pd.scheduler.ec_connector.has_cache_item("v2-claimed"), PULL_S)
+    consumer = rig.pd.scheduler.ec_connector._consumer
+    assert wait_until(lambda: pulled(consumer, "v2-claimed"), PULL_S)
     assert len(rig.pd.steps) == before
     [load] = rig.pd.run(rig.request("pd-claimed", "v2-claimed", params))
-    assert load.output.ec_connector_metadata.loads == ["v2-claimed"]
+    assert loaded(load) == ["v2-claimed"]
     assert torch.equal(rig.pd_runner.gathered["v2-claimed"], encoder_output("v2-claimed"))

@@ -22,7 +22,6 @@ from conftest import (
     PROXIED,
     REWRITTEN,
     STOCK,
-    STOCK_PAIR,
     UNFORWARDED,
     start_encoder,
 )
@@ -170,12 +169,12 @@ def test_pd_pulls_what_an_encoder_announced_for_a_request_without_params(cluster
 
 
 @contextmanager
-def vllms_example_proxy(cluster, workdirs, *, rewrite: bool):
-    """vLLM 0.32's example EPD proxy, unchanged, in front of both encoders and PD."""
+def vllms_example_proxy(cluster, workdirs, release: str, *, rewrite: bool):
+    """vLLM's example EPD proxy of `release`, unchanged, in front of both encoders and PD."""
     encoders = [cluster["encoder"].url, cluster["encoder1"].url]
-    log_dir = workdirs[2] / f"stock-proxy-{'rewrite' if rewrite else 'no-rewrite'}"
+    log_dir = workdirs[2] / f"stock-proxy-{release}-{'rewrite' if rewrite else 'no-rewrite'}"
     proxy = start_stock_proxy(encoders=encoders, pd=cluster["pd"].url, log_dir=log_dir,
-                              rewrite=rewrite)  # fmt: skip
+                              rewrite=rewrite, vllm=release)  # fmt: skip
     try:
         wait_healthy([proxy])
         yield proxy
@@ -183,28 +182,33 @@ def vllms_example_proxy(cluster, workdirs, *, rewrite: bool):
         proxy.stop()
 
 
+@pytest.mark.parametrize("release", list(STOCK))
 def test_behind_vllms_example_proxy_with_no_rewrite_pd_pulls_every_image(
-    cluster, workdirs, reference
+    cluster, workdirs, reference, release
 ):
     """What LLaVA users run: both sides hash the media alike, and PD takes E's
-    ec_transfer_params as that proxy forwards them (every encoder's answer, by mm_hash)."""
-    with vllms_example_proxy(cluster, workdirs, rewrite=False) as proxy:
+    ec_transfer_params as that proxy forwards them (every encoder's answer, by mm_hash).
+    0.34's proxy reads each entry's `modality`, which an encoder on vLLM 0.32 (this one)
+    does not send: it takes the modality from the content part's type instead."""
+    single, pair = STOCK[release]
+    with vllms_example_proxy(cluster, workdirs, release, rewrite=False) as proxy:
         before = pulls_in_log(cluster["pd"])
-        assert answer(proxy.url, STOCK) == reference[STOCK]
+        assert answer(proxy.url, single) == reference[single]
         assert pulls_in_log(cluster["pd"]) == before + 1
-        assert answer(proxy.url, STOCK_PAIR) == reference["stock pair"]  # one per encoder
+        assert answer(proxy.url, pair) == reference[f"stock pair {release}"]  # one per encoder
         assert pulls_in_log(cluster["pd"]) == before + 3
 
 
+@pytest.mark.parametrize("release", list(REWRITTEN))
 def test_vllms_example_proxy_rewriting_for_llava_leaves_pd_to_encode_and_pd_says_why(
-    cluster, workdirs, reference
+    cluster, workdirs, reference, release
 ):
     """By default that proxy gives E each item under a uuid of its own, but sends LLaVA's
     PD the media without it (LLaVA has no placeholder metadata to rewrite it to): PD's
     mm_hash is not E's, for any connector, so PD encodes (with its own vision weights)."""
     unmatched = metric(cluster["pd"].url, "ec_nixl:unmatched_params_total")
-    with vllms_example_proxy(cluster, workdirs, rewrite=True) as proxy:
-        assert answer(proxy.url, REWRITTEN) != reference[REWRITTEN]
+    with vllms_example_proxy(cluster, workdirs, release, rewrite=True) as proxy:
+        assert answer(proxy.url, REWRITTEN[release]) != reference[REWRITTEN[release]]
     assert metric(cluster["pd"].url, "ec_nixl:unmatched_params_total") == unmatched + 1
     assert "--no-rewrite" in cluster["pd"].log_path.read_text(errors="replace")  # said once
 

@@ -55,13 +55,13 @@ class Worker:
             raise self.failure
         return PullReport(bytes=order.items[0].region.length, read_s=0.002)
 
-    def drop(self, mm_hashes) -> None:
-        self.dropped.extend(mm_hashes)
+    def drop(self, mm_hashes, pull_id) -> None:
+        self.dropped.extend((mm_hash, pull_id) for mm_hash in mm_hashes)
 
 
 def order(timeout_s: float = 2.0, valid_s: float = 5.0) -> PullOrder:
     now = time.monotonic()
-    return PullOrder("enc0", [ITEM], [4], now + valid_s, now + timeout_s)
+    return PullOrder("enc0", [ITEM], [4], now + valid_s, now + timeout_s, pull_id=(1 << 40) + 3)
 
 
 @pytest.fixture
@@ -93,10 +93,11 @@ def test_an_order_reaches_the_worker_whole_and_its_report_comes_back(server, rea
     assert report == PullReport(8192, 0.002)
     [got] = reader.orders
     assert got.encoder_id == "enc0" and got.items == [ITEM] and got.num_embeds == [4]
+    assert got.pull_id == (1 << 40) + 3
     assert got.deadline - time.monotonic() == pytest.approx(2.0, abs=0.5)
     assert got.valid_until - time.monotonic() == pytest.approx(5.0, abs=0.5)
-    client.drop(["h-link"])
-    assert reader.dropped == ["h-link"]
+    client.drop(["h-link"], got.pull_id)
+    assert reader.dropped == [("h-link", got.pull_id)]
 
 
 def test_a_worker_failure_arrives_as_its_own_type_naming_the_worker(server, reader, client):

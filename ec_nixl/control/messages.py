@@ -7,6 +7,7 @@ servicer touch generated protobuf classes.
 from __future__ import annotations
 
 import hashlib
+import re
 import time
 from dataclasses import dataclass, field
 from math import prod
@@ -24,12 +25,27 @@ from ec_nixl.v1 import export_pb2 as pb
 # 3: ENCODING events: the encoder is about to encode an item.
 PROTOCOL_VERSION = 3
 
+# How a consumer names itself to an exporter, which counts its leases under that name:
+# ASCII letters, digits and "-_.:", at most MAX_CONSUMER_ID_LENGTH; "" names nobody.
+MAX_CONSUMER_ID_LENGTH = 128
+_CONSUMER_ID = re.compile(r"[A-Za-z0-9_.:-]*")
+
 # Embeddings are floating point; anything else in a descriptor is refused.
 DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
     "float32": torch.float32,
 }
+
+
+def consumer_id_problem(consumer_id: str) -> str | None:
+    """What is wrong with a consumer id (never quoting it: it may be megabytes), or None."""
+    if len(consumer_id) > MAX_CONSUMER_ID_LENGTH or not _CONSUMER_ID.fullmatch(consumer_id):
+        return (
+            f"consumer_id must be at most {MAX_CONSUMER_ID_LENGTH} ASCII letters, digits, '-', "
+            f"'_', '.' and ':' (got {len(consumer_id)} characters)"
+        )
+    return None
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -1,35 +1,119 @@
 """Who may talk to an exporter: an optional shared token and optional TLS.
 
 The token travels as `authorization: Bearer <token>` metadata and is compared
-in constant time; health checks stay open so orchestrators can probe.
+in constant time; health checks stay open so orchestrators can probe. Every
+component takes it from one place, `resolve_token`: an explicit value first
+(ec_connector_extra_config `token`, `--token`), else a token file readable by
+its owner alone (`token_file`, `--token-file`), else $EC_NIXL_TOKEN. An
+explicit value is best left out: it sits in the process list, where every user
+of the host can read it, and in vLLM's log of its arguments. No log line or
+error message here ever holds the token.
 """
 
 from __future__ import annotations
 
 import argparse
 import hmac
+import logging
 import os
+import stat
+from collections.abc import Iterable, Mapping
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 
 import grpc
 
 from ec_nixl.errors import ConfigError
 
+logger = logging.getLogger(__name__)
+
 AUTH_HEADER = "authorization"
-TOKEN_ENV = "EC_NIXL_TOKEN"  # where commands that call encoders take the token from
+TOKEN_ENV = "EC_NIXL_TOKEN"
+MAX_TOKEN_BYTES = 4096
 OPEN_METHODS = ("/grpc.health.v1.Health/",)
+
+
+class TokenSource(Enum):
+    NONE = "none"
+    EXPLICIT = "explicit"  # the config's `token`, or `--token`: in the process list
+    FILE = "file"
+    ENV = "env"
+
+
+def resolve_token(
+    explicit: str | None, token_file: str | Path | None, environ: Mapping[str, str] = os.environ
+) -> tuple[str | None, TokenSource]:
+    """The control-plane token and where it came from: `explicit` if given, else the
+    contents of `token_file` if given, else $EC_NIXL_TOKEN if set, else None.
+    ConfigError, naming the source and never the token, for a token that is empty or
+    not printable ASCII, and for a token file that is missing, unreadable, not a
+    regular file, or open to its group or others (chmod 600)."""
+    if explicit is not None:
+        return _checked(explicit, "token"), TokenSource.EXPLICIT
+    if token_file is not None:
+        return read_token_file(token_file), TokenSource.FILE
+    if environ.get(TOKEN_ENV):
+        return _checked(environ[TOKEN_ENV], f"${TOKEN_ENV}"), TokenSource.ENV
+    return None, TokenSource.NONE
+
+
+def read_token_file(path: str | Path) -> str:
+    """The token in `path` (surrounding whitespace dropped), read once."""
+    if not isinstance(path, str | Path) or not str(path):
+        raise ConfigError(f"token_file must name a file, got {type(path).__name__}")
+    try:
+        # Non-blocking: a FIFO put there must not hang the start; the mode checked is
+        # that of the file read.
+        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as file:
+            mode = os.fstat(file.fileno()).st_mode
+            if not stat.S_ISREG(mode):
+                raise ConfigError(f"token_file {path} is not a regular file")
+            if mode & 0o077:
+                raise ConfigError(
+                    f"token_file {path} is open to its group or others (mode "
+                    f"{stat.S_IMODE(mode):03o}): other users could read the token; make it "
+                    "readable by its owner alone (chmod 600; a Kubernetes secret: "
+                    "defaultMode 0400)"
+                )
+            data = file.read(MAX_TOKEN_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"token_file {path} cannot be read: {exc.strerror}") from None
+    # Bytes that are not ASCII become U+FFFD, which the check refuses without quoting them.
+    return _checked(data.decode("ascii", "replace").strip(), f"token_file {path}")
+
+
+def _checked(token: object, source: str) -> str:
+    """The token, if gRPC can send it as a header value: 1 to MAX_TOKEN_BYTES printable
+    ASCII characters, no spaces (gRPC would fail every call with a vague INTERNAL)."""
+    if not isinstance(token, str) or not token:
+        raise ConfigError(f"{source}: the token must be a non-empty string")
+    if len(token) > MAX_TOKEN_BYTES or not all("!" <= c <= "~" for c in token):
+        raise ConfigError(
+            f"{source}: the token must be 1 to {MAX_TOKEN_BYTES} printable ASCII characters "
+            f"without spaces (got {len(token)} characters)"
+        )
+    return token
+
+
+def is_loopback(address: str) -> bool:
+    """Whether HOST:PORT stays on this host (0.0.0.0 and :: listen on every interface)."""
+    host = address.rpartition(":")[0].strip("[]")
+    return host == "localhost" or host == "::1" or host.startswith("127.")
 
 
 @dataclass(frozen=True)
 class Security:
-    """Token and TLS files; all optional. A server needs cert and key, a client the CA."""
+    """Token and TLS files; all optional. A server needs cert and key, a client the CA.
+    With `require_tls`, a control plane beyond loopback without TLS is refused, not
+    warned about (see `transport_risk`)."""
 
-    token: str | None = None
+    token: str | None = field(default=None, repr=False)
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
     tls_ca_file: Path | None = None
+    require_tls: bool = False
 
     def __post_init__(self) -> None:
         # Half a pair would silently serve plaintext, and clients would send the token in it.
@@ -43,6 +127,31 @@ class Security:
                 f"{given} is set but {missing} is not: TLS needs both (else the control plane "
                 "would serve plaintext)"
             )
+
+    def transport_risk(self, serves: Iterable[str] = (), calls: Iterable[str] = ()) -> str | None:
+        """Why the token would cross a network in plaintext, serving on `serves` and
+        calling `calls` (HOST:PORT each), or None. With `require_tls`, a ConfigError
+        instead for any of them beyond loopback without TLS, token or not."""
+        plain = [a for a in serves if not self.tls_cert_file]
+        plain += [a for a in calls if not self.tls_ca_file]
+        exposed = [a for a in plain if not is_loopback(a)]
+        if not exposed:
+            return None
+        where = ", ".join(exposed)
+        if self.require_tls:
+            raise ConfigError(
+                f"require_tls is set, and the control plane on {where} would run without TLS: "
+                "give the encoder tls_cert_file and tls_key_file, and its callers tls_ca_file "
+                "(--tls-ca)"
+            )
+        if not self.token:
+            return None
+        return (
+            f"the control-plane token would cross the network in plaintext on {where}: anyone "
+            "who can watch that network can read it and call the encoder. Set up TLS "
+            "(tls_cert_file and tls_key_file on the encoder, tls_ca_file or --tls-ca on its "
+            "callers), and require_tls (--require-tls) to refuse to run without it."
+        )
 
     def call_metadata(self) -> tuple[tuple[str, str], ...]:
         return ((AUTH_HEADER, f"Bearer {self.token}"),) if self.token else ()
@@ -60,20 +169,43 @@ class Security:
 
 
 def add_client_arguments(parser: argparse.ArgumentParser) -> None:
-    """`--token` and `--tls-ca` for a command that calls encoders' control planes."""
+    """The token and TLS flags of a command that calls encoders' control planes."""
     parser.add_argument(
-        "--token", default=os.environ.get(TOKEN_ENV),
-        help=f"the encoders' control-plane token (default: ${TOKEN_ENV}, which keeps it "
-        "out of the process list)",
+        "--token-file", type=Path, metavar="FILE",
+        help="file holding the encoders' control-plane token, readable by its owner alone "
+        f"(chmod 600). The token is taken from --token, else --token-file, else ${TOKEN_ENV}",
+    )  # fmt: skip
+    parser.add_argument(
+        "--token",
+        help=f"the token itself: prefer --token-file or ${TOKEN_ENV}, since a value given "
+        "here is in the process list, where every user of this host can read it",
     )  # fmt: skip
     parser.add_argument(
         "--tls-ca", type=Path, metavar="FILE",
         help="CA that signed the encoders' control-plane certificates (TLS)",
     )  # fmt: skip
+    parser.add_argument(
+        "--require-tls", action="store_true",
+        help="refuse to call an encoder beyond loopback without TLS (default: a warning "
+        "when the token would cross the network in plaintext)",
+    )  # fmt: skip
 
 
-def client_security(args: argparse.Namespace) -> Security:
-    return Security(token=args.token, tls_ca_file=args.tls_ca)
+def client_security(args: argparse.Namespace, calls: Iterable[str]) -> Security:
+    """The Security of a command that calls the encoders at `calls` (HOST:PORT each), from
+    its flags and environment; warns of a token on the command line or one that would
+    travel in plaintext. ConfigError for a bad token source, or a plaintext call under
+    --require-tls."""
+    token, source = resolve_token(args.token, args.token_file)
+    security = Security(token, tls_ca_file=args.tls_ca, require_tls=args.require_tls)
+    if source is TokenSource.EXPLICIT:
+        logger.warning(
+            "--token is in this command's process list, where every user of the host can "
+            "read it; give it in --token-file or $%s instead", TOKEN_ENV
+        )  # fmt: skip
+    if risk := security.transport_risk(calls=calls):
+        logger.warning("%s", risk)
+    return security
 
 
 class AccessInterceptor(grpc.ServerInterceptor):

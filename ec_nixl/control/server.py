@@ -18,7 +18,12 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from ec_nixl.control.client import KEEPALIVE_MS, KEEPALIVE_OPTIONS
-from ec_nixl.control.messages import PROTOCOL_VERSION, PeerInfo, RemoteItem
+from ec_nixl.control.messages import (
+    PROTOCOL_VERSION,
+    PeerInfo,
+    RemoteItem,
+    consumer_id_problem,
+)
 from ec_nixl.control.security import AccessInterceptor, Security
 from ec_nixl.control.status import status_of
 from ec_nixl.errors import NotFoundError, PoolFullError
@@ -95,6 +100,7 @@ class ExportServicer(pb_grpc.ExportServiceServicer):
         self._handshake.compatibility_hash = compatibility_hash
 
     def Handshake(self, request: pb.HandshakeRequest, context: grpc.ServicerContext):
+        _check_consumer_id(request.consumer_id, context)
         if request.protocol_version != PROTOCOL_VERSION:
             context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -120,11 +126,12 @@ class ExportServicer(pb_grpc.ExportServiceServicer):
             )
         _check_lease_ms(request.lease_ms, context)
         _check_readers(request.readers, context)
+        _check_consumer_id(request.consumer_id, context)
         try:
             leases = self._pool.lease(
                 hashes, request.lease_ms / 1000 or None, request.readers or 1, request.consumer_id
             )
-        except (NotFoundError, PoolFullError) as exc:  # unknown item; past the lease bound
+        except (NotFoundError, PoolFullError) as exc:  # unknown item; past a lease bound
             context.abort(status_of(exc), str(exc))
         self._on_leased()
         return pb.ResolveResponse(items=[self._describe(lease) for lease in leases])
@@ -144,6 +151,7 @@ class ExportServicer(pb_grpc.ExportServiceServicer):
 
     def WatchEvents(self, request: pb.WatchEventsRequest, context: grpc.ServicerContext):
         _check_readers(request.readers, context)
+        _check_consumer_id(request.consumer_id, context)
         held, q = self._pool.snapshot(then=self._events.subscribe)
         if q is None:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"at most {MAX_WATCHERS} watchers")
@@ -176,8 +184,8 @@ class ExportServicer(pb_grpc.ExportServiceServicer):
 
     def _claim(self, message: pb.ExportEvent, readers: int, consumer: str) -> None:
         """Lease the announced item for the watcher, unless it was evicted meanwhile
-        (its EVICTED event follows) or the watcher is past its lease bound (it can still
-        resolve the item once it has leases to spare)."""
+        (its EVICTED event follows) or a lease bound is reached (the watcher can still
+        resolve the item once there are leases to spare)."""
         try:
             [lease] = self._pool.lease([message.mm_hash], readers=readers, consumer=consumer)
         except (NotFoundError, PoolFullError):
@@ -239,6 +247,13 @@ def _check_lease_count(lease_ids, context: grpc.ServicerContext) -> None:
             grpc.StatusCode.INVALID_ARGUMENT,
             f"at most {MAX_ITEMS_PER_CALL} lease ids per call, got {len(lease_ids)}",
         )
+
+
+def _check_consumer_id(consumer_id: str, context: grpc.ServicerContext) -> None:
+    """Leases are counted under the consumer's name: a name of megabytes, or of anything
+    at all, would be kept for as long as they live."""
+    if problem := consumer_id_problem(consumer_id):
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
 
 
 def _check_readers(readers: int, context: grpc.ServicerContext) -> None:

@@ -4,6 +4,11 @@ Both ends live here, apart from `receiver` (which holds NIXL), so that the
 scheduler's process never loads NIXL. The scheduler sends the same order to
 every tensor-parallel rank at once (`WorkerClient.pull` returns before the
 answer); each rank READs under the one lease that counts it as a reader.
+Every order names its pull (`pull_id`): a worker keeps what it read under the
+item and the pull, and only orders naming that pull remove it (a drop over this
+link, the load into vLLM's encoder cache, and the free when vLLM evicts it,
+which travel in vLLM's step metadata as `Load`s and `(mm_hash, pull_id)`s). So a
+pull that ends late never takes away what a newer pull of the same item read.
 
 The link is a Unix socket with length-prefixed protobuf frames
 (`proto/ec_nixl/v1/worker.proto`), one call at a time per connection; the
@@ -66,6 +71,19 @@ class PullOrder:
     num_embeds: list[int]  # per item: the rows the request's placeholder takes (0: unknown)
     valid_until: float  # local monotonic time
     deadline: float
+    pull_id: int  # what the worker keeps the items under (0: an order that names no pull)
+
+
+@dataclass(frozen=True)
+class Load:
+    """Lend pull `pull_id`'s copy of an item to vLLM's encoder cache (in the step's
+    metadata). The encoder and the rows say where to read it again, and what to expect,
+    should a worker not hold that copy."""
+
+    mm_hash: str
+    pull_id: int
+    encoder_id: str
+    num_embeds: int
 
 
 @dataclass(frozen=True)
@@ -79,7 +97,7 @@ class Reader(Protocol):
 
     def read(self, order: PullOrder) -> PullReport: ...
 
-    def drop(self, mm_hashes: Sequence[str]) -> None: ...
+    def drop(self, mm_hashes: Sequence[str], pull_id: int) -> None: ...
 
 
 class WorkerServer:
@@ -141,7 +159,7 @@ class WorkerServer:
                     pull=pb.PullResponse(bytes=report.bytes, read_us=int(report.read_s * 1e6))
                 )
             if kind == "drop":
-                self._reader.drop(call.drop.mm_hashes)
+                self._reader.drop(call.drop.mm_hashes, call.drop.pull_id)
                 return pb.WorkerAnswer(drop=pb.DropResponse())
             raise RefusedError("a worker call of no known kind")
         except Exception as exc:  # a thread boundary: whatever fails here fails this call only
@@ -170,6 +188,7 @@ def _order(request: pb.PullRequest) -> PullOrder:
         num_embeds=list(request.num_embeds),
         valid_until=now + request.valid_ms / 1000,
         deadline=now + request.timeout_ms / 1000,
+        pull_id=request.pull_id,
     )
 
 
@@ -210,16 +229,20 @@ class WorkerClient:
             num_embeds=order.num_embeds,
             timeout_ms=max(1, int((order.deadline - now) * 1000)),
             valid_ms=max(0, int((order.valid_until - now) * 1000)),
+            pull_id=order.pull_id,
         )
         return PendingPull(self, pb.WorkerCall(pull=request), order.deadline)
 
-    def drop(self, mm_hashes: list[str]) -> None:
+    def drop(self, mm_hashes: list[str], pull_id: int) -> None:
+        """The worker frees pull `pull_id`'s copies of these items (another pull's stay)."""
         deadline = time.monotonic() + DROP_TIMEOUT_S
         try:
-            call = pb.WorkerCall(drop=pb.DropRequest(mm_hashes=mm_hashes))
+            call = pb.WorkerCall(drop=pb.DropRequest(mm_hashes=mm_hashes, pull_id=pull_id))
             self._answer(self._send(call, deadline), deadline)
         except ECNixlError as exc:
-            logger.warning("could not drop %s on %s: %s", mm_hashes, self.address, exc)
+            logger.warning(
+                "could not drop %s (pull %d) on %s: %s", mm_hashes, pull_id, self.address, exc
+            )
 
     def close(self) -> None:
         with self._lock:

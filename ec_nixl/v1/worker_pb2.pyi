@@ -34,18 +34,20 @@ class Failure(_message.Message):
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class PullRequest(_message.Message):
-    __slots__ = ("encoder_id", "items", "timeout_ms", "num_embeds", "valid_ms")
+    __slots__ = ("encoder_id", "items", "timeout_ms", "num_embeds", "valid_ms", "pull_id")
     ENCODER_ID_FIELD_NUMBER: _ClassVar[int]
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
     NUM_EMBEDS_FIELD_NUMBER: _ClassVar[int]
     VALID_MS_FIELD_NUMBER: _ClassVar[int]
+    PULL_ID_FIELD_NUMBER: _ClassVar[int]
     encoder_id: str
     items: _containers.RepeatedCompositeFieldContainer[_export_pb2.ItemDescriptor]
     timeout_ms: int
     num_embeds: _containers.RepeatedScalarFieldContainer[int]
     valid_ms: int
-    def __init__(self, encoder_id: _Optional[str] = ..., items: _Optional[_Iterable[_Union[_export_pb2.ItemDescriptor, _Mapping]]] = ..., timeout_ms: _Optional[int] = ..., num_embeds: _Optional[_Iterable[int]] = ..., valid_ms: _Optional[int] = ...) -> None: ...
+    pull_id: int
+    def __init__(self, encoder_id: _Optional[str] = ..., items: _Optional[_Iterable[_Union[_export_pb2.ItemDescriptor, _Mapping]]] = ..., timeout_ms: _Optional[int] = ..., num_embeds: _Optional[_Iterable[int]] = ..., valid_ms: _Optional[int] = ..., pull_id: _Optional[int] = ...) -> None: ...
 
 class PullResponse(_message.Message):
     __slots__ = ("bytes", "read_us")
@@ -56,10 +58,12 @@ class PullResponse(_message.Message):
     def __init__(self, bytes: _Optional[int] = ..., read_us: _Optional[int] = ...) -> None: ...
 
 class DropRequest(_message.Message):
-    __slots__ = ("mm_hashes",)
+    __slots__ = ("mm_hashes", "pull_id")
     MM_HASHES_FIELD_NUMBER: _ClassVar[int]
+    PULL_ID_FIELD_NUMBER: _ClassVar[int]
     mm_hashes: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, mm_hashes: _Optional[_Iterable[str]] = ...) -> None: ...
+    pull_id: int
+    def __init__(self, mm_hashes: _Optional[_Iterable[str]] = ..., pull_id: _Optional[int] = ...) -> None: ...
 
 class DropResponse(_message.Message):
     __slots__ = ()

@@ -1,1 +1,0 @@
-"""ec_nixl: move vision-encoder outputs between vLLM instances with NIXL."""

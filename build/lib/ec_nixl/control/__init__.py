@@ -1,1 +1,0 @@
-"""The gRPC control plane: descriptors, leases and events; never tensor bytes."""
