@@ -5,7 +5,9 @@ the worker."""
 
 from __future__ import annotations
 
+import os
 import socket
+import stat
 import threading
 import time
 from pathlib import Path
@@ -22,8 +24,15 @@ from ec_nixl.control.worker_link import (
     PullReport,
     WorkerClient,
     WorkerServer,
+    worker_address,
 )
-from ec_nixl.errors import DeadlineExceededError, PeerDeadError, RefusedError, WorkerLostError
+from ec_nixl.errors import (
+    ConfigError,
+    DeadlineExceededError,
+    PeerDeadError,
+    RefusedError,
+    WorkerLostError,
+)
 from ec_nixl.region import Region
 
 ITEM = RemoteItem(
@@ -214,3 +223,26 @@ def test_another_users_process_may_not_connect(server, client, address, monkeypa
 
 def socket_path(address: str) -> Path:
     return Path(address.removeprefix("unix:"))
+
+
+def test_the_scheduler_sends_no_order_to_a_socket_another_user_serves(server, client, monkeypatch):
+    monkeypatch.setattr(worker_link.os, "getuid", lambda: 12345)  # the scheduler's user, now
+    with pytest.raises(RefusedError, match=r"served by uid \d+, not this user"):
+        client.pull(order()).result()
+
+
+def test_worker_sockets_live_in_a_directory_only_this_user_may_enter(tmp_path, monkeypatch):
+    monkeypatch.setattr(worker_link.tempfile, "gettempdir", lambda: str(tmp_path))
+    path = socket_path(worker_address("engine-1", 0))
+    assert path.parent == tmp_path / f"ec-nixl-{os.getuid()}"
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+
+
+def test_a_socket_directory_open_to_others_is_refused(tmp_path, monkeypatch):
+    """Another user who made it first could bind PD's worker sockets in it."""
+    monkeypatch.setattr(worker_link.tempfile, "gettempdir", lambda: str(tmp_path))
+    planted = tmp_path / f"ec-nixl-{os.getuid()}"
+    planted.mkdir()
+    planted.chmod(0o777)
+    with pytest.raises(ConfigError, match="must be a directory of uid .* with mode 0700"):
+        worker_address("engine-1", 0)

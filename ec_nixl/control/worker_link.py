@@ -26,6 +26,7 @@ import contextlib
 import logging
 import os
 import socket
+import stat
 import struct
 import tempfile
 import threading
@@ -40,7 +41,13 @@ from google.protobuf.message import DecodeError, Message
 
 from ec_nixl.control.messages import RemoteItem
 from ec_nixl.control.status import error_of, status_of
-from ec_nixl.errors import DeadlineExceededError, ECNixlError, RefusedError, WorkerLostError
+from ec_nixl.errors import (
+    ConfigError,
+    DeadlineExceededError,
+    ECNixlError,
+    RefusedError,
+    WorkerLostError,
+)
 from ec_nixl.v1 import worker_pb2 as pb
 
 logger = logging.getLogger(__name__)
@@ -59,7 +66,28 @@ _M = TypeVar("_M", bound=Message)
 
 def worker_address(engine_id: str, rank: int) -> str:
     """The local socket of a PD worker's service; both sides derive it the same way."""
-    return f"unix:{Path(tempfile.gettempdir()) / f'ec-nixl-{engine_id}-{rank}.sock'}"
+    return f"unix:{private_dir() / f'{engine_id}-{rank}.sock'}"
+
+
+def private_dir() -> Path:
+    """`$TMPDIR/ec-nixl-<uid>`: a directory only this user may enter, so that another
+    local user can neither bind a worker's socket first nor reach one. Made if missing;
+    one that is not this user's, or is open to others, is refused."""
+    path = Path(tempfile.gettempdir()) / f"ec-nixl-{os.getuid()}"
+    with contextlib.suppress(FileExistsError):
+        path.mkdir(mode=0o700)
+    info = path.lstat()
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+        raise ConfigError(
+            f"{path} holds PD's worker sockets and must be a directory of uid {os.getuid()} "
+            f"with mode 0700 (it is uid {info.st_uid}, mode {stat.filemode(info.st_mode)}): "
+            "remove it, or set TMPDIR elsewhere"
+        )
+    return path
+
+
+def _peer_uid(conn: socket.socket) -> int:
+    return struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[1]
 
 
 @dataclass(frozen=True)
@@ -122,7 +150,7 @@ class WorkerServer:
                 conn, _ = self._listener.accept()
             except OSError:
                 return  # stopped
-            uid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[1]
+            uid = _peer_uid(conn)
             stranger = uid != os.getuid()
             if stranger:
                 logger.warning("refused a worker-link connection from uid %d", uid)
@@ -269,6 +297,12 @@ class WorkerClient:
             conn.settimeout(max(0.001, deadline - time.monotonic()))
             try:
                 conn.connect(self._path)
+                if (uid := _peer_uid(conn)) != os.getuid():
+                    conn.close()
+                    raise RefusedError(
+                        f"worker {self.address} is served by uid {uid}, not this user: "
+                        "not sending it orders"
+                    )
                 _send(conn, call)
                 return conn
             except (FileNotFoundError, ConnectionRefusedError, BlockingIOError) as exc:
