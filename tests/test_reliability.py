@@ -123,6 +123,12 @@ ELSEWHERE = [
      "tests/test_control.py::test_a_watcher_follows_a_newer_exporter_without_reconnecting"),
     ("an encoder announcing an item of 0 bytes (would escape the prefetch bound)",
      "tests/test_item_table.py::test_an_announcement_of_no_bytes_is_not_prefetched"),
+    ("a benchmark or test run ended by SIGTERM or killed outright, its vLLM servers left running",
+     "tests/test_server_lifetime.py::test_a_vllm_instance_dies_with_its_command"),
+    ("clients that hang up on requests that are not streamed (PD generated to the end)",
+     "tests/test_hang_ups.py::test_clients_that_hang_up_have_their_requests_aborted"),
+    ("a PD worker socket that never accepts (a full backlog hung the scheduler in connect)",
+     "tests/test_worker_link.py::test_a_worker_that_never_accepts_fails_the_order_at_its_deadline"),
 ]  # fmt: skip
 
 
