@@ -480,9 +480,9 @@ class PullCoordinator:
         self.stats.count("bytes_pulled", reports[0].bytes)
         self.stats.observe("pull_seconds", elapsed)
         logger.info(
-            "pulled %s (pull %d) from %s in %.1f ms (%s; READ per rank %s ms)",
-            job.mm_hash, job.pull_id, job.encoder_id, elapsed * 1000, via,
-            "/".join(f"{r.read_s * 1000:.1f}" for r in reports),
+            "pulled %s from %s in %.1f ms (%s; READ per rank %s ms; pull %d)",
+            job.mm_hash, job.encoder_id, elapsed * 1000, via,
+            "/".join(f"{r.read_s * 1000:.1f}" for r in reports), job.pull_id,
         )  # fmt: skip
         if claimed:  # a prefetch claimed while it ran was read without the request's rows
             self._rows_fit(job)

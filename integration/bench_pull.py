@@ -30,7 +30,7 @@ from integration.tiny_vlm import add_text_hidden_argument, build
 from integration.ttft_measures import histogram_in, p50_and_mean
 
 PULL_LINE = re.compile(
-    r"pulled \w+ from \w+ in ([\d.]+) ms \((claimed|resolve)[^;]*; READ per rank ([\d./]+) ms\)"
+    r"pulled \w+ from \w+ in ([\d.]+) ms \((claimed|resolve)[^;]*; READ per rank ([\d./]+) ms"
 )
 READY_WAIT = "ec_nixl:ready_wait_seconds"
 
