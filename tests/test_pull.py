@@ -317,6 +317,8 @@ def test_a_read_past_its_deadline_leaves_a_concurrent_read_from_that_exporter_to
         )
         try:
             patient.start()
+            name = long.peer.agent_name
+            assert wait_until(lambda: puller._reading[name] == 1)  # in flight first
             with pytest.raises(DeadlineExceededError, match="READ from"):
                 puller.read(short, time.monotonic() + 0.5)
             time.sleep(0.5)  # the patient READ is still waiting
