@@ -37,7 +37,7 @@ from conftest import (
     wait_until,
 )
 
-from ec_nixl.control.client import ExportClient
+from ec_nixl.control.client import MAX_RECONNECT_BACKOFF_MS, ExportClient
 from ec_nixl.control.security import Security
 from ec_nixl.errors import AuthError, PeerDeadError
 from ec_nixl.exporter import Exporter, ExporterConfig
@@ -412,6 +412,9 @@ def test_an_impostor_whose_nixl_metadata_would_crash_ucx_costs_one_fallback(
         while not impostor.events._queues:  # PD is back from its reconnect backoff: it watches
             assert time.monotonic() < deadline, "PD never connected to the impostor"
             time.sleep(0.1)
+        # PD's worker has a channel of its own to that address, refused at start-up: it
+        # retries at least this often, and fails a call at once until it connects.
+        time.sleep(MAX_RECONNECT_BACKOFF_MS / 1000 + 0.5)
         impostor.export(mm_hash, torch.zeros(IMAGE_TOKENS, TEXT_HIDDEN, dtype=torch.bfloat16))
         body = chat_body(url, ec_transfer_params={mm_hash: {"encoder_id": "impostor"}})
         outcome = send_all(rig.pd.url, [body], concurrency=1, deadline_s=REQUEST_DEADLINE_S)
