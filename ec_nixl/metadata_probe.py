@@ -107,6 +107,7 @@ def _bound_locked() -> None:
 def _judge(metadata: bytes, source: str, digest: bytes, verdict: Future[None]) -> None:
     from ec_nixl.transfer import nixl_api  # the helper loads the module this process uses
 
+    started = time.monotonic()
     try:
         with _helpers:
             done = subprocess.run(
@@ -140,6 +141,10 @@ def _judge(metadata: bytes, source: str, digest: bytes, verdict: Future[None]) -
             HandshakeError(f"peer metadata from {source} rejected by NIXL: {last}")
         )
     else:
+        logger.info(
+            "NIXL metadata from %s loaded safely in a helper process (%.1f s)",
+            source, time.monotonic() - started,
+        )
         verdict.set_result(None)
 
 

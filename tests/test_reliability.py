@@ -57,6 +57,7 @@ ENCODER_TIMEOUT_S = 3.0
 REQUEST_DEADLINE_S = 90.0  # a request still unanswered after this counts as hung
 RSS_HEADROOM_MIB = 256  # growth allowed over the warm RSS: vLLM's own caches
 TOKEN = "reliability-token"
+PROBED = "loaded safely in a helper process"  # PD's log line on a probe's verdict
 SETUP = (
     f"Set-up: one encoder (E, export pool of {POOL_ITEMS} embeddings of "
     f"{embedding_bytes() / (1 << 20):.3f} MiB, leases and unclaimed items kept {LEASE_S:.0f} s, "
@@ -586,15 +587,21 @@ def test_an_encoder_restarted_on_its_address_is_a_new_generation(rig, reference,
     stale = send_all(rig.pd.url, [chat_body(old_url, ec_transfer_params=old_params)],
                      concurrency=1, deadline_s=REQUEST_DEADLINE_S)  # fmt: skip
     deadlines = rig.deadlines_missed()
+    probed = rig.pd.log_path.read_text(errors="replace").count(PROBED)
     for fresh_image in (RECOVERED[0], RECOVERED[2]):
         pulled = rig.pulled()
         fresh = post(rig.proxy.url, chat_body(fresh_image))["choices"][0]["message"]["content"]
         if rig.pulled() == pulled + 1:
             break
         # Meeting a new generation loads its NIXL metadata in a helper process first; on a
-        # loaded host that can outlast a pull's deadline (CI: the probe still running at
-        # 3 s). Those pulls miss it, PD encodes, the probe goes on for the next request.
+        # loaded host that can outlast a pull's deadline (CI: the probe still running 6 s
+        # on, over two pulls). That pull misses it, PD encodes, the probe goes on to its
+        # verdict, and the next pull from that encoder takes it at once.
         assert rig.deadlines_missed() > deadlines
+        assert wait_until(
+            lambda: rig.pd.log_path.read_text(errors="replace").count(PROBED) > probed,
+            timeout_s=60,
+        )
     recovery_s = time.monotonic() - restarted_at
     met = re.escape(f"exporter {rig.relay.address} is agent ")
     log = rig.pd.log_path.read_text(errors="replace")
