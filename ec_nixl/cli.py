@@ -8,15 +8,16 @@ import sys
 from importlib.metadata import entry_points
 
 from ec_nixl import events, proxy
-from ec_nixl.bench import transfer
 
-# Benchmarks that start vLLM instances live with the test harness (`integration/`),
-# which registers them here as entry points of this group: the package never
-# imports the harness.
+# The benchmarks live with the test harness (`integration/`, installed from a
+# checkout), which registers them here as entry points of this group: the
+# package never imports the harness.
 HARNESS_BENCHES = "ec_nixl.benches"
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(with_benches: bool = True) -> argparse.ArgumentParser:
+    """The whole command; without `with_benches`, `bench` lists none (loading them
+    loads torch and NIXL, which a proxy's host needs neither of)."""
     parser = argparse.ArgumentParser(
         prog="ec-nixl",
         description="Move vLLM encoder outputs between instances with NIXL; measure it.",
@@ -27,11 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add(commands, "events", events, "an encoder's export events as JSON lines")
     bench = commands.add_parser("bench", help="benchmarks against baselines in the same run")
     benches = bench.add_subparsers(dest="bench", required=True)
-    _add(
-        benches, "transfer", transfer,
-        "NIXL pull (announced, cold) vs safetensors via /tmp vs memcpy, two processes",
-    )  # fmt: skip
-    for entry in sorted(entry_points(group=HARNESS_BENCHES), key=lambda e: e.name):
+    found = entry_points(group=HARNESS_BENCHES) if with_benches else ()
+    for entry in sorted(found, key=lambda e: e.name):
         module = entry.load()
         summary = (module.__doc__ or "").strip().splitlines()[0]  # "`ec-nixl bench X`: what"
         _add(benches, entry.name, module, summary.split(": ", 1)[-1])
@@ -51,7 +49,9 @@ def _add(commands, name: str, module, help_text: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((arg for arg in argv if not arg.startswith("-")), None)
+    args = build_parser(with_benches=command == "bench").parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -156,7 +156,7 @@ class ECNixlConnector(ECConnectorBase):
             encode_on_failure=self.config.load_failure_policy == "encode",
         )
         self._watcher = ExportWatcher(
-            resolver,
+            resolver.clients,
             self.config.encoders,
             self._consumer.on_event,
             self._consumer.on_connect,

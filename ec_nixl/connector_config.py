@@ -13,14 +13,16 @@ from typing import Any
 from ec_nixl.control.messages import consumer_id_problem
 from ec_nixl.control.security import TOKEN_ENV, Security, TokenSource, is_loopback, resolve_token
 from ec_nixl.errors import ConfigError
-from ec_nixl.pool import DEFAULT_LEASE_S
-from ec_nixl.resolver import DEFAULT_PULL_TIMEOUT_S
 
 ROLES = ("ec_producer", "ec_consumer", "ec_both")
 # What PD does with an item it cannot pull: run the vision encoder itself, or end
 # the request with a retryable error (a PD that must not encode, or has no media).
 LOAD_FAILURE_POLICIES = ("encode", "fail")
 DEFAULT_POOL_BYTES = 256 << 20
+# How long an encoder keeps an item for a consumer that leased it and has not read it.
+DEFAULT_LEASE_S = 30.0
+# One pull's deadline, first call to last byte.
+DEFAULT_PULL_TIMEOUT_S = 10.0
 DEFAULT_RECEIVE_BYTES = 256 << 20
 
 

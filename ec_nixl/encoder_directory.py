@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import threading
 
-from ec_nixl.control.messages import Announcement
+from ec_nixl.control.client import ExportClients
+from ec_nixl.control.messages import Announcement, EventKind
 from ec_nixl.control.security import Security
-from ec_nixl.pool import EventKind
-from ec_nixl.resolver import Resolver
 from ec_nixl.watch import ExportWatcher
 
 WATCHER_ID = "ec-nixl-proxy"  # the consumer id the proxy watches under: it never pulls
@@ -28,7 +27,7 @@ class EncoderDirectory:
         self._lock = threading.Lock()
         self._holders: dict[str, str] = {}  # mm_hash -> encoder id
         self._watcher = ExportWatcher(
-            Resolver(consumer_id=WATCHER_ID, security=security),
+            ExportClients(WATCHER_ID, security),
             encoders,
             self._on_event,
             on_connect=self._forget,

@@ -19,11 +19,12 @@ from dataclasses import dataclass, field
 import torch
 
 from ec_nixl.arena import Arena
-from ec_nixl.control.messages import dtype_name, parse_read_notification
+from ec_nixl.connector_config import DEFAULT_LEASE_S
+from ec_nixl.control.messages import EventKind, dtype_name, parse_read_notification
 from ec_nixl.control.security import Security
 from ec_nixl.control.server import EventHub, ExportServicer, start_server
 from ec_nixl.metrics import MetricsServer, Stats
-from ec_nixl.pool import DEFAULT_LEASE_S, EventKind, ExportedItem, ExportPool, Lease, PoolEvent
+from ec_nixl.pool import ExportedItem, ExportPool, Lease, PoolEvent
 from ec_nixl.transfer import POLL_INTERVAL_S, TransferAgent
 
 logger = logging.getLogger(__name__)

@@ -143,7 +143,8 @@ def _judge(metadata: bytes, source: str, digest: bytes, verdict: Future[None]) -
     else:
         logger.info(
             "NIXL metadata from %s loaded safely in a helper process (%.1f s)",
-            source, time.monotonic() - started,
+            source,
+            time.monotonic() - started,
         )
         verdict.set_result(None)
 

@@ -21,17 +21,17 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import TypeVar
 
 import torch
 
 from ec_nixl.arena import Arena, Slot
+from ec_nixl.connector_config import DEFAULT_LEASE_S
+from ec_nixl.control.messages import EventKind
 from ec_nixl.errors import NotFoundError, PoolFullError
 
 T = TypeVar("T")
 
-DEFAULT_LEASE_S = 30.0
 # Bounds on lease bookkeeping (a lease costs memory here and pins its item; a token
 # holder could otherwise grow it without end, naming itself anew with each call).
 # Live leases one consumer may hold: a PD needs one per item in flight per request; a
@@ -43,12 +43,6 @@ MAX_CONSUMERS = 64
 # Live leases over all consumers: four consumers at their own bound (under 5 MiB of
 # bookkeeping here).
 MAX_LIVE_LEASES = 4 * MAX_LEASES_PER_CONSUMER
-
-
-class EventKind(Enum):
-    EXPORTED = "exported"
-    EVICTED = "evicted"
-    ENCODING = "encoding"  # not the pool's: the encoder's step is about to encode it
 
 
 @dataclass(frozen=True)
@@ -101,7 +95,7 @@ class ExportPool:
         self._lock = threading.Lock()
         self._items: OrderedDict[str, ExportedItem] = OrderedDict()  # LRU first
         self._leases: dict[int, Lease] = {}
-        # (expires_at, lease_id), earliest first; a renewed lease's old entry is skipped
+        # (expires_at, lease_id), earliest first
         self._expiries: list[tuple[float, int]] = []
         self._held_by: Counter[str] = Counter()  # consumer -> its live leases
 
@@ -203,22 +197,6 @@ class ExportPool:
                         self._end_lease_locked(lease_id, "read")
                         self._read_locked(lease.item)
 
-    def renew(self, lease_ids: Iterable[int], lease_s: float | None = None) -> list[int]:
-        """Extend live leases; returns the ids that no longer exist."""
-        with self._lock:
-            now = self._clock()
-            self._expire_locked(now)
-            expires_at = now + (lease_s or self.lease_s)
-            gone = []
-            for lease_id in lease_ids:
-                lease = self._leases.get(lease_id)
-                if lease is None:
-                    gone.append(lease_id)
-                else:
-                    lease.expires_at = expires_at
-                    heapq.heappush(self._expiries, (expires_at, lease_id))
-            return gone
-
     def expire(self) -> None:
         """End expired leases; the exporter calls this periodically."""
         with self._lock:
@@ -297,7 +275,7 @@ class ExportPool:
         while self._expiries and self._expiries[0][0] <= now:
             _, lease_id = heapq.heappop(self._expiries)
             lease = self._leases.get(lease_id)
-            if lease is not None and lease.expires_at <= now:  # else renewed, or ended
+            if lease is not None:  # else ended before its time
                 self._end_lease_locked(lease_id, "expired")
 
 

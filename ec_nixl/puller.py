@@ -17,7 +17,6 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +26,7 @@ from ec_nixl.control.messages import PeerInfo, read_notification
 from ec_nixl.errors import DeadlineExceededError, PeerDeadError, PoolFullError, StaleDataError
 from ec_nixl.metadata_probe import probe
 from ec_nixl.region import tensor_region
-from ec_nixl.resolver import DEFAULT_PULL_TIMEOUT_S, Resolution, Resolver
+from ec_nixl.resolver import Resolution
 from ec_nixl.transfer import TransferAgent
 
 logger = logging.getLogger(__name__)
@@ -134,20 +133,3 @@ class Puller:
                 self.agent.add_peer(peer.agent_metadata)
             self._agent_at[address] = peer.agent_name
         return peer.agent_name
-
-
-def pull(
-    resolver: Resolver,
-    puller: Puller,
-    address: str,
-    mm_hashes: Sequence[str],
-    timeout_s: float = DEFAULT_PULL_TIMEOUT_S,
-) -> list[PulledItem]:
-    """Resolve and read in one process: what a consumer without a separate scheduler does."""
-    deadline = time.monotonic() + timeout_s
-    resolution = resolver.resolve(address, mm_hashes, deadline)
-    try:
-        return puller.read(resolution, deadline)
-    except BaseException as exc:
-        resolver.abandon(address, resolution.lease_ids, exc)
-        raise

@@ -28,11 +28,12 @@ from dataclasses import dataclass
 import torch
 
 from ec_nixl.arena import Arena
+from ec_nixl.connector_config import DEFAULT_PULL_TIMEOUT_S
 from ec_nixl.control.messages import RemoteItem
 from ec_nixl.control.worker_link import Load, PullOrder, PullReport
 from ec_nixl.errors import ECNixlError, LoadLostError, PeerDeadError, RefusedError
 from ec_nixl.puller import PulledItem, Puller
-from ec_nixl.resolver import DEFAULT_PULL_TIMEOUT_S, Resolution, Resolver
+from ec_nixl.resolver import Resolution, Resolver
 
 logger = logging.getLogger(__name__)
 
@@ -218,9 +219,3 @@ class Receiver:
                 logger.info(
                     "encoder %s not met at start (%s); its first pull will", encoder_id, exc
                 )
-
-    @property
-    def held(self) -> list[str]:
-        """The mm_hashes held (once per pull that holds one)."""
-        with self._lock:
-            return [mm_hash for mm_hash, _ in self._held]

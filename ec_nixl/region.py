@@ -1,14 +1,16 @@
 """Byte ranges of registered memory, as both sides of the control plane name them.
 
 Apart from `transfer` so that processes which only coordinate (the PD
-scheduler) can speak of remote memory without loading NIXL.
+scheduler, the proxy) can speak of remote memory without loading NIXL or torch.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)

@@ -16,15 +16,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ec_nixl.control.client import ExportClient
+from ec_nixl.control.client import ExportClient, ExportClients
 from ec_nixl.control.messages import PeerInfo, RemoteItem
 from ec_nixl.control.security import Security
 from ec_nixl.errors import DeadlineExceededError, ECNixlError, PeerDeadError, RefusedError
 
 logger = logging.getLogger(__name__)
-
-# One pull's deadline, first call to last byte.
-DEFAULT_PULL_TIMEOUT_S = 10.0
 
 
 @dataclass
@@ -51,9 +48,8 @@ class Resolver:
     ) -> None:
         self.consumer_id = consumer_id
         self.compatibility_hash = compatibility_hash
-        self.security = security
+        self.clients = ExportClients(consumer_id, security)
         self._lock = threading.Lock()
-        self._clients: dict[str, ExportClient] = {}
         self._peers: dict[str, PeerInfo] = {}
 
     def resolve(
@@ -122,11 +118,7 @@ class Resolver:
             self._peers.pop(address, None)
 
     def client(self, address: str) -> ExportClient:
-        with self._lock:
-            client = self._clients.get(address)
-            if client is None:
-                client = self._clients[address] = ExportClient(address, self.security)
-            return client
+        return self.clients(address)
 
     def peer(self, address: str, refresh: bool = False, deadline: float | None = None) -> PeerInfo:
         """What the exporter at `address` told us in its handshake (cached); a handshake
@@ -144,10 +136,7 @@ class Resolver:
         return peer
 
     def close(self) -> None:
-        with self._lock:
-            for client in self._clients.values():
-                client.close()
-            self._clients.clear()
+        self.clients.close()
 
 
 def _check_descriptors(items: Sequence[RemoteItem], peer: PeerInfo) -> None:

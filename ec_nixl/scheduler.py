@@ -28,11 +28,10 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from ec_nixl.control.messages import Announcement
+from ec_nixl.control.messages import Announcement, EventKind
 from ec_nixl.control.worker_link import Load
 from ec_nixl.coordinator import PullCoordinator, PullJob, PullState
 from ec_nixl.errors import RefusedError
-from ec_nixl.pool import EventKind
 from ec_nixl.transfer_params import make_params, parse_consumer, parse_params
 
 logger = logging.getLogger(__name__)

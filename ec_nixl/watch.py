@@ -16,10 +16,9 @@ import logging
 import threading
 from collections.abc import Callable
 
-from ec_nixl.control.client import EventStream
+from ec_nixl.control.client import EventStream, ExportClients
 from ec_nixl.control.messages import Announcement
 from ec_nixl.errors import ECNixlError
-from ec_nixl.resolver import Resolver
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +34,7 @@ class ExportWatcher:
 
     def __init__(
         self,
-        resolver: Resolver,
+        clients: ExportClients,
         encoders: dict[str, str],
         on_event: Callable[[Announcement, str], None],
         on_connect: Callable[[str], None] = lambda encoder_id: None,
@@ -45,7 +44,7 @@ class ExportWatcher:
         claim: bool = False,
         readers: int = 1,
     ) -> None:
-        self._resolver = resolver
+        self._clients = clients
         self._on_event = on_event
         self._on_connect = on_connect
         self._on_lost = on_lost
@@ -65,8 +64,8 @@ class ExportWatcher:
         while not self._stopped.is_set():
             connected = False
             try:
-                client = self._resolver.client(address)
-                consumer = self._resolver.consumer_id
+                client = self._clients(address)
+                consumer = self._clients.consumer_id
                 stream = client.watch(
                     consumer, claim=self._claim, readers=self._readers, on_unknown=self._on_unknown
                 )

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ec_nixl.control.client import ExportClient
+from ec_nixl.control.messages import EventKind
 from ec_nixl.control.security import Security
 from ec_nixl.errors import ECNixlError
-from ec_nixl.pool import EventKind
 from integration.client import chat_body, image, metric, post
 from integration.faults import TcpRelay
 from integration.reliability import Outcome, send_one

@@ -15,10 +15,10 @@ from pd_rig import make_scheduler, serve_rank
 
 from ec_nixl.arena import Arena
 from ec_nixl.exporter import ExporterConfig
-from ec_nixl.exporter_process import ExporterProcess, TensorSpec
 from ec_nixl.puller import Puller
 from ec_nixl.resolver import Resolver
 from integration.client import answer, conversation, image
+from integration.exporter_process import ExporterProcess, TensorSpec
 from integration.servers import start_vllm, wait_healthy
 from integration.tiny_vlm import build
 

@@ -13,13 +13,14 @@ from vllm.sampling_params import SamplingParams
 from vllm.v1.request import Request
 
 from ec_nixl.arena import Arena
+from ec_nixl.control.client import ExportClients
 from ec_nixl.control.worker_link import Load, WorkerClient, WorkerServer
 from ec_nixl.coordinator import PullCoordinator, PullState
-from ec_nixl.exporter_process import TensorSpec
 from ec_nixl.receiver import ModelShape, Receiver
 from ec_nixl.resolver import Resolver
 from ec_nixl.scheduler import ConsumerScheduler
 from ec_nixl.watch import ExportWatcher
+from integration.exporter_process import TensorSpec
 
 MiB = 1 << 20
 
@@ -59,7 +60,7 @@ def watching(scheduler: ConsumerScheduler, producer, *, claim: bool = False) -> 
     """The encoder's events reach the scheduler, as in the connector (which asks for
     claims for its two ranks when it prefetches), from a stream open on return: what
     a test exports next is a new export, not part of the stream's opening list."""
-    resolver = Resolver(consumer_id="test-watch")
+    clients = ExportClients("test-watch")
     encoders = {"enc0": producer.address}
     opened = threading.Event()
 
@@ -68,7 +69,7 @@ def watching(scheduler: ConsumerScheduler, producer, *, claim: bool = False) -> 
         opened.set()
 
     watcher = ExportWatcher(
-        resolver, encoders, scheduler.on_event, on_connect, claim=claim, readers=2
+        clients, encoders, scheduler.on_event, on_connect, claim=claim, readers=2
     )
     assert opened.wait(STREAM_OPEN_S), "the watch stream did not open"
     return watcher
@@ -128,3 +129,8 @@ def load(scheduler: ConsumerScheduler, mm_hash: str) -> Load:
     [order] = scheduler.take_loads()
     assert order.mm_hash == mm_hash
     return order
+
+
+def held(receiver: Receiver) -> set[str]:
+    """The items a rank holds pulled copies of, not yet lent to the encoder cache."""
+    return {mm_hash for mm_hash, _pull_id in receiver._held}

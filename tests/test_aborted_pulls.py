@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import wait_until
-from pd_rig import ROWS, item, load, make_scheduler, request, settle
+from pd_rig import ROWS, held, item, load, make_scheduler, request, settle
 
 from ec_nixl.control.worker_link import Load
 from ec_nixl.errors import LoadLostError
@@ -113,7 +113,7 @@ def test_a_pull_every_request_left_is_not_offered_to_vllm(scheduler, producer, r
     assert not scheduler.has_item("h-all-gone")  # vLLM would encode it, not load it
     for rank in ranks:
         assert wait_until(lambda rank=rank: ("h-all-gone", pull_id) in drops[rank])
-        assert "h-all-gone" not in rank.held
+        assert "h-all-gone" not in held(rank)
 
 
 def test_vllm_loads_only_what_has_cache_item_promised_in_the_same_pass(scheduler, producer):
@@ -195,6 +195,6 @@ def test_a_drop_that_overtakes_its_pull_frees_what_the_pull_reads(
     used = ranks[1].puller.arena.bytes_used
     settle(scheduler, req)
     assert not scheduler.has_item("h-overtaken")  # a rank that did not keep it fails the pull
-    assert "h-overtaken" not in ranks[1].held
+    assert "h-overtaken" not in held(ranks[1])
     assert ranks[1].puller.arena.bytes_used == used
     scheduler.request_finished(req)

@@ -11,11 +11,10 @@ import time
 import pytest
 import torch
 from conftest import MiB, spec, wait_until
-from pd_rig import ROWS, item, load, make_scheduler, pulled, request, settle, watching
+from pd_rig import ROWS, held, item, load, make_scheduler, pulled, request, settle, watching
 
 from ec_nixl.arena import Arena
-from ec_nixl.control.messages import Announcement
-from ec_nixl.pool import EventKind
+from ec_nixl.control.messages import Announcement, EventKind
 from ec_nixl.receiver import ModelShape, Receiver
 from ec_nixl.resolver import Resolver
 from ec_nixl.transfer_params import announce_params, make_params
@@ -68,7 +67,7 @@ def test_an_item_announced_before_its_request_came_is_pulled_at_once(announced, 
     req = request("late-to-pd", ["h-before"], announce_params())
     settle(announced, req, timeout_s=0.5)  # well within the 1 s deadline
     assert announced.has_item("h-before")
-    assert "h-before" in receiver[0].held
+    assert "h-before" in held(receiver[0])
     announced.request_finished(req)
 
 
@@ -154,7 +153,7 @@ def test_without_prefetch_an_item_no_request_waits_for_is_not_pulled(announced, 
     producer.export("h-unwanted", item(seed=14))
     time.sleep(0.3)
     assert announced._coordinator.job("h-unwanted") is None
-    assert "h-unwanted" not in receiver[0].held
+    assert "h-unwanted" not in held(receiver[0])
 
 
 def test_an_item_announced_with_a_claim_for_this_pd_is_pulled_before_its_request_comes(
@@ -164,7 +163,7 @@ def test_an_item_announced_with_a_claim_for_this_pd_is_pulled_before_its_request
     producer.export("h-routed", item(seed=20), target="test-watch")  # the proxy named us
     producer.export("h-routed-elsewhere", item(seed=21), target="another-pd")
     assert wait_until(lambda: pulled(announced, "h-routed"))
-    assert "h-routed" in receiver[0].held and "h-routed" in other_rank[0].held
+    assert "h-routed" in held(receiver[0]) and "h-routed" in held(other_rank[0])
     assert announced.stats.take()["counters"]["claimed_pulls"] == 1
     assert announced._coordinator.job("h-routed-elsewhere") is None
 
@@ -174,7 +173,7 @@ def test_with_prefetch_an_exported_item_is_pulled_before_its_request_comes(
 ):
     producer.export("h-early", item(seed=8))
     assert wait_until(lambda: pulled(prefetching, "h-early"))
-    assert "h-early" in receiver[0].held and "h-early" in other_rank[0].held
+    assert "h-early" in held(receiver[0]) and "h-early" in held(other_rank[0])
     assert not prefetching.has_item("h-early")  # vLLM loads what a request asked for
     req = request("early", ["h-early"], make_params("enc0", ["h-early"]))
     assert prefetching.ensure_available(req, 0)  # scheduled at once
@@ -220,7 +219,7 @@ def test_a_claim_that_lapsed_before_its_pull_is_resolved_afresh(
     monkeypatch.setattr("ec_nixl.pull_runner.CLAIM_MARGIN_S", 3600.0)  # every claim "lapsed"
     producer.export("h-lapsed", item(seed=19))
     assert wait_until(lambda: pulled(prefetching, "h-lapsed"))
-    assert "h-lapsed" in other_rank[0].held
+    assert "h-lapsed" in held(other_rank[0])
     data = prefetching.stats.take()
     assert "claimed_pulls" not in data["counters"]
     # E's cached items were announced (and prefetched) too; some may still be in flight.
@@ -236,7 +235,7 @@ def test_a_prefetched_item_with_other_rows_than_its_request_needs_is_encoded_her
     assert prefetching.ensure_available(req, 0)
     assert not prefetching.has_item("h-long")
     assert prefetching.stats.take()["counters"]["fallbacks"] == 1
-    assert wait_until(lambda: "h-long" not in receiver[0].held)
+    assert wait_until(lambda: "h-long" not in held(receiver[0]))
 
 
 def test_a_prefetch_claimed_while_it_runs_has_its_rows_checked_when_it_lands(
@@ -260,7 +259,7 @@ def test_a_prefetch_claimed_while_it_runs_has_its_rows_checked_when_it_lands(
     settle(prefetching, req)
     assert not prefetching.has_item("h-long-claimed")
     assert prefetching.stats.take()["counters"]["fallbacks"] == 1
-    assert wait_until(lambda: "h-long-claimed" not in receiver[0].held)
+    assert wait_until(lambda: "h-long-claimed" not in held(receiver[0]))
 
 
 def test_a_prefetched_item_no_request_claims_is_dropped_after_a_while(
@@ -271,7 +270,7 @@ def test_a_prefetched_item_no_request_claims_is_dropped_after_a_while(
     assert wait_until(lambda: pulled(prefetching, "h-unasked"))
     time.sleep(0.3)
     producer.export("h-next", item(seed=11))  # the next prefetch sweeps
-    assert wait_until(lambda: "h-unasked" not in receiver[0].held)
+    assert wait_until(lambda: "h-unasked" not in held(receiver[0]))
     assert prefetching._coordinator.job("h-unasked") is None
 
 
@@ -284,8 +283,8 @@ def test_unclaimed_prefetches_hold_at_most_half_the_receive_arena_oldest_dropped
         producer.export(name, item(seed=30 + n, shape=big))
         assert wait_until(lambda name=name: pulled(prefetching, name))
     for rank in (receiver, other_rank):  # the two oldest made room for the newest
-        assert wait_until(lambda rank=rank: not {"h-orphan-0", "h-orphan-1"} & set(rank[0].held))
-        assert set(names[2:]) <= set(rank[0].held)
+        assert wait_until(lambda rank=rank: not {"h-orphan-0", "h-orphan-1"} & held(rank[0]))
+        assert set(names[2:]) <= held(rank[0])
     assert prefetching.stats.take()["counters"]["prefetches_dropped"] >= 2
 
 

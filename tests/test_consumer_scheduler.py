@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 from conftest import wait_until
-from pd_rig import ROWS, item, load, make_scheduler, request, settle
+from pd_rig import ROWS, held, item, load, make_scheduler, request, settle
 
 from ec_nixl.control.worker_link import WorkerClient, WorkerServer
 from ec_nixl.coordinator import PullCoordinator
@@ -55,7 +55,7 @@ def test_a_rank_that_cannot_read_fails_the_pull_everywhere_and_the_lease_goes_ba
         arena.free(filler)
     assert not scheduler.has_item("h-one-rank-full")
     assert scheduler.stats.take()["counters"]["pull_failures|PoolFullError"] == 1
-    assert wait_until(lambda: "h-one-rank-full" not in receiver[0].held)  # rank 0 drops its copy
+    assert wait_until(lambda: "h-one-rank-full" not in held(receiver[0]))  # rank 0 drops its copy
     assert wait_until(lambda: producer.stats()["live_leases"] == 0)  # given back, not expired
 
 
@@ -142,7 +142,7 @@ def test_an_item_of_the_wrong_shape_or_dtype_is_refused_unread_and_encoded_here(
     settle(scheduler, req)
     job = scheduler._coordinator.job(mm_hash)
     assert "this model needs torch.bfloat16[8, 1024]" in str(job.error)
-    assert mm_hash not in receiver[0].held
+    assert mm_hash not in held(receiver[0])
     assert scheduler.take_unavailable() == set()
     assert scheduler.stats.take()["counters"]["fallbacks"] == 1
 
@@ -229,12 +229,12 @@ def test_a_request_that_ends_before_its_load_frees_the_pulled_item(scheduler, pr
     producer.export("h-abandoned", item(seed=3))
     req = request("abandoned", ["h-abandoned"], make_params("enc0", ["h-abandoned"]))
     settle(scheduler, req)
-    assert "h-abandoned" in receiver[0].held
+    assert "h-abandoned" in held(receiver[0])
     scheduler.request_finished(req)
     end = time.monotonic() + 5
-    while "h-abandoned" in receiver[0].held and time.monotonic() < end:
+    while "h-abandoned" in held(receiver[0]) and time.monotonic() < end:
         time.sleep(0.01)
-    assert "h-abandoned" not in receiver[0].held
+    assert "h-abandoned" not in held(receiver[0])
 
 
 def test_an_item_the_request_has_already_consumed_is_not_pulled(scheduler, producer):
@@ -259,7 +259,7 @@ def test_a_dead_rank_fails_the_pull_within_its_deadline_and_the_lease_goes_back(
         assert time.monotonic() - start < 1.0 + 2.0  # the pull deadline and its grace second
         assert not scheduler.has_item("h-dead-rank")
         assert scheduler.stats.take()["counters"]["fallbacks"] == 1
-        assert wait_until(lambda: "h-dead-rank" not in receiver[0].held)  # the live rank drops it
+        assert wait_until(lambda: "h-dead-rank" not in held(receiver[0]))  # the live rank drops it
         assert wait_until(lambda: producer.stats()["live_leases"] == 0)
     finally:
         scheduler.close()
@@ -296,7 +296,7 @@ def test_a_rank_that_dies_mid_read_fails_the_pull_and_the_lease_goes_back_at_onc
         counters = scheduler.stats.take()["counters"]
         assert counters["fallbacks"] == 1
         assert counters["pull_failures|WorkerLostError"] == 1
-        assert wait_until(lambda: "h-dying-rank" not in receiver[0].held)  # the live rank drops it
+        assert wait_until(lambda: "h-dying-rank" not in held(receiver[0]))  # the live rank drops it
         # Given back, not left to expire (30 s): the encoder is not at fault.
         assert wait_until(lambda: producer.stats()["live_leases"] == 0, timeout_s=5)
     finally:

@@ -15,7 +15,7 @@ from conftest import wait_until
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ec_nixl.connector_config import ConnectorConfig
-from ec_nixl.control.client import ExportClient
+from ec_nixl.control.client import ExportClient, ExportClients
 from ec_nixl.control.messages import MAX_CONSUMER_ID_LENGTH, PROTOCOL_VERSION
 from ec_nixl.control.security import TOKEN_ENV, Security
 from ec_nixl.control.server import MAX_ITEMS_PER_CALL, MAX_READERS, WATCH_QUEUE_DEPTH, EventHub
@@ -36,7 +36,6 @@ from ec_nixl.pool import (
     EventKind,
     PoolEvent,
 )
-from ec_nixl.resolver import Resolver
 from ec_nixl.v1 import export_pb2 as pb
 from ec_nixl.v1 import export_pb2_grpc as pb_grpc
 from ec_nixl.watch import ExportWatcher
@@ -120,13 +119,6 @@ def test_resolve_refuses_a_lease_for_more_readers_than_any_consumer_has(client):
         client.resolve(["described"], "pd-0", readers=MAX_READERS + 1)
 
 
-def test_renew_reports_leases_that_already_ended(exporter, client):
-    exporter.export("renewed", embedding())
-    [item] = client.resolve(["renewed"], "pd-0")
-    assert client.renew([item.lease_id, 424242], lease_s=60) == [424242]
-    client.release([item.lease_id])
-
-
 @pytest.mark.parametrize("hashes", [[], ["x"] * 1025])
 def test_resolve_refuses_empty_and_oversized_requests(client, hashes):
     with pytest.raises(RefusedError, match="INVALID_ARGUMENT"):
@@ -202,14 +194,10 @@ def test_a_consumer_id_of_the_longest_length_and_every_allowed_character_is_serv
     assert client.handshake("", name).epoch and len(client.resolve(["h"], name)) == 1
 
 
-@pytest.mark.parametrize("call", ["release", "renew"])
-def test_a_release_or_renewal_of_more_leases_than_a_resolve_grants_is_refused(client, call):
+def test_a_release_of_more_leases_than_a_resolve_grants_is_refused(client):
     too_many = list(range(1, MAX_ITEMS_PER_CALL + 2))
     with pytest.raises(RefusedError, match=f"at most {MAX_ITEMS_PER_CALL} lease ids"):
-        if call == "release":
-            client.release(too_many)
-        else:
-            client.renew(too_many, lease_s=1)
+        client.release(too_many)
 
 
 @pytest.mark.parametrize("token", [None, "wrong"])
@@ -302,10 +290,11 @@ def test_a_watcher_that_asks_for_claims_gets_a_lease_for_its_readers_with_each_e
     assert event.kind is EventKind.EXPORTED and event.claim is not None
     assert (event.claim.mm_hash, event.claim.shape) == ("claimed", (16, 32))
     assert 0 < event.claim.lease_remaining_s <= exporter.pool.lease_s
+    live = exporter.pool.live_leases
     exporter.pool.finish_reads([event.claim.lease_id])  # one rank's READ notification
-    assert exporter.pool.renew([event.claim.lease_id]) == []  # still held for the other
+    assert exporter.pool.live_leases == live  # still held for the other
     exporter.pool.finish_reads([event.claim.lease_id])
-    assert exporter.pool.renew([event.claim.lease_id]) == [event.claim.lease_id]
+    assert exporter.pool.live_leases == live - 1
 
 
 def test_a_watcher_that_left_is_claimed_for_no_more(exporter, client):
@@ -498,7 +487,7 @@ def test_events_of_an_unknown_kind_are_skipped_counted_and_named_once(newer_expo
 def test_a_watcher_follows_a_newer_exporter_without_reconnecting(newer_exporter):
     connects, events, unknown = [], [], []
     watcher = ExportWatcher(
-        Resolver(consumer_id="pd-older"),
+        ExportClients("pd-older"),
         {"enc-newer": newer_exporter},
         lambda event, encoder_id: events.append(event.kind),
         connects.append,

@@ -28,15 +28,15 @@ from ec_nixl.control.client import ExportClient
 from ec_nixl.control.security import Security
 from ec_nixl.errors import DeadlineExceededError, HandshakeError, PeerDeadError, RefusedError
 from ec_nixl.exporter import Exporter, ExporterConfig
-from ec_nixl.exporter_process import ExporterProcess
 from ec_nixl.metadata_probe import MAX_BLOBS_PER_SOURCE, probe
-from ec_nixl.puller import Puller, pull
+from ec_nixl.puller import Puller
 from ec_nixl.transfer import TransferAgent
 from ec_nixl.v1 import export_pb2 as pb
+from integration.exporter_process import ExporterProcess, pull
 
 TOKEN = "fuzz-token"
 METADATA = Security(TOKEN).call_metadata()
-METHODS = ("Handshake", "Resolve", "Release", "RenewLeases")
+METHODS = ("Handshake", "Resolve", "Release")
 FUZZ = settings(
     max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
@@ -80,7 +80,6 @@ def test_well_formed_nonsense_gets_a_clear_status_code(channel, hashes, lease_ms
     requests = {
         "Resolve": pb.ResolveRequest(mm_hashes=hashes, lease_ms=lease_ms),
         "Release": pb.ReleaseRequest(lease_ids=lease_ids),
-        "RenewLeases": pb.RenewLeasesRequest(lease_ids=lease_ids, lease_ms=lease_ms),
         "Handshake": pb.HandshakeRequest(
             protocol_version=lease_ms, compatibility_hash="".join(hashes)
         ),
@@ -135,7 +134,6 @@ def test_leases_a_caller_was_not_given_cannot_be_released_or_renewed(exporter):
         # Lease ids are random 63-bit numbers: neighbours and small ids name nothing.
         guesses = [item.lease_id - 1, item.lease_id + 1, *range(64)]
         assert intruder.release(guesses) == 0
-        assert intruder.renew(guesses, lease_s=60) == guesses
         assert "leased" in exporter.pool
         assert holder.release([item.lease_id]) == 1
     finally:

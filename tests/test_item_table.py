@@ -8,9 +8,8 @@ import time
 
 import pytest
 
-from ec_nixl.control.messages import Announcement
+from ec_nixl.control.messages import Announcement, EventKind
 from ec_nixl.coordinator import PullCoordinator
-from ec_nixl.pool import EventKind
 from ec_nixl.resolver import Resolver
 
 TIMEOUT_S = 0.2

@@ -1,10 +1,13 @@
 """What each process loads: the PD scheduler's process coordinates, it never loads NIXL;
-and what ships: the package never imports the test harness."""
+the proxy and the events command load neither NIXL nor torch; and what ships: the
+package never imports the test harness."""
 
 import ast
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "ec_nixl"
 
@@ -20,6 +23,18 @@ def test_the_scheduler_side_of_the_connector_does_not_load_nixl():
         .splitlines()[-1]
     )
     assert loaded == "[]"
+
+
+@pytest.mark.parametrize("command", ["proxy", "events"])
+def test_the_proxy_and_events_commands_load_neither_torch_nor_nixl(command):
+    probe = (
+        "import sys\nfrom ec_nixl import cli\n"
+        f"try:\n    cli.main([{command!r}, '--help'])\nexcept SystemExit:\n    pass\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & "
+        "{'torch', 'nixl', 'nixl_cu12', 'nixl_cu13', 'vllm'}))"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert done.stdout.strip().splitlines()[-1] == "[]"
 
 
 def test_the_package_imports_nothing_from_the_test_harness():

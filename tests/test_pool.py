@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from ec_nixl.arena import Arena
+from ec_nixl.control.messages import EventKind
 from ec_nixl.errors import NotFoundError, PoolFullError
-from ec_nixl.pool import EventKind, ExportPool
+from ec_nixl.pool import ExportPool
 
 KiB = 1024
 
@@ -143,17 +144,6 @@ def test_leases_over_all_consumers_are_bounded(monkeypatch):
     clock.now = 5.0  # expired leases make room
     pool.lease(["h", "h", "h"], consumer="c")
     assert pool.live_leases == 3
-
-
-def test_renew_extends_live_leases_and_reports_ended_ones():
-    pool, clock, _ = make_pool(lease_s=5.0)
-    pool.export("h", item())
-    [lease] = pool.lease(["h"])
-    clock.now = 4.0
-    assert pool.renew([lease.lease_id, 12345]) == [12345]
-    clock.now = 8.0
-    pool.expire()
-    assert leased(pool, "h")
 
 
 def test_lease_is_all_or_nothing_and_names_what_is_missing():

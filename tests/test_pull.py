@@ -22,11 +22,11 @@ from ec_nixl.errors import (
     StaleDataError,
 )
 from ec_nixl.exporter import ExporterConfig
-from ec_nixl.exporter_process import ExporterProcess, TensorSpec
-from ec_nixl.puller import Puller, pull
+from ec_nixl.puller import Puller
 from ec_nixl.receiver import ModelShape, Receiver
 from ec_nixl.region import Region
 from ec_nixl.resolver import Resolver
+from integration.exporter_process import ExporterProcess, TensorSpec, pull
 
 # Failures must surface well within this, whatever the peer does.
 DEADLINE_S = 2.0

@@ -27,7 +27,7 @@ from conftest import (
 )
 
 from ec_nixl.control.client import ExportClient
-from ec_nixl.pool import EventKind
+from ec_nixl.control.messages import EventKind
 from integration.client import answer, chat_body, image, metric, post, stream_ttft
 from integration.servers import (
     free_port,

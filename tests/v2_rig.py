@@ -49,7 +49,7 @@ from vllm.v1.outputs import ModelRunnerOutput, make_empty_encoder_model_runner_o
 from vllm.v1.request import Request
 from vllm.v1.structured_output import StructuredOutputManager
 
-from ec_nixl.exporter_process import TensorSpec
+from integration.exporter_process import TensorSpec
 from integration.servers import free_port
 from integration.tiny_vlm import IMAGE_TOKENS, TEXT_HIDDEN
 

@@ -13,11 +13,10 @@ from collections.abc import Callable, Iterator, Sequence
 import grpc
 import grpc.experimental
 
-from ec_nixl.control.messages import PROTOCOL_VERSION, Announcement, PeerInfo, RemoteItem
+from ec_nixl.control.messages import PROTOCOL_VERSION, Announcement, EventKind, PeerInfo, RemoteItem
 from ec_nixl.control.security import Security
 from ec_nixl.control.status import translate
 from ec_nixl.errors import RefusedError
-from ec_nixl.pool import EventKind
 from ec_nixl.v1 import export_pb2 as pb
 from ec_nixl.v1 import export_pb2_grpc as pb_grpc
 
@@ -99,11 +98,6 @@ class ExportClient:
         reply = self._call(self._stub.Release, pb.ReleaseRequest(lease_ids=lease_ids), timeout_s)
         return reply.released
 
-    def renew(self, lease_ids: Sequence[int], lease_s: float) -> list[int]:
-        """Extend leases; returns the ids that had already ended."""
-        request = pb.RenewLeasesRequest(lease_ids=lease_ids, lease_ms=int(lease_s * 1000))
-        return list(self._call(self._stub.RenewLeases, request).expired_lease_ids)
-
     def watch(
         self,
         consumer_id: str = "",
@@ -134,6 +128,30 @@ _KINDS = {
     pb.ExportEvent.EVICTED: EventKind.EVICTED,
     pb.ExportEvent.ENCODING: EventKind.ENCODING,
 }
+
+
+class ExportClients:
+    """One client (one channel) per exporter address, for one consumer: its resolves,
+    releases and watch streams to an exporter share a connection."""
+
+    def __init__(self, consumer_id: str, security: Security = Security()) -> None:
+        self.consumer_id = consumer_id
+        self.security = security
+        self._lock = threading.Lock()
+        self._clients: dict[str, ExportClient] = {}
+
+    def __call__(self, address: str) -> ExportClient:
+        with self._lock:
+            client = self._clients.get(address)
+            if client is None:
+                client = self._clients[address] = ExportClient(address, self.security)
+            return client
+
+    def close(self) -> None:
+        with self._lock:
+            for client in self._clients.values():
+                client.close()
+            self._clients.clear()
 
 
 class EventStream:

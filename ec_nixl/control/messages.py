@@ -10,14 +10,16 @@ import hashlib
 import re
 import time
 from dataclasses import dataclass, field
+from enum import Enum
 from math import prod
-
-import torch
+from typing import TYPE_CHECKING
 
 from ec_nixl.errors import HandshakeError, RefusedError
-from ec_nixl.pool import EventKind
 from ec_nixl.region import Region
 from ec_nixl.v1 import export_pb2 as pb
+
+if TYPE_CHECKING:  # torch is loaded where a descriptor is parsed: the proxy never does
+    import torch
 
 # 1: handshake, resolve, release, renew, watch.
 # 2: leases count readers (one per consumer rank); a watcher may ask for claims,
@@ -31,11 +33,15 @@ MAX_CONSUMER_ID_LENGTH = 128
 _CONSUMER_ID = re.compile(r"[A-Za-z0-9_.:-]*")
 
 # Embeddings are floating point; anything else in a descriptor is refused.
-DTYPES: dict[str, torch.dtype] = {
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-    "float32": torch.float32,
-}
+DTYPES = ("bfloat16", "float16", "float32")
+
+
+class EventKind(Enum):
+    """What an encoder's event says of an item."""
+
+    EXPORTED = "exported"
+    EVICTED = "evicted"
+    ENCODING = "encoding"  # the encoder's step is about to encode it
 
 
 def consumer_id_problem(consumer_id: str) -> str | None:
@@ -118,9 +124,11 @@ class RemoteItem:
     @classmethod
     def from_pb(cls, item: pb.ItemDescriptor) -> RemoteItem:
         """Parse a descriptor, refusing one whose dtype, shape and length disagree."""
-        dtype = DTYPES.get(item.dtype)
-        if dtype is None:
+        if item.dtype not in DTYPES:
             raise RefusedError(f"{item.mm_hash}: unsupported dtype {item.dtype!r}")
+        import torch
+
+        dtype = getattr(torch, item.dtype)
         shape = tuple(item.shape)
         if not shape or any(d <= 0 for d in shape):
             raise RefusedError(f"{item.mm_hash}: bad shape {list(shape)}")

@@ -20,6 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from ec_nixl.control.client import KEEPALIVE_MS, KEEPALIVE_OPTIONS
 from ec_nixl.control.messages import (
     PROTOCOL_VERSION,
+    EventKind,
     PeerInfo,
     RemoteItem,
     consumer_id_problem,
@@ -27,7 +28,7 @@ from ec_nixl.control.messages import (
 from ec_nixl.control.security import AccessInterceptor, Security
 from ec_nixl.control.status import status_of
 from ec_nixl.errors import NotFoundError, PoolFullError
-from ec_nixl.pool import EventKind, ExportPool, Lease, PoolEvent
+from ec_nixl.pool import ExportPool, Lease, PoolEvent
 from ec_nixl.transfer import TransferAgent
 from ec_nixl.v1 import export_pb2 as pb
 from ec_nixl.v1 import export_pb2_grpc as pb_grpc
@@ -139,15 +140,6 @@ class ExportServicer(pb_grpc.ExportServiceServicer):
     def Release(self, request: pb.ReleaseRequest, context: grpc.ServicerContext):
         _check_lease_count(request.lease_ids, context)
         return pb.ReleaseResponse(released=self._pool.release(request.lease_ids))
-
-    def RenewLeases(self, request: pb.RenewLeasesRequest, context: grpc.ServicerContext):
-        _check_lease_count(request.lease_ids, context)
-        _check_lease_ms(request.lease_ms, context)
-        lease_s = request.lease_ms / 1000 or self._pool.lease_s
-        gone = self._pool.renew(request.lease_ids, lease_s)
-        return pb.RenewLeasesResponse(
-            expired_lease_ids=gone, lease_remaining_ms=int(lease_s * 1000)
-        )
 
     def WatchEvents(self, request: pb.WatchEventsRequest, context: grpc.ServicerContext):
         _check_readers(request.readers, context)

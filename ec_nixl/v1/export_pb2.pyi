@@ -103,22 +103,6 @@ class ReleaseResponse(_message.Message):
     released: int
     def __init__(self, released: _Optional[int] = ...) -> None: ...
 
-class RenewLeasesRequest(_message.Message):
-    __slots__ = ("lease_ids", "lease_ms")
-    LEASE_IDS_FIELD_NUMBER: _ClassVar[int]
-    LEASE_MS_FIELD_NUMBER: _ClassVar[int]
-    lease_ids: _containers.RepeatedScalarFieldContainer[int]
-    lease_ms: int
-    def __init__(self, lease_ids: _Optional[_Iterable[int]] = ..., lease_ms: _Optional[int] = ...) -> None: ...
-
-class RenewLeasesResponse(_message.Message):
-    __slots__ = ("expired_lease_ids", "lease_remaining_ms")
-    EXPIRED_LEASE_IDS_FIELD_NUMBER: _ClassVar[int]
-    LEASE_REMAINING_MS_FIELD_NUMBER: _ClassVar[int]
-    expired_lease_ids: _containers.RepeatedScalarFieldContainer[int]
-    lease_remaining_ms: int
-    def __init__(self, expired_lease_ids: _Optional[_Iterable[int]] = ..., lease_remaining_ms: _Optional[int] = ...) -> None: ...
-
 class WatchEventsRequest(_message.Message):
     __slots__ = ("consumer_id", "claim", "readers")
     CONSUMER_ID_FIELD_NUMBER: _ClassVar[int]

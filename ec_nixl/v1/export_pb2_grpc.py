@@ -50,11 +50,6 @@ class ExportServiceStub:
                 request_serializer=ec__nixl_dot_v1_dot_export__pb2.ReleaseRequest.SerializeToString,
                 response_deserializer=ec__nixl_dot_v1_dot_export__pb2.ReleaseResponse.FromString,
                 _registered_method=True)
-        self.RenewLeases = channel.unary_unary(
-                '/ec_nixl.v1.ExportService/RenewLeases',
-                request_serializer=ec__nixl_dot_v1_dot_export__pb2.RenewLeasesRequest.SerializeToString,
-                response_deserializer=ec__nixl_dot_v1_dot_export__pb2.RenewLeasesResponse.FromString,
-                _registered_method=True)
         self.WatchEvents = channel.unary_stream(
                 '/ec_nixl.v1.ExportService/WatchEvents',
                 request_serializer=ec__nixl_dot_v1_dot_export__pb2.WatchEventsRequest.SerializeToString,
@@ -91,13 +86,6 @@ class ExportServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def RenewLeases(self, request, context):
-        """Extend leases the consumer still needs (a slow pull, a deferred request).
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
     def WatchEvents(self, request, context):
         """What is held now (as EXPORTED events marked `snapshot`), then items
         exported and evicted from then on, so a consumer can keep a local
@@ -128,11 +116,6 @@ def add_ExportServiceServicer_to_server(servicer, server):
                     servicer.Release,
                     request_deserializer=ec__nixl_dot_v1_dot_export__pb2.ReleaseRequest.FromString,
                     response_serializer=ec__nixl_dot_v1_dot_export__pb2.ReleaseResponse.SerializeToString,
-            ),
-            'RenewLeases': grpc.unary_unary_rpc_method_handler(
-                    servicer.RenewLeases,
-                    request_deserializer=ec__nixl_dot_v1_dot_export__pb2.RenewLeasesRequest.FromString,
-                    response_serializer=ec__nixl_dot_v1_dot_export__pb2.RenewLeasesResponse.SerializeToString,
             ),
             'WatchEvents': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchEvents,
@@ -222,33 +205,6 @@ class ExportService:
             '/ec_nixl.v1.ExportService/Release',
             ec__nixl_dot_v1_dot_export__pb2.ReleaseRequest.SerializeToString,
             ec__nixl_dot_v1_dot_export__pb2.ReleaseResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def RenewLeases(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/ec_nixl.v1.ExportService/RenewLeases',
-            ec__nixl_dot_v1_dot_export__pb2.RenewLeasesRequest.SerializeToString,
-            ec__nixl_dot_v1_dot_export__pb2.RenewLeasesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,4 +1,4 @@
-"""An Exporter in a child process, driven over a pipe.
+"""An Exporter in a child process, driven over a pipe, and a pull in one process.
 
 Benchmarks and tests need a real process boundary between producer and
 consumer (NIXL between processes, signals, crashes). The child makes its
@@ -12,13 +12,17 @@ import contextlib
 import multiprocessing as mp
 import os
 import signal
+import time
 from dataclasses import dataclass
 from math import prod
 from pathlib import Path
 
 import torch
 
+from ec_nixl.connector_config import DEFAULT_PULL_TIMEOUT_S
 from ec_nixl.exporter import Exporter, ExporterConfig
+from ec_nixl.puller import PulledItem, Puller
+from ec_nixl.resolver import Resolver
 
 READY_TIMEOUT_S = 60.0
 COMMAND_TIMEOUT_S = 60.0
@@ -160,3 +164,21 @@ class ExporterProcess:
         if status != "ok":
             raise RuntimeError(f"exporter process failed {message[0]!r}: {reply}")
         return reply
+
+
+def pull(
+    resolver: Resolver,
+    puller: Puller,
+    address: str,
+    mm_hashes: list[str],
+    timeout_s: float = DEFAULT_PULL_TIMEOUT_S,
+) -> list[PulledItem]:
+    """Resolve and read in one process (no PD scheduler between); a failed read gives
+    its leases back."""
+    deadline = time.monotonic() + timeout_s
+    resolution = resolver.resolve(address, mm_hashes, deadline)
+    try:
+        return puller.read(resolution, deadline)
+    except BaseException as exc:
+        resolver.abandon(address, resolution.lease_ids, exc)
+        raise

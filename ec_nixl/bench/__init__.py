@@ -1,1 +1,0 @@
-"""Benchmarks: each prints ratios against baselines measured in the same run."""
