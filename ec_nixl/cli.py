@@ -7,7 +7,8 @@ import logging
 import sys
 from importlib.metadata import entry_points
 
-from ec_nixl import events, proxy
+from ec_nixl import events
+from ec_nixl.proxy import app as proxy
 
 # The benchmarks live with the test harness (`integration/`, installed from a
 # checkout), which registers them here as entry points of this group: the

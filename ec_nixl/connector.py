@@ -5,9 +5,10 @@ Load it with
                            "ec_connector_module_path": "ec_nixl.connector",
                            "ec_role": "ec_producer" | "ec_consumer" | "ec_both",
                            "ec_connector_extra_config": {...}}'
-The work happens in `scheduler` (decisions per request), `coordinator`
-(pulls in the background), `watch` (what the encoders announce), `worker`
-(exporter and receiver next to the model).
+It routes each hook to the role's side: `producer.scheduler` and `producer.worker`
+on an encoder, `consumer.scheduler` (decisions per request, over the item table of
+`consumer.items`) and `consumer.worker` on a PD; `control.watch` follows what the
+encoders announce.
 """
 
 from __future__ import annotations
@@ -31,21 +32,23 @@ from vllm.distributed.ec_transfer.ec_connector.utils import (
     collect_ec_item_metadata,
 )
 
-from ec_nixl.connector_config import ConnectorConfig
-from ec_nixl.control.worker_link import Load, WorkerClient, worker_address
-from ec_nixl.coordinator import PullCoordinator
+from ec_nixl.config import ConnectorConfig
+from ec_nixl.consumer.items import ItemTable
+from ec_nixl.consumer.resolver import Resolver
+from ec_nixl.consumer.scheduler import ConsumerScheduler
+from ec_nixl.consumer.worker_link import Load, WorkerClient, worker_address
+from ec_nixl.control.watch import ExportWatcher
 from ec_nixl.errors import ConfigError
 from ec_nixl.metrics import PromMetrics, merge, summary
-from ec_nixl.resolver import Resolver
-from ec_nixl.scheduler import ConsumerScheduler, ProducerScheduler
-from ec_nixl.watch import ExportWatcher
+from ec_nixl.producer.scheduler import ProducerScheduler
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.request import Request
 
-    from ec_nixl.worker import ConsumerWorker, ProducerWorker
+    from ec_nixl.consumer.worker import ConsumerWorker
+    from ec_nixl.producer.worker import ProducerWorker
 
 logger = logging.getLogger(__name__)
 
@@ -142,7 +145,7 @@ class ECNixlConnector(ECConnectorBase):
             security=self.config.security,
         )
         workers = [WorkerClient(worker_address(self._engine_id, r)) for r in range(world_size)]
-        coordinator = PullCoordinator(
+        items = ItemTable(
             resolver,
             self.config.encoders,
             workers,
@@ -150,7 +153,7 @@ class ECNixlConnector(ECConnectorBase):
             receive_bytes=self.config.receive_bytes,
         )
         self._consumer = ConsumerScheduler(
-            coordinator,
+            items,
             self.config.encoders,
             prefetch=self.config.prefetch,
             encode_on_failure=self.config.load_failure_policy == "encode",
@@ -172,8 +175,9 @@ class ECNixlConnector(ECConnectorBase):
         from vllm.distributed import get_tensor_model_parallel_rank
         from vllm.platforms import current_platform
 
-        from ec_nixl.receiver import ModelShape
-        from ec_nixl.worker import ConsumerWorker, ProducerWorker
+        from ec_nixl.consumer.receiver import ModelShape
+        from ec_nixl.consumer.worker import ConsumerWorker
+        from ec_nixl.producer.worker import ProducerWorker
 
         rank = get_tensor_model_parallel_rank()
         device = torch.device(current_platform.device_type)

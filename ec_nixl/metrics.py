@@ -11,7 +11,6 @@ import threading
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 PREFIX = "ec_nixl:"
@@ -190,43 +189,3 @@ class PromMetrics:
     def _series(self, name: str, labelvalues: list[object]):
         metric = self._metrics[name]
         return metric.labels(*labelvalues) if labelvalues else metric
-
-
-class MetricsServer:
-    """Our own /metrics endpoint, for processes whose numbers vLLM cannot carry
-    (the encoder's worker: vLLM drops an encoder-only step's connector output).
-    Folds `stats` into Prometheus metrics every `interval_s`; serves them from one
-    thread with a deadline on each request (see ec_nixl.metrics_endpoint)."""
-
-    def __init__(self, stats: Stats, address: str, interval_s: float = 1.0) -> None:
-        import prometheus_client
-
-        from ec_nixl.metrics_endpoint import MetricsEndpoint
-
-        self._stats = stats
-        self.registry = prometheus_client.CollectorRegistry()
-        constructors = {
-            "counter": partial(prometheus_client.Counter, registry=self.registry),
-            "gauge": partial(prometheus_client.Gauge, registry=self.registry),
-            "histogram": partial(prometheus_client.Histogram, registry=self.registry),
-        }
-        self._metrics = PromMetrics(constructors, labelnames=[])
-        host, _, port = address.rpartition(":")
-        self.endpoint = MetricsEndpoint(self.registry, host.strip("[]"), int(port))
-        self.port = self.endpoint.port
-        self._stop = threading.Event()
-        self._folder = threading.Thread(
-            target=self._fold, args=(interval_s,), name="ec-nixl-metrics", daemon=True
-        )
-        self._folder.start()
-
-    def _fold(self, interval_s: float) -> None:
-        while not self._stop.wait(interval_s):
-            self.flush()
-
-    def flush(self) -> None:
-        self._metrics.observe(self._stats.take(), [])
-
-    def close(self) -> None:
-        self._stop.set()
-        self.endpoint.close()

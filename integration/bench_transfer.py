@@ -34,12 +34,12 @@ import torch
 from safetensors.torch import load_file
 
 from ec_nixl.arena import Arena
-from ec_nixl.connector_config import DEFAULT_PULL_TIMEOUT_S
+from ec_nixl.config import DEFAULT_PULL_TIMEOUT_S
+from ec_nixl.consumer.puller import Puller
+from ec_nixl.consumer.resolver import Resolver
 from ec_nixl.control.messages import Announcement
 from ec_nixl.errors import ECNixlError
-from ec_nixl.exporter import ExporterConfig
-from ec_nixl.puller import Puller
-from ec_nixl.resolver import Resolver
+from ec_nixl.producer.exporter import ExporterConfig
 from integration.exporter_process import ExporterProcess, TensorSpec, pull
 
 KiB, MiB = 1 << 10, 1 << 20

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from ec_nixl.connector_config import DEFAULT_PULL_TIMEOUT_S
-from ec_nixl.exporter import Exporter, ExporterConfig
-from ec_nixl.puller import PulledItem, Puller
-from ec_nixl.resolver import Resolver
+from ec_nixl.config import DEFAULT_PULL_TIMEOUT_S
+from ec_nixl.consumer.puller import PulledItem, Puller
+from ec_nixl.consumer.resolver import Resolver
+from ec_nixl.producer.exporter import Exporter, ExporterConfig
 
 READY_TIMEOUT_S = 60.0
 COMMAND_TIMEOUT_S = 60.0

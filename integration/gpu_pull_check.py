@@ -24,11 +24,11 @@ from pathlib import Path
 import torch
 
 from ec_nixl.arena import Arena
-from ec_nixl.exporter import ExporterConfig
-from ec_nixl.puller import Puller, pull
-from ec_nixl.resolver import Resolver
+from ec_nixl.consumer.puller import Puller
+from ec_nixl.consumer.resolver import Resolver
+from ec_nixl.producer.exporter import ExporterConfig
 from integration.bench_transfer import human, size_list
-from integration.exporter_process import ExporterProcess, TensorSpec
+from integration.exporter_process import ExporterProcess, TensorSpec, pull
 
 
 def synchronize(device: str) -> None:

@@ -300,7 +300,7 @@ def start_proxy(
     runs ECNixlConnector): PD gets each request at once; `encoder_events` (encoder id ->
     control address): the proxy skips items an encoder holds."""
     port = port or free_port()
-    argv = [sys.executable, "-m", "ec_nixl.proxy", "--port", str(port)]
+    argv = [sys.executable, "-m", "ec_nixl.proxy.app", "--port", str(port)]
     for one in [pd] if isinstance(pd, str) else pd:
         argv += ["--pd", one]
     if encoder_timeout_s is not None:

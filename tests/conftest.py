@@ -14,9 +14,9 @@ import torch
 from pd_rig import make_scheduler, serve_rank
 
 from ec_nixl.arena import Arena
-from ec_nixl.exporter import ExporterConfig
-from ec_nixl.puller import Puller
-from ec_nixl.resolver import Resolver
+from ec_nixl.consumer.puller import Puller
+from ec_nixl.consumer.resolver import Resolver
+from ec_nixl.producer.exporter import ExporterConfig
 from integration.client import answer, conversation, image
 from integration.exporter_process import ExporterProcess, TensorSpec
 from integration.servers import start_vllm, wait_healthy

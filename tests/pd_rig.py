@@ -13,13 +13,13 @@ from vllm.sampling_params import SamplingParams
 from vllm.v1.request import Request
 
 from ec_nixl.arena import Arena
+from ec_nixl.consumer.items import ItemTable, PullState
+from ec_nixl.consumer.receiver import ModelShape, Receiver
+from ec_nixl.consumer.resolver import Resolver
+from ec_nixl.consumer.scheduler import ConsumerScheduler
+from ec_nixl.consumer.worker_link import Load, WorkerClient, WorkerServer
 from ec_nixl.control.client import ExportClients
-from ec_nixl.control.worker_link import Load, WorkerClient, WorkerServer
-from ec_nixl.coordinator import PullCoordinator, PullState
-from ec_nixl.receiver import ModelShape, Receiver
-from ec_nixl.resolver import Resolver
-from ec_nixl.scheduler import ConsumerScheduler
-from ec_nixl.watch import ExportWatcher
+from ec_nixl.control.watch import ExportWatcher
 from integration.exporter_process import TensorSpec
 
 MiB = 1 << 20
@@ -50,9 +50,9 @@ def make_scheduler(
     encoders = {"enc0": producer.address}
     workers = [WorkerClient(rank[1]) for rank in (receiver, other_rank)]
     resolver = Resolver(consumer_id="test-scheduler", **resolver_args)
-    coordinator = PullCoordinator(resolver, encoders, workers, timeout_s, receive_bytes=32 * MiB)
+    items = ItemTable(resolver, encoders, workers, timeout_s, receive_bytes=32 * MiB)
     return ConsumerScheduler(
-        coordinator, encoders, prefetch=prefetch, encode_on_failure=encode_on_failure
+        items, encoders, prefetch=prefetch, encode_on_failure=encode_on_failure
     )
 
 
@@ -116,7 +116,7 @@ def settle(scheduler: ConsumerScheduler, req: Request, timeout_s: float = 10) ->
 
 def pulled(scheduler: ConsumerScheduler, mm_hash: str) -> bool:
     """Every rank holds the item's pull, whether or not a request has asked for it yet."""
-    job = scheduler._coordinator.job(mm_hash)
+    job = scheduler._items.job(mm_hash)
     return job is not None and job.state is PullState.READY
 
 

@@ -11,7 +11,7 @@ import torch
 from conftest import wait_until
 from pd_rig import ROWS, held, item, load, make_scheduler, request, settle
 
-from ec_nixl.control.worker_link import Load
+from ec_nixl.consumer.worker_link import Load
 from ec_nixl.errors import LoadLostError
 from ec_nixl.transfer_params import make_params
 
@@ -57,7 +57,7 @@ def test_a_request_aborted_while_its_pull_runs_never_costs_the_next_one_its_item
         params = make_params("enc0", [mm_hash])
         aborted = request(f"aborted-{n}", [mm_hash], params)
         scheduler.ensure_available(aborted, 0)  # its pull starts
-        aborted_pull = scheduler._coordinator.job(mm_hash).pull_id
+        aborted_pull = scheduler._items.job(mm_hash).pull_id
         scheduler.request_finished(aborted)
         again = request(f"again-{n}", [mm_hash], params)  # the same image, at once
         settle(scheduler, again)
@@ -88,7 +88,7 @@ def test_a_request_sharing_an_image_with_an_aborted_one_still_loads_the_same_pul
         kept = request(f"shared-kept-{aborted_when}-{n}", [mm_hash], params)
         scheduler.ensure_available(aborted, 0)
         scheduler.ensure_available(kept, 0)
-        pull_id = scheduler._coordinator.job(mm_hash).pull_id
+        pull_id = scheduler._items.job(mm_hash).pull_id
         if aborted_when == "pulled":
             settle(scheduler, kept)
         scheduler.request_finished(aborted)
@@ -108,7 +108,7 @@ def test_a_pull_every_request_left_is_not_offered_to_vllm(scheduler, producer, r
     producer.export("h-all-gone", item(seed=31))
     req = request("all-gone", ["h-all-gone"], make_params("enc0", ["h-all-gone"]))
     settle(scheduler, req)
-    pull_id = scheduler._coordinator.job("h-all-gone").pull_id
+    pull_id = scheduler._items.job("h-all-gone").pull_id
     scheduler.request_finished(req)
     assert not scheduler.has_item("h-all-gone")  # vLLM would encode it, not load it
     for rank in ranks:
@@ -124,7 +124,7 @@ def test_vllm_loads_only_what_has_cache_item_promised_in_the_same_pass(scheduler
     settle(scheduler, req)
     scheduler.on_alloc("h-landed-late")  # not asked about in this pass
     assert scheduler.take_loads() == []  # nothing loaded over vLLM's own output
-    assert scheduler._coordinator.resident("h-landed-late")
+    assert scheduler._items.resident("h-landed-late")
     scheduler.request_finished(req)
 
 

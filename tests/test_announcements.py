@@ -14,9 +14,9 @@ from conftest import MiB, spec, wait_until
 from pd_rig import ROWS, held, item, load, make_scheduler, pulled, request, settle, watching
 
 from ec_nixl.arena import Arena
+from ec_nixl.consumer.receiver import ModelShape, Receiver
+from ec_nixl.consumer.resolver import Resolver
 from ec_nixl.control.messages import Announcement, EventKind
-from ec_nixl.receiver import ModelShape, Receiver
-from ec_nixl.resolver import Resolver
 from ec_nixl.transfer_params import announce_params, make_params
 
 
@@ -78,7 +78,7 @@ def test_a_request_without_params_gets_what_an_encoder_announced_pulled(
     time.sleep(0.3)  # announced
     req = request("no-params", ["h-stock-proxy", "h-never-at-e"])  # then, unchanged, to PD
     settle(announced, req)
-    assert announced._coordinator.job("h-never-at-e") is None  # encoded here, at once
+    assert announced._items.job("h-never-at-e") is None  # encoded here, at once
     order = load(announced, "h-stock-proxy")
     assert torch.equal(receiver[0].take("h-stock-proxy", order.pull_id), item(seed=25).make())
 
@@ -103,7 +103,7 @@ def test_a_request_with_params_gets_only_what_they_name(announced, producer):
     params = make_params("enc0", ["h-other"])
     req = request("named", ["h-announced-unnamed", "h-other"], params, media=True)
     announced.ensure_available(req, 0)
-    assert announced._coordinator.job("h-announced-unnamed") is None
+    assert announced._items.job("h-announced-unnamed") is None
     announced.request_finished(req)
 
 
@@ -129,7 +129,7 @@ def test_after_a_reconnect_pd_forgets_what_the_encoder_announced_before(announce
     announced.on_connect("enc0")  # a new stream: E will announce what it still holds
     req = request("after-reconnect", ["h-before-reconnect"], announce_params())
     assert not announced.ensure_available(req, 0)  # waits for the new stream's word
-    assert announced._coordinator.job("h-before-reconnect").awaiting
+    assert announced._items.job("h-before-reconnect").awaiting
     announced.request_finished(req)
 
 
@@ -152,7 +152,7 @@ def test_an_item_no_encoder_announces_fails_a_request_without_media(announced):
 def test_without_prefetch_an_item_no_request_waits_for_is_not_pulled(announced, producer, receiver):
     producer.export("h-unwanted", item(seed=14))
     time.sleep(0.3)
-    assert announced._coordinator.job("h-unwanted") is None
+    assert announced._items.job("h-unwanted") is None
     assert "h-unwanted" not in held(receiver[0])
 
 
@@ -165,7 +165,7 @@ def test_an_item_announced_with_a_claim_for_this_pd_is_pulled_before_its_request
     assert wait_until(lambda: pulled(announced, "h-routed"))
     assert "h-routed" in held(receiver[0]) and "h-routed" in held(other_rank[0])
     assert announced.stats.take()["counters"]["claimed_pulls"] == 1
-    assert announced._coordinator.job("h-routed-elsewhere") is None
+    assert announced._items.job("h-routed-elsewhere") is None
 
 
 def test_with_prefetch_an_exported_item_is_pulled_before_its_request_comes(
@@ -199,9 +199,9 @@ def test_what_the_encoder_held_when_the_stream_began_is_known_not_fetched(
     scheduler = make_scheduler(producer, receiver, other_rank, prefetch=True)
     watcher = watching(scheduler, producer, claim=True)
     try:
-        assert wait_until(lambda: scheduler._coordinator.known("h-held-before"))
+        assert wait_until(lambda: scheduler._items.known("h-held-before"))
         time.sleep(0.3)
-        assert scheduler._coordinator.job("h-held-before") is None  # not prefetched
+        assert scheduler._items.job("h-held-before") is None  # not prefetched
         assert producer.stats()["live_leases"] <= leases  # and listed without a claim
         req = request("held-before", ["h-held-before"])  # a request without params asks
         settle(scheduler, req)
@@ -216,7 +216,9 @@ def test_what_the_encoder_held_when_the_stream_began_is_known_not_fetched(
 def test_a_claim_that_lapsed_before_its_pull_is_resolved_afresh(
     prefetching, producer, other_rank, monkeypatch
 ):
-    monkeypatch.setattr("ec_nixl.pull_runner.CLAIM_MARGIN_S", 3600.0)  # every claim "lapsed"
+    monkeypatch.setattr(
+        "ec_nixl.consumer.pull_runner.CLAIM_MARGIN_S", 3600.0
+    )  # every claim "lapsed"
     producer.export("h-lapsed", item(seed=19))
     assert wait_until(lambda: pulled(prefetching, "h-lapsed"))
     assert "h-lapsed" in held(other_rank[0])
@@ -265,13 +267,13 @@ def test_a_prefetch_claimed_while_it_runs_has_its_rows_checked_when_it_lands(
 def test_a_prefetched_item_no_request_claims_is_dropped_after_a_while(
     prefetching, producer, receiver, monkeypatch
 ):
-    monkeypatch.setattr("ec_nixl.coordinator.PREFETCH_TTL_S", 0.2)
+    monkeypatch.setattr("ec_nixl.consumer.items.PREFETCH_TTL_S", 0.2)
     producer.export("h-unasked", item(seed=10))
     assert wait_until(lambda: pulled(prefetching, "h-unasked"))
     time.sleep(0.3)
     producer.export("h-next", item(seed=11))  # the next prefetch sweeps
     assert wait_until(lambda: "h-unasked" not in held(receiver[0]))
-    assert prefetching._coordinator.job("h-unasked") is None
+    assert prefetching._items.job("h-unasked") is None
 
 
 def test_unclaimed_prefetches_hold_at_most_half_the_receive_arena_oldest_dropped_first(
@@ -294,9 +296,9 @@ def test_an_understated_announcement_counts_at_its_real_size_once_resolved(prefe
     real = item(seed=36, shape=(4 * MiB // 2048, 1024))
     producer.export("h-understated", real)
     lie = Announcement(EventKind.EXPORTED, "h-understated", 1024)
-    prefetching._coordinator.prefetch(lie, "enc0")
+    prefetching._items.prefetch(lie, "enc0")
     assert wait_until(lambda: pulled(prefetching, "h-understated"))
-    assert prefetching._coordinator.job("h-understated").nbytes == 4 * MiB
+    assert prefetching._items.job("h-understated").nbytes == 4 * MiB
 
 
 def test_a_worker_meets_its_encoders_at_start_and_skips_one_that_is_down(producer, caplog):

@@ -3,7 +3,7 @@ where the control-plane token comes from, and what running like this risks."""
 
 import pytest
 
-from ec_nixl.connector_config import DEFAULT_POOL_BYTES, ConnectorConfig
+from ec_nixl.config import DEFAULT_POOL_BYTES, ConnectorConfig
 from ec_nixl.control.security import TOKEN_ENV
 from ec_nixl.errors import ConfigError
 

@@ -12,11 +12,11 @@ import torch
 from conftest import wait_until
 from pd_rig import ROWS, held, item, load, make_scheduler, request, settle
 
-from ec_nixl.control.worker_link import WorkerClient, WorkerServer
-from ec_nixl.coordinator import PullCoordinator
-from ec_nixl.receiver import ModelShape
-from ec_nixl.resolver import Resolver
-from ec_nixl.scheduler import ConsumerScheduler
+from ec_nixl.consumer.items import ItemTable
+from ec_nixl.consumer.receiver import ModelShape
+from ec_nixl.consumer.resolver import Resolver
+from ec_nixl.consumer.scheduler import ConsumerScheduler
+from ec_nixl.consumer.worker_link import WorkerClient, WorkerServer
 from ec_nixl.transfer_params import make_params
 
 
@@ -112,7 +112,7 @@ def test_forged_params_are_refused_and_the_items_encoded_here_without_any_pull(s
     assert scheduler.ensure_available(req, 0)  # asked again: counted once
     assert scheduler.take_unavailable() == set()
     assert not scheduler.has_item("h-x")
-    assert scheduler._coordinator.job("h-x") is None
+    assert scheduler._items.job("h-x") is None
     counters = scheduler.stats.take()["counters"]
     assert counters == {"refused_params": 1, "fallbacks": 1}
 
@@ -140,7 +140,7 @@ def test_an_item_of_the_wrong_shape_or_dtype_is_refused_unread_and_encoded_here(
     producer.export(mm_hash, exported)
     req = request(mm_hash, [mm_hash], make_params("enc0", [mm_hash]))
     settle(scheduler, req)
-    job = scheduler._coordinator.job(mm_hash)
+    job = scheduler._items.job(mm_hash)
     assert "this model needs torch.bfloat16[8, 1024]" in str(job.error)
     assert mm_hash not in held(receiver[0])
     assert scheduler.take_unavailable() == set()
@@ -241,7 +241,7 @@ def test_an_item_the_request_has_already_consumed_is_not_pulled(scheduler, produ
     producer.export("h-consumed", item(seed=4))
     req = request("consumed", ["h-consumed"], make_params("enc0", ["h-consumed"]))
     assert scheduler.ensure_available(req, num_computed_tokens=20)  # past its placeholder
-    assert scheduler._coordinator.job("h-consumed") is None
+    assert scheduler._items.job("h-consumed") is None
 
 
 def test_a_dead_rank_fails_the_pull_within_its_deadline_and_the_lease_goes_back(
@@ -249,8 +249,8 @@ def test_a_dead_rank_fails_the_pull_within_its_deadline_and_the_lease_goes_back(
 ):
     encoders = {"enc0": producer.address}
     workers = [WorkerClient(receiver[1]), WorkerClient(f"unix:{tmp_path / 'dead-rank.sock'}")]
-    coordinator = PullCoordinator(Resolver(consumer_id="dead-rank"), encoders, workers, 1.0)
-    scheduler = ConsumerScheduler(coordinator, encoders)
+    items = ItemTable(Resolver(consumer_id="dead-rank"), encoders, workers, 1.0)
+    scheduler = ConsumerScheduler(items, encoders)
     try:
         producer.export("h-dead-rank", item(seed=22))
         req = request("dead-rank", ["h-dead-rank"], make_params("enc0", ["h-dead-rank"]))
@@ -283,8 +283,8 @@ def test_a_rank_that_dies_mid_read_fails_the_pull_and_the_lease_goes_back_at_onc
     dying_rank = WorkerServer(DyingRank(), address)
     encoders = {"enc0": producer.address}
     workers = [WorkerClient(receiver[1]), WorkerClient(address)]
-    coordinator = PullCoordinator(Resolver(consumer_id="dying-rank"), encoders, workers, 30.0)
-    scheduler = ConsumerScheduler(coordinator, encoders)
+    items = ItemTable(Resolver(consumer_id="dying-rank"), encoders, workers, 30.0)
+    scheduler = ConsumerScheduler(items, encoders)
     try:
         producer.export("h-dying-rank", item(seed=23))
         req = request("dying-rank", ["h-dying-rank"], make_params("enc0", ["h-dying-rank"]))

@@ -14,11 +14,11 @@ import torch
 from conftest import wait_until
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from ec_nixl.connector_config import ConnectorConfig
+from ec_nixl.config import ConnectorConfig
 from ec_nixl.control.client import ExportClient, ExportClients
 from ec_nixl.control.messages import MAX_CONSUMER_ID_LENGTH, PROTOCOL_VERSION
 from ec_nixl.control.security import TOKEN_ENV, Security
-from ec_nixl.control.server import MAX_ITEMS_PER_CALL, MAX_READERS, WATCH_QUEUE_DEPTH, EventHub
+from ec_nixl.control.watch import ExportWatcher
 from ec_nixl.errors import (
     AuthError,
     ConfigError,
@@ -28,8 +28,14 @@ from ec_nixl.errors import (
     PoolFullError,
     RefusedError,
 )
-from ec_nixl.exporter import Exporter, ExporterConfig
-from ec_nixl.pool import (
+from ec_nixl.producer.export_service import (
+    MAX_ITEMS_PER_CALL,
+    MAX_READERS,
+    WATCH_QUEUE_DEPTH,
+    EventHub,
+)
+from ec_nixl.producer.exporter import Exporter, ExporterConfig
+from ec_nixl.producer.pool import (
     MAX_CONSUMERS,
     MAX_LEASES_PER_CONSUMER,
     MAX_LIVE_LEASES,
@@ -38,7 +44,6 @@ from ec_nixl.pool import (
 )
 from ec_nixl.v1 import export_pb2 as pb
 from ec_nixl.v1 import export_pb2_grpc as pb_grpc
-from ec_nixl.watch import ExportWatcher
 from integration.faults import TcpRelay
 
 TOKEN = "s3cret"
@@ -126,7 +131,7 @@ def test_resolve_refuses_empty_and_oversized_requests(client, hashes):
 
 
 def test_a_caller_past_its_lease_bound_gets_resource_exhausted(exporter, client, monkeypatch):
-    monkeypatch.setattr("ec_nixl.pool.MAX_LEASES_PER_CONSUMER", 2)
+    monkeypatch.setattr("ec_nixl.producer.pool.MAX_LEASES_PER_CONSUMER", 2)
     exporter.export("bounded", embedding())
     held = client.resolve(["bounded", "bounded"], "pd-flood")
     with pytest.raises(PoolFullError, match="RESOURCE_EXHAUSTED.*at most 2"):

@@ -13,8 +13,8 @@ import torch
 from conftest import wait_until
 
 from ec_nixl.control.security import TOKEN_ENV, Security
-from ec_nixl.encoder_directory import EncoderDirectory
-from ec_nixl.exporter import Exporter, ExporterConfig
+from ec_nixl.producer.exporter import Exporter, ExporterConfig
+from ec_nixl.proxy.directory import EncoderDirectory
 
 TOKEN = "events-token"
 ROOM_FOR_4 = 16 << 10

@@ -22,15 +22,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ec_nixl import metadata_probe
 from ec_nixl.arena import Arena
+from ec_nixl.consumer import metadata_probe
+from ec_nixl.consumer.metadata_probe import MAX_BLOBS_PER_SOURCE, probe
+from ec_nixl.consumer.puller import Puller
 from ec_nixl.control.client import ExportClient
 from ec_nixl.control.security import Security
 from ec_nixl.errors import DeadlineExceededError, HandshakeError, PeerDeadError, RefusedError
-from ec_nixl.exporter import Exporter, ExporterConfig
-from ec_nixl.metadata_probe import MAX_BLOBS_PER_SOURCE, probe
-from ec_nixl.puller import Puller
-from ec_nixl.transfer import TransferAgent
+from ec_nixl.nixl_agent import TransferAgent
+from ec_nixl.producer.exporter import Exporter, ExporterConfig
 from ec_nixl.v1 import export_pb2 as pb
 from integration.exporter_process import ExporterProcess, pull
 

@@ -1,4 +1,4 @@
-"""PD's item table (`PullCoordinator`): what its scheduler knows of each item, changed by
+"""PD's item table (`ItemTable`): what its scheduler knows of each item, changed by
 encoders' events and vLLM's encoder cache, and emptied of whatever is no longer live.
 No vLLM, no worker, no encoder: these transitions contact nobody."""
 
@@ -8,9 +8,9 @@ import time
 
 import pytest
 
+from ec_nixl.consumer.items import ItemTable
+from ec_nixl.consumer.resolver import Resolver
 from ec_nixl.control.messages import Announcement, EventKind
-from ec_nixl.coordinator import PullCoordinator
-from ec_nixl.resolver import Resolver
 
 TIMEOUT_S = 0.2
 
@@ -18,9 +18,9 @@ TIMEOUT_S = 0.2
 @pytest.fixture
 def table():
     encoders = {"enc0": "127.0.0.1:1", "enc1": "127.0.0.1:2"}
-    coordinator = PullCoordinator(Resolver(consumer_id="table"), encoders, [], TIMEOUT_S)
-    yield coordinator
-    coordinator.close()
+    items = ItemTable(Resolver(consumer_id="table"), encoders, [], TIMEOUT_S)
+    yield items
+    items.close()
 
 
 def exported(mm_hash: str) -> Announcement:

@@ -11,7 +11,10 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "ec_nixl"
 
-SCHEDULER_SIDE = "import ec_nixl.connector, ec_nixl.scheduler, ec_nixl.coordinator, ec_nixl.watch"
+SCHEDULER_SIDE = (
+    "import ec_nixl.connector, ec_nixl.consumer.scheduler, ec_nixl.consumer.items, "
+    "ec_nixl.consumer.resolver, ec_nixl.producer.scheduler"
+)
 
 
 def test_the_scheduler_side_of_the_connector_does_not_load_nixl():

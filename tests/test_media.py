@@ -15,7 +15,7 @@ import pytest
 from vllm.renderers import chat_utils
 from vllm.renderers.chat_utils import BaseMultiModalContentParser
 
-from ec_nixl.media import (
+from ec_nixl.proxy.media import (
     KEYS,
     PART_TYPES,
     SOURCES,

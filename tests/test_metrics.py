@@ -9,9 +9,9 @@ import torch
 from conftest import wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
-from ec_nixl.exporter import Exporter, ExporterConfig
 from ec_nixl.metrics import Stats, merge, summary
-from ec_nixl.metrics_endpoint import MAX_CONNECTIONS
+from ec_nixl.producer.exporter import Exporter, ExporterConfig
+from ec_nixl.producer.metrics_endpoint import MAX_CONNECTIONS
 
 HALF_SENT = b"GET /metrics HTTP/1.1\r\nHost: encoder\r\n"  # the blank line never comes
 
@@ -107,7 +107,7 @@ def test_connections_that_never_finish_their_request_take_no_thread_and_scrapes_
 def test_a_connection_that_sends_nothing_or_half_a_request_is_closed_after_the_deadline(
     monkeypatch,
 ):
-    monkeypatch.setattr("ec_nixl.metrics_endpoint.REQUEST_TIMEOUT_S", 0.5)
+    monkeypatch.setattr("ec_nixl.producer.metrics_endpoint.REQUEST_TIMEOUT_S", 0.5)
     exporter = Exporter(ExporterConfig(capacity_bytes=8 << 10, metrics_address="127.0.0.1:0"))
     port = exporter.metrics.port
     held = held_open(port, 4) + held_open(port, 4, request=b"")

@@ -7,7 +7,7 @@ import torch
 from ec_nixl.arena import Arena
 from ec_nixl.control.messages import EventKind
 from ec_nixl.errors import NotFoundError, PoolFullError
-from ec_nixl.pool import ExportPool
+from ec_nixl.producer.pool import ExportPool
 
 KiB = 1024
 
@@ -106,7 +106,7 @@ def test_an_expired_lease_ends_without_a_release():
 
 
 def test_a_consumer_past_its_lease_bound_is_refused_and_others_are_not(monkeypatch):
-    monkeypatch.setattr("ec_nixl.pool.MAX_LEASES_PER_CONSUMER", 3)
+    monkeypatch.setattr("ec_nixl.producer.pool.MAX_LEASES_PER_CONSUMER", 3)
     pool, _, _ = make_pool()
     pool.export("h", item())
     pool.lease(["h", "h"], consumer="greedy")
@@ -120,7 +120,7 @@ def test_a_consumer_past_its_lease_bound_is_refused_and_others_are_not(monkeypat
 
 
 def test_a_consumer_past_the_bound_on_consumers_is_refused_and_known_ones_are_not(monkeypatch):
-    monkeypatch.setattr("ec_nixl.pool.MAX_CONSUMERS", 2)
+    monkeypatch.setattr("ec_nixl.producer.pool.MAX_CONSUMERS", 2)
     pool, _, _ = make_pool()
     pool.export("h", item())
     pool.lease(["h"], consumer="a")
@@ -134,7 +134,7 @@ def test_a_consumer_past_the_bound_on_consumers_is_refused_and_known_ones_are_no
 
 
 def test_leases_over_all_consumers_are_bounded(monkeypatch):
-    monkeypatch.setattr("ec_nixl.pool.MAX_LIVE_LEASES", 3)
+    monkeypatch.setattr("ec_nixl.producer.pool.MAX_LIVE_LEASES", 3)
     pool, clock, _ = make_pool(lease_s=5.0)
     pool.export("h", item())
     pool.lease(["h", "h"], consumer="a")

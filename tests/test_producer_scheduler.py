@@ -7,7 +7,7 @@ import pytest
 from pd_rig import request
 from vllm.v1.request import Request
 
-from ec_nixl.scheduler import ProducerScheduler
+from ec_nixl.producer.scheduler import ProducerScheduler
 from ec_nixl.transfer_params import consumer_params
 
 

@@ -26,8 +26,8 @@ import pytest
 from aiohttp import web
 from PIL import Image
 
-from ec_nixl import proxy
-from ec_nixl.media import name_by_content
+from ec_nixl.proxy import app as proxy
+from ec_nixl.proxy.media import name_by_content
 from integration.client import chat_body, image
 from integration.tiny_vlm import build
 

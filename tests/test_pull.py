@@ -13,7 +13,10 @@ import torch
 from conftest import MiB, spec, wait_until
 
 from ec_nixl.arena import Arena
-from ec_nixl.control.worker_link import PullOrder
+from ec_nixl.consumer.puller import Puller
+from ec_nixl.consumer.receiver import ModelShape, Receiver
+from ec_nixl.consumer.resolver import Resolver
+from ec_nixl.consumer.worker_link import PullOrder
 from ec_nixl.errors import (
     DeadlineExceededError,
     NotFoundError,
@@ -21,11 +24,8 @@ from ec_nixl.errors import (
     RefusedError,
     StaleDataError,
 )
-from ec_nixl.exporter import ExporterConfig
-from ec_nixl.puller import Puller
-from ec_nixl.receiver import ModelShape, Receiver
+from ec_nixl.producer.exporter import ExporterConfig
 from ec_nixl.region import Region
-from ec_nixl.resolver import Resolver
 from integration.exporter_process import ExporterProcess, TensorSpec, pull
 
 # Failures must surface well within this, whatever the peer does.

@@ -40,8 +40,8 @@ from conftest import (
 from ec_nixl.control.client import MAX_RECONNECT_BACKOFF_MS, ExportClient
 from ec_nixl.control.security import Security
 from ec_nixl.errors import AuthError, PeerDeadError
-from ec_nixl.exporter import Exporter, ExporterConfig
-from ec_nixl.transfer import TransferAgent
+from ec_nixl.nixl_agent import TransferAgent
+from ec_nixl.producer.exporter import Exporter, ExporterConfig
 from integration.client import chat_body, image, metric, post
 from integration.faults import TcpRelay
 from integration.reliability import Outcome, Row, send_all, write_report

@@ -42,9 +42,10 @@ from v2_rig import (
 
 from ec_nixl.arena import Arena
 from ec_nixl.connector import fingerprint
-from ec_nixl.puller import Puller, pull
-from ec_nixl.resolver import Resolver
+from ec_nixl.consumer.puller import Puller
+from ec_nixl.consumer.resolver import Resolver
 from ec_nixl.transfer_params import announce_params
+from integration.exporter_process import pull
 from integration.servers import free_port
 from integration.tiny_vlm import build
 

@@ -16,9 +16,8 @@ import pytest
 import torch
 from conftest import wait_until
 
-from ec_nixl.control import worker_link
-from ec_nixl.control.messages import RemoteItem
-from ec_nixl.control.worker_link import (
+from ec_nixl.consumer import worker_link
+from ec_nixl.consumer.worker_link import (
     ANSWER_GRACE_S,
     PullOrder,
     PullReport,
@@ -26,6 +25,7 @@ from ec_nixl.control.worker_link import (
     WorkerServer,
     worker_address,
 )
+from ec_nixl.control.messages import RemoteItem
 from ec_nixl.errors import (
     ConfigError,
     DeadlineExceededError,

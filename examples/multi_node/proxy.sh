@@ -38,5 +38,5 @@ for url in ${ENCODER_URLS//,/ }; do args+=(--encoder "$url"); done
 for encoder in ${ENCODERS//,/ }; do args+=(--encoder-events "$encoder"); done
 [[ "${OVERLAP:-0}" == 1 ]] && args+=(--overlap)
 cd "$REPO"
-exec "$PYTHON" -m ec_nixl.proxy "${args[@]}" --pd "$PD_URL" --host "${HOST:-0.0.0.0}" \
+exec "$PYTHON" -m ec_nixl.proxy.app "${args[@]}" --pd "$PD_URL" --host "${HOST:-0.0.0.0}" \
   --port "${PORT:-8000}" --encoder-timeout "${ENCODER_TIMEOUT_S:-30}"

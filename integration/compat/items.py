@@ -147,7 +147,7 @@ def _free_names(fn: ast.FunctionDef) -> set[str]:
 
 def check(release: SourceTree) -> Section:
     from ec_nixl.errors import RefusedError
-    from ec_nixl.scheduler import ProducerScheduler
+    from ec_nixl.producer.scheduler import ProducerScheduler
     from ec_nixl.transfer_params import parse_params
 
     section = Section(

@@ -54,10 +54,12 @@ READS = [
     Reads(CONNECTOR, "current_platform", PLATFORM),
     Reads(CONNECTOR, "ECConnectorRole", ROLE),
     Reads("ec_nixl/plugin.py", "ECConnectorFactory", FACTORY),
-    Reads("ec_nixl/scheduler.py", "request", REQUEST),
-    Reads("ec_nixl/scheduler.py", "request", NEW_REQUEST_DATA, "ProducerScheduler.uses"),
-    Reads("ec_nixl/scheduler.py", "feature", FEATURE),
-    Reads("ec_nixl/scheduler.py", "position", PLACEHOLDER),
+    Reads("ec_nixl/consumer/scheduler.py", "request", REQUEST),
+    Reads("ec_nixl/consumer/scheduler.py", "feature", FEATURE),
+    Reads("ec_nixl/consumer/scheduler.py", "position", PLACEHOLDER),
+    Reads("ec_nixl/producer/scheduler.py", "request", REQUEST),
+    Reads("ec_nixl/producer/scheduler.py", "request", NEW_REQUEST_DATA, "ProducerScheduler.uses"),
+    Reads("ec_nixl/producer/scheduler.py", "feature", FEATURE),
 ]
 
 

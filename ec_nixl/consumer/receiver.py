@@ -28,12 +28,12 @@ from dataclasses import dataclass
 import torch
 
 from ec_nixl.arena import Arena
-from ec_nixl.connector_config import DEFAULT_PULL_TIMEOUT_S
+from ec_nixl.config import DEFAULT_PULL_TIMEOUT_S
+from ec_nixl.consumer.puller import PulledItem, Puller
+from ec_nixl.consumer.resolver import Resolution, Resolver
+from ec_nixl.consumer.worker_link import Load, PullOrder, PullReport
 from ec_nixl.control.messages import RemoteItem
-from ec_nixl.control.worker_link import Load, PullOrder, PullReport
 from ec_nixl.errors import ECNixlError, LoadLostError, PeerDeadError, RefusedError
-from ec_nixl.puller import PulledItem, Puller
-from ec_nixl.resolver import Resolution, Resolver
 
 logger = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ exporter are bounded). Metadata NIXL merely refuses (an exception, not a
 crash) is refused here too, without loading it: NIXL may keep the agent name
 of metadata it refused half-way, and then refuse that peer's genuine metadata.
 
-The helper is `python -m ec_nixl.metadata_probe NIXL_API_MODULE`, metadata on
+The helper is `python -m ec_nixl.consumer.metadata_probe NIXL_API_MODULE`, metadata on
 stdin. It imports NIXL's backend module itself (e.g. `nixl_cu12._api`): the `nixl`
 meta package picks one by importing torch, which would make each probe ~3 s
 instead of ~0.7 s here.
@@ -105,7 +105,7 @@ def _bound_locked() -> None:
 
 
 def _judge(metadata: bytes, source: str, digest: bytes, verdict: Future[None]) -> None:
-    from ec_nixl.transfer import nixl_api  # the helper loads the module this process uses
+    from ec_nixl.nixl_agent import nixl_api  # the helper loads the module this process uses
 
     started = time.monotonic()
     try:

@@ -35,13 +35,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import Enum
 
-from ec_nixl.connector_config import DEFAULT_RECEIVE_BYTES
+from ec_nixl.config import DEFAULT_RECEIVE_BYTES
+from ec_nixl.consumer.pull_runner import PullRunner
+from ec_nixl.consumer.resolver import Resolver
+from ec_nixl.consumer.worker_link import Load, WorkerClient
 from ec_nixl.control.messages import Announcement
-from ec_nixl.control.worker_link import Load, WorkerClient
 from ec_nixl.errors import DeadlineExceededError, ECNixlError, HandshakeError, RefusedError
 from ec_nixl.metrics import Stats
-from ec_nixl.pull_runner import PullRunner
-from ec_nixl.resolver import Resolver
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ class Item:
         return not (self.holder or self.encoding or self.job or self.resident)
 
 
-class PullCoordinator:
+class ItemTable:
     def __init__(
         self,
         resolver: Resolver,

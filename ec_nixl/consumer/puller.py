@@ -22,12 +22,12 @@ from dataclasses import dataclass
 import torch
 
 from ec_nixl.arena import Arena, Slot
+from ec_nixl.consumer.metadata_probe import probe
+from ec_nixl.consumer.resolver import Resolution
 from ec_nixl.control.messages import PeerInfo, read_notification
 from ec_nixl.errors import DeadlineExceededError, PeerDeadError, PoolFullError, StaleDataError
-from ec_nixl.metadata_probe import probe
+from ec_nixl.nixl_agent import TransferAgent
 from ec_nixl.region import tensor_region
-from ec_nixl.resolver import Resolution
-from ec_nixl.transfer import TransferAgent
 
 logger = logging.getLogger(__name__)
 

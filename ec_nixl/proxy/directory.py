@@ -16,7 +16,7 @@ import threading
 from ec_nixl.control.client import ExportClients
 from ec_nixl.control.messages import Announcement, EventKind
 from ec_nixl.control.security import Security
-from ec_nixl.watch import ExportWatcher
+from ec_nixl.control.watch import ExportWatcher
 
 WATCHER_ID = "ec-nixl-proxy"  # the consumer id the proxy watches under: it never pulls
 

@@ -19,13 +19,14 @@ from dataclasses import dataclass, field
 import torch
 
 from ec_nixl.arena import Arena
-from ec_nixl.connector_config import DEFAULT_LEASE_S
+from ec_nixl.config import DEFAULT_LEASE_S
 from ec_nixl.control.messages import EventKind, dtype_name, parse_read_notification
 from ec_nixl.control.security import Security
-from ec_nixl.control.server import EventHub, ExportServicer, start_server
-from ec_nixl.metrics import MetricsServer, Stats
-from ec_nixl.pool import ExportedItem, ExportPool, Lease, PoolEvent
-from ec_nixl.transfer import POLL_INTERVAL_S, TransferAgent
+from ec_nixl.metrics import Stats
+from ec_nixl.nixl_agent import POLL_INTERVAL_S, TransferAgent
+from ec_nixl.producer.export_service import EventHub, ExportServicer, start_server
+from ec_nixl.producer.metrics_endpoint import MetricsServer
+from ec_nixl.producer.pool import ExportedItem, ExportPool, Lease, PoolEvent
 
 logger = logging.getLogger(__name__)
 

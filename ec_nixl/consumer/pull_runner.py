@@ -5,7 +5,7 @@ each rank as a reader, and every rank gets its order at once; E frees the
 lease when every rank's READ has completed. The lease is the claim that came
 with the encoder's announcement while it has time left (a pull is then one
 READ per rank), else a Resolve. A pull fails as a whole: the caller has the
-workers drop what they got, and gives the lease back. The coordinator runs
+workers drop what they got, and gives the lease back. The item table runs
 all of this on its pool, never on vLLM's scheduler thread.
 """
 
@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import time
 
+from ec_nixl.consumer.resolver import Resolution, Resolver
+from ec_nixl.consumer.worker_link import PendingPull, PullOrder, PullReport, WorkerClient
 from ec_nixl.control.messages import Announcement
-from ec_nixl.control.worker_link import PendingPull, PullOrder, PullReport, WorkerClient
 from ec_nixl.errors import ECNixlError, PeerDeadError
 from ec_nixl.metrics import Stats
-from ec_nixl.resolver import Resolution, Resolver
 
 # A claim with less time left is not used: a READ begun on it could outlive it.
 CLAIM_MARGIN_S = 0.5

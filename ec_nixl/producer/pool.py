@@ -26,7 +26,7 @@ from typing import TypeVar
 import torch
 
 from ec_nixl.arena import Arena, Slot
-from ec_nixl.connector_config import DEFAULT_LEASE_S
+from ec_nixl.config import DEFAULT_LEASE_S
 from ec_nixl.control.messages import EventKind
 from ec_nixl.errors import NotFoundError, PoolFullError
 

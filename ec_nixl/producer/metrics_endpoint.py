@@ -15,9 +15,12 @@ from __future__ import annotations
 import asyncio
 import threading
 from concurrent.futures import Future
+from functools import partial
 from urllib.parse import urlsplit
 
 import prometheus_client
+
+from ec_nixl.metrics import PromMetrics, Stats
 
 REQUEST_TIMEOUT_S = 5.0
 MAX_CONNECTIONS = 64
@@ -126,3 +129,39 @@ def _response(status: int, body: bytes, content_type: str = "text/plain") -> byt
         f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
     )
     return head.encode() + body
+
+
+class MetricsServer:
+    """Our own /metrics endpoint, for processes whose numbers vLLM cannot carry
+    (the encoder's worker: vLLM drops an encoder-only step's connector output).
+    Folds `stats` into Prometheus metrics every `interval_s`; serves them from one
+    thread with a deadline on each request (`MetricsEndpoint`)."""
+
+    def __init__(self, stats: Stats, address: str, interval_s: float = 1.0) -> None:
+        self._stats = stats
+        self.registry = prometheus_client.CollectorRegistry()
+        constructors = {
+            "counter": partial(prometheus_client.Counter, registry=self.registry),
+            "gauge": partial(prometheus_client.Gauge, registry=self.registry),
+            "histogram": partial(prometheus_client.Histogram, registry=self.registry),
+        }
+        self._metrics = PromMetrics(constructors, labelnames=[])
+        host, _, port = address.rpartition(":")
+        self.endpoint = MetricsEndpoint(self.registry, host.strip("[]"), int(port))
+        self.port = self.endpoint.port
+        self._stop = threading.Event()
+        self._folder = threading.Thread(
+            target=self._fold, args=(interval_s,), name="ec-nixl-metrics", daemon=True
+        )
+        self._folder.start()
+
+    def _fold(self, interval_s: float) -> None:
+        while not self._stop.wait(interval_s):
+            self.flush()
+
+    def flush(self) -> None:
+        self._metrics.observe(self._stats.take(), [])
+
+    def close(self) -> None:
+        self._stop.set()
+        self.endpoint.close()

@@ -25,14 +25,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
 from typing import Any
 
+from ec_nixl.consumer.items import ItemTable, PullJob, PullState
+from ec_nixl.consumer.worker_link import Load
 from ec_nixl.control.messages import Announcement, EventKind
-from ec_nixl.control.worker_link import Load
-from ec_nixl.coordinator import PullCoordinator, PullJob, PullState
 from ec_nixl.errors import RefusedError
-from ec_nixl.transfer_params import make_params, parse_consumer, parse_params
+from ec_nixl.transfer_params import parse_params
 
 logger = logging.getLogger(__name__)
 
@@ -48,13 +47,13 @@ MAX_LOGGED_KEYS = 32
 class ConsumerScheduler:
     def __init__(
         self,
-        coordinator: PullCoordinator,
+        items: ItemTable,
         encoders: dict[str, str],
         *,
         prefetch: bool = False,
         encode_on_failure: bool = True,
     ) -> None:
-        self._coordinator = coordinator
+        self._items = items
         self._encoders = encoders
         self._prefetch = prefetch
         self._encode_on_failure = encode_on_failure
@@ -67,7 +66,7 @@ class ConsumerScheduler:
         self._unmatched: set[str] = set()  # request ids whose params named none of their items
         self._unknown: set[str] = set()  # request ids whose params carried keys we do not know
         self._logged_keys: set[str] = set()  # unknown keys said in the log (once each)
-        self.stats = coordinator.stats
+        self.stats = items.stats
 
     def ensure_available(self, request: Any, num_computed_tokens: int) -> bool:
         """False while any item the request still needs is being pulled, and for a
@@ -79,7 +78,7 @@ class ConsumerScheduler:
             self._refuse(request, exc)
             return request.request_id not in self._unavailable  # else encode locally
         for encoder_id in set(sources.items.values()):
-            self._coordinator.meet(encoder_id)
+            self._items.meet(encoder_id)
         self._note_if_unmatched(request, sources.items)
         self._note_unknown_keys(request, sources.unknown_keys)
         pending = False
@@ -89,21 +88,21 @@ class ConsumerScheduler:
             position = feature.mm_position
             if (
                 position.offset + position.length <= num_computed_tokens  # already used
-                or self._coordinator.resident(mm_hash)
+                or self._items.resident(mm_hash)
                 or not (
                     encoder_id is not None
                     or sources.announced
                     # no params at all: an item one of our encoders has or is encoding
-                    or (request.ec_transfer_params is None and self._coordinator.known(mm_hash))
+                    or (request.ec_transfer_params is None and self._items.known(mm_hash))
                 )
             ):
                 continue
             num_embeds = position.get_num_embeds()
             request_id = request.request_id
             if encoder_id is None:
-                job = self._coordinator.expect(mm_hash, num_embeds, request_id)
+                job = self._items.expect(mm_hash, num_embeds, request_id)
             else:
-                job = self._coordinator.start(mm_hash, encoder_id, num_embeds, request_id)
+                job = self._items.start(mm_hash, encoder_id, num_embeds, request_id)
             if job.state is PullState.RUNNING:
                 pending = True
             elif job.state is PullState.FAILED:
@@ -116,7 +115,7 @@ class ConsumerScheduler:
             self.stats.count("refused_params")
             logger.warning("request %s: %s", request.request_id, exc)
         for feature in request.mm_features:
-            if not self._coordinator.resident(feature.identifier):
+            if not self._items.resident(feature.identifier):
                 self._fall_back(request, feature, str(exc))
 
     def _fall_back(self, request: Any, feature: Any, reason: str) -> None:
@@ -153,7 +152,7 @@ class ConsumerScheduler:
         scheduled (`ensure_available`). `on_alloc` orders the load of exactly the
         pull promised here; a worker that lacks it anyway reads it again from its
         encoder (`Receiver.lend`)."""
-        job = self._coordinator.loadable(mm_hash)
+        job = self._items.loadable(mm_hash)
         if job is None:
             return False
         self._promised[mm_hash] = job
@@ -162,7 +161,7 @@ class ConsumerScheduler:
     def on_alloc(self, mm_hash: str) -> None:
         """vLLM reserved encoder-cache room for an item: the pull promised for it in this
         pass is loaded this step; an item not promised is encoded by vLLM."""
-        load = self._coordinator.allocated(mm_hash, self._promised.pop(mm_hash, None))
+        load = self._items.allocated(mm_hash, self._promised.pop(mm_hash, None))
         if load is not None:
             self._to_load.append(load)
 
@@ -172,9 +171,9 @@ class ConsumerScheduler:
         PD (its request is routed here) or with prefetch, unless vLLM's encoder cache
         has it."""
         if event.kind is EventKind.EVICTED:
-            self._coordinator.evicted(event.mm_hash, encoder_id)
+            self._items.evicted(event.mm_hash, encoder_id)
         elif event.kind is EventKind.ENCODING:
-            self._coordinator.encoding(event.mm_hash, encoder_id)
+            self._items.encoding(event.mm_hash, encoder_id)
         else:
             if event.published_unix_ns and not event.snapshot:
                 transit_ns = max(0, time.time_ns() - event.published_unix_ns)
@@ -182,20 +181,20 @@ class ConsumerScheduler:
             # What was held when the stream began is known, not fetched: after a reconnect
             # it would be everything the encoder holds, much of it pulled here before.
             eager = (self._prefetch or event.claim is not None) and not event.snapshot
-            self._coordinator.announced(event, encoder_id, prefetch=eager)
+            self._items.announced(event, encoder_id, prefetch=eager)
 
     def on_connect(self, encoder_id: str) -> None:
         """An encoder's event stream (re)started: it will announce what it holds anew."""
-        self._coordinator.reconnected(encoder_id)
+        self._items.reconnected(encoder_id)
 
     def on_freed(self, mm_hashes: list[str]) -> list[tuple[str, int]]:
         """vLLM evicted these from its encoder cache: pull them again if asked. The
         (mm_hash, pull id) whose slots the workers lent it, for them to free."""
-        return self._coordinator.freed(mm_hashes)
+        return self._items.freed(mm_hashes)
 
     def idle_step(self) -> None:
         """vLLM's scheduler found nothing to run this step."""
-        self._coordinator.park(IDLE_PARK_S)
+        self._items.park(IDLE_PARK_S)
 
     def take_loads(self) -> list[Load]:
         """This step's loads, at the end of its scheduling pass: its promises end."""
@@ -214,7 +213,7 @@ class ConsumerScheduler:
         self._unmatched.discard(request.request_id)
         self._unknown.discard(request.request_id)
         for feature in request.mm_features:
-            self._coordinator.forget(feature.identifier, request.request_id)
+            self._items.forget(feature.identifier, request.request_id)
             self._fell_back.discard((request.request_id, feature.identifier))
 
     def _note_if_unmatched(self, request: Any, where: dict[str, str]) -> None:
@@ -254,7 +253,7 @@ class ConsumerScheduler:
             )
 
     def close(self) -> None:
-        self._coordinator.close()
+        self._items.close()
 
     def _fail(self, request: Any, reason: str) -> None:
         if request.request_id not in self._unavailable:
@@ -263,51 +262,3 @@ class ConsumerScheduler:
             )
             self._unavailable.add(request.request_id)
             self.stats.count("failed_requests")
-
-
-class ProducerScheduler:
-    """The encoder's scheduler side: which PD each request's items are meant for (the
-    proxy says so in the request's `ec_transfer_params`), and where the items are (the
-    response's). Every call runs on vLLM's scheduler thread."""
-
-    def __init__(
-        self,
-        encoder_id: str,
-        describe: Callable[[list[Any]], dict[str, dict[str, Any]]] = lambda features: {},
-    ) -> None:
-        self.encoder_id = encoder_id
-        # mm_features -> vLLM's per-item entries (`collect_ec_item_metadata`): the
-        # response carries them beside our encoder id, for proxies that use them
-        self._describe = describe
-        self._consumers: dict[str, str] = {}  # request id -> the PD it is meant for ("": any)
-
-    def note(self, request: Any) -> None:
-        """A request is about to be scheduled: remember whom its items are for."""
-        if request.request_id in self._consumers:
-            return
-        try:
-            consumer = parse_consumer(request.ec_transfer_params)
-        except RefusedError as exc:
-            logger.warning("request %s: %s; announcing its items to no PD in particular",
-                           request.request_id, exc)  # fmt: skip
-            consumer = ""
-        self._consumers[request.request_id] = consumer
-
-    def uses(self, new_requests: Iterable[Any]) -> dict[str, str]:
-        """mm_hash -> the PD to claim it for ("": none named), over this step's new requests."""
-        return {
-            feature.identifier: self._consumers.get(request.req_id, "")
-            for request in new_requests
-            for feature in request.mm_features
-        }
-
-    def finished(self, request: Any) -> dict[str, dict[str, Any]] | None:
-        """What the encoder's response tells the proxy: where each item of the request is."""
-        self._consumers.pop(request.request_id, None)
-        hashes = [feature.identifier for feature in request.mm_features]
-        if not hashes:
-            return None
-        params = make_params(self.encoder_id, hashes)
-        for mm_hash, entry in self._describe(request.mm_features).items():
-            params[mm_hash] = {**entry, **params[mm_hash]}
-        return params

@@ -31,7 +31,7 @@ first chunk, which overlap with `--overlap`): where a TTFT goes.
 Each inline media item gets the SHA-256 of its content as its `uuid`, which
 vLLM takes as the item's mm_hash; no client's own uuid is passed on (it could
 name another tenant's image), and an item named by a uuid alone is refused
-(ec_nixl.media says which parts vLLM takes for media). With `--encoder-events`,
+(ec_nixl.proxy.media says which parts vLLM takes for media). With `--encoder-events`,
 the proxy follows the encoders' export events, and an image an encoder still
 holds (a chat's earlier turn) is not sent to an encoder again: PD pulls it from
 the holder (docs/EVENTS.md).
@@ -80,9 +80,9 @@ import prometheus_client
 from aiohttp import web
 
 from ec_nixl.control.security import add_client_arguments, client_security
-from ec_nixl.encoder_directory import EncoderDirectory
 from ec_nixl.errors import ConfigError
-from ec_nixl.media import (
+from ec_nixl.proxy.directory import EncoderDirectory
+from ec_nixl.proxy.media import (
     MediaError,
     Named,
     Position,

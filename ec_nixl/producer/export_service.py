@@ -28,8 +28,8 @@ from ec_nixl.control.messages import (
 from ec_nixl.control.security import AccessInterceptor, Security
 from ec_nixl.control.status import status_of
 from ec_nixl.errors import NotFoundError, PoolFullError
-from ec_nixl.pool import ExportPool, Lease, PoolEvent
-from ec_nixl.transfer import TransferAgent
+from ec_nixl.nixl_agent import TransferAgent
+from ec_nixl.producer.pool import ExportPool, Lease, PoolEvent
 from ec_nixl.v1 import export_pb2 as pb
 from ec_nixl.v1 import export_pb2_grpc as pb_grpc
 
