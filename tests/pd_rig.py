@@ -29,7 +29,6 @@ def serve_rank(tmp_path_factory, producer, rank: int):
     resolver = Resolver(consumer_id=f"test-worker-{rank}")
     model = ModelShape(torch.bfloat16, width=1024)
     receiver = Receiver(Arena(32 * MiB), resolver, {"enc0": producer.address}, model)
-    receiver.meet_encoders()  # as a PD worker does when it starts
     address = f"unix:{tmp_path_factory.mktemp('sock') / f'worker-{rank}.sock'}"
     server = WorkerServer(receiver, address)
     yield receiver, address

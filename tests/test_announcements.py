@@ -11,11 +11,23 @@ import time
 import pytest
 import torch
 from conftest import MiB, spec, wait_until
-from pd_rig import ROWS, held, item, load, make_scheduler, pulled, request, settle, watching
+from pd_rig import (
+    ROWS,
+    held,
+    item,
+    load,
+    make_scheduler,
+    pulled,
+    request,
+    serve_rank,
+    settle,
+    watching,
+)
 
-from ec_nixl.arena import Arena
-from ec_nixl.consumer.receiver import ModelShape, Receiver
+from ec_nixl.consumer.items import ItemTable
 from ec_nixl.consumer.resolver import Resolver
+from ec_nixl.consumer.scheduler import ConsumerScheduler
+from ec_nixl.consumer.worker_link import WorkerClient
 from ec_nixl.control.messages import Announcement, EventKind
 from ec_nixl.transfer_params import announce_params, make_params
 
@@ -301,18 +313,30 @@ def test_an_understated_announcement_counts_at_its_real_size_once_resolved(prefe
     assert prefetching._items.job("h-understated").nbytes == 4 * MiB
 
 
-def test_a_worker_meets_its_encoders_at_start_and_skips_one_that_is_down(producer, caplog):
+def test_pd_meets_its_encoders_at_start_once_and_skips_one_that_is_down(
+    tmp_path_factory, producer, caplog
+):
+    """One handshake per PD: the scheduler meets each encoder, and every rank loads the
+    agent metadata it was handed, opening no channel to the encoder itself."""
     caplog.set_level(logging.INFO, logger="ec_nixl")
-    resolver = Resolver(consumer_id="early")
+    ranks = [serve_rank(tmp_path_factory, producer, rank) for rank in (7, 8)]
+    (first, first_address), (second, second_address) = (next(rank) for rank in ranks)
     encoders = {"enc0": producer.address, "down": "127.0.0.1:1"}
-    receiver = Receiver(Arena(MiB), resolver, encoders, ModelShape(torch.bfloat16, width=1024))
+    resolver = Resolver(consumer_id="early")
+    workers = [WorkerClient(first_address), WorkerClient(second_address)]
+    table = ItemTable(resolver, encoders, workers, timeout_s=2.0)
+    scheduler = ConsumerScheduler(table, encoders)
     try:
-        receiver.meet_encoders()
-        peer = resolver.peer(producer.address)  # cached by the meeting: no new handshake
-        assert receiver.puller.agent.has_peer(peer.agent_name)
-        assert "encoder down not met at start" in caplog.text
+        peer = resolver.peer(producer.address)  # met by the scheduler at start, cached
+        for rank in (first, second):
+            assert wait_until(lambda rank=rank: rank.puller.agent.has_peer(peer.agent_name))
+            assert not rank.resolver.clients._clients  # no channel of its own to the encoder
+        assert wait_until(lambda: "encoder down not met yet" in caplog.text)
     finally:
+        scheduler.close()
         resolver.close()
+        for rank in ranks:
+            next(rank, None)
 
 
 def test_an_idle_step_parks_until_the_awaited_pull_lands(announced, producer):

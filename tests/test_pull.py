@@ -353,15 +353,16 @@ def test_a_worker_order_keeps_its_deadline_with_a_stalled_encoder_not_met_yet(re
     with ExporterProcess(ExporterConfig(capacity_bytes=8 * MiB)) as producer:
         producer.export("unmet", spec(seed=73))
         [item] = resolver.client(producer.address).resolve(["unmet"], "scheduler")
+        peer = resolver.peer(producer.address)  # met by the scheduler, as in PD
         model = ModelShape(torch.bfloat16, width=1024)
         fresh = Resolver(consumer_id="worker-that-never-met-it")
         worker = Receiver(Arena(8 * MiB), fresh, {"enc0": producer.address}, model)
         producer.signal(signal.SIGSTOP)
         start = time.monotonic()
         try:
-            order = PullOrder("enc0", [item], [0], start + 30, deadline=start + 0.5, pull_id=1)
+            order = PullOrder("enc0", [item], [0], start + 30, start + 0.5, pull_id=1, peer=peer)
             with pytest.raises(DeadlineExceededError):
-                worker.read(order)  # its handshake keeps the order's deadline
+                worker.read(order)  # loading the peer and its first READ keep the deadline
             assert time.monotonic() - start < 1.0
         finally:
             producer.signal(signal.SIGCONT)

@@ -25,7 +25,7 @@ from ec_nixl.consumer.worker_link import (
     WorkerServer,
     worker_address,
 )
-from ec_nixl.control.messages import RemoteItem
+from ec_nixl.control.messages import PeerInfo, RemoteItem
 from ec_nixl.errors import (
     ConfigError,
     DeadlineExceededError,
@@ -45,6 +45,12 @@ ITEM = RemoteItem(
     lease_id=7,
     lease_remaining_s=30.0,
 )
+PEER = PeerInfo(
+    agent_name="ec-nixl-exporter-test",
+    agent_metadata=b"agent metadata",
+    epoch=1,
+    regions=(Region(address=0, length=1 << 20, device="cpu", device_id=0),),
+)
 
 
 class Worker:
@@ -53,6 +59,7 @@ class Worker:
     def __init__(self) -> None:
         self.orders: list[PullOrder] = []
         self.dropped: list[str] = []
+        self.met: list[tuple[str, PeerInfo]] = []
         self.failure: Exception | None = None
         self.gate = threading.Event()
         self.gate.set()
@@ -67,10 +74,15 @@ class Worker:
     def drop(self, mm_hashes, pull_id) -> None:
         self.dropped.extend((mm_hash, pull_id) for mm_hash in mm_hashes)
 
+    def meet(self, encoder_id, peer, deadline) -> None:
+        self.met.append((encoder_id, peer))
+
 
 def order(timeout_s: float = 2.0, valid_s: float = 5.0) -> PullOrder:
     now = time.monotonic()
-    return PullOrder("enc0", [ITEM], [4], now + valid_s, now + timeout_s, pull_id=(1 << 40) + 3)
+    return PullOrder(
+        "enc0", [ITEM], [4], now + valid_s, now + timeout_s, pull_id=(1 << 40) + 3, peer=PEER
+    )
 
 
 @pytest.fixture
@@ -102,11 +114,13 @@ def test_an_order_reaches_the_worker_whole_and_its_report_comes_back(server, rea
     assert report == PullReport(8192, 0.002)
     [got] = reader.orders
     assert got.encoder_id == "enc0" and got.items == [ITEM] and got.num_embeds == [4]
-    assert got.pull_id == (1 << 40) + 3
+    assert got.pull_id == (1 << 40) + 3 and got.peer == PEER
     assert got.deadline - time.monotonic() == pytest.approx(2.0, abs=0.5)
     assert got.valid_until - time.monotonic() == pytest.approx(5.0, abs=0.5)
     client.drop(["h-link"], got.pull_id)
     assert reader.dropped == [("h-link", got.pull_id)]
+    client.meet("enc0", PEER, timeout_s=1.0)
+    assert reader.met == [("enc0", PEER)]
 
 
 def test_a_worker_failure_arrives_as_its_own_type_naming_the_worker(server, reader, client):

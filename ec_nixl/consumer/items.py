@@ -5,10 +5,11 @@ events), our pull of it, and whether vLLM's encoder cache has it; it changes
 only here, from announcements, pull results and vLLM's allocations and
 evictions, under one lock, and goes once nothing of it is left.
 
-vLLM's scheduler must never block, so each pull runs as a job on a small thread
-pool (its network work is `pull_runner`'s) and the scheduler thread only looks
-at its state (and never waits on the network: drops and give-backs run on the
-pool too). A job fails as a whole: workers that did READ drop the item, and
+vLLM's scheduler thread never waits on the network: each pull runs as a job on
+a small thread pool (its network work is `pull_runner`'s), and so do drops,
+give-backs and meetings; the scheduler thread only looks at a job's state. Its
+one wait is `park`, on a step with nothing to run (`ConsumerScheduler.idle_step`
+says why). A job fails as a whole: workers that did READ drop the item, and
 the lease goes back.
 
 Each job is one pull with an id of its own, and every order to the workers
@@ -130,6 +131,7 @@ class ItemTable:
         self._met: set[str] = set()
         self._incompatible: set[str] = set()
         self._landed = threading.Event()  # a pull ended: a request waiting for it may go on
+        self._closing = threading.Event()
 
     def start(self, mm_hash: str, encoder_id: str, num_embeds: int, request_id: str) -> PullJob:
         """Start pulling `mm_hash` from `encoder_id` for a request, unless a job for it
@@ -397,21 +399,25 @@ class ItemTable:
             self._prune(job.mm_hash)
 
     def meet(self, encoder_id: str) -> None:
-        """Handshake with an encoder once, in the background, to catch a mismatch early:
-        an encoder serving another model string shares no mm_hash with us, so no
-        pull would ever reach it and tell."""
+        """Handshake with an encoder once, in the background, and have every worker load
+        its agent metadata: the first pull then pays for neither. It also catches a
+        mismatch early: an encoder serving another model string shares no mm_hash with
+        us, so no pull would ever reach it and tell."""
         if encoder_id not in self._met:
             self._met.add(encoder_id)
             self._pool.submit(self._meet, encoder_id)
 
     def _meet(self, encoder_id: str) -> None:
         try:
-            self._runner.meet(encoder_id)
+            peer = self._runner.meet(encoder_id)
         except HandshakeError as exc:
             self._report_incompatible(encoder_id, exc)
         except ECNixlError as exc:
             self._met.discard(encoder_id)  # unreachable for now: try again later
-            logger.warning("cannot reach encoder %s: %s", encoder_id, exc)
+            logger.info("encoder %s not met yet (%s); its first pull meets it", encoder_id, exc)
+            return
+        for worker in self._runner.workers:
+            self._pool.submit(worker.meet, encoder_id, peer, self._timeout_s)
 
     def job(self, mm_hash: str) -> PullJob | None:
         with self._lock:
@@ -439,11 +445,16 @@ class ItemTable:
 
     def _drop(self, job: PullJob) -> None:
         """Workers free the job's copy (a newer pull's stays), on the pool: never on the
-        caller's (scheduler) thread."""
+        caller's (scheduler) thread. Not once closing: a job cancelled by the pool's
+        shutdown calls this from inside it, where a submit would wait for the shutdown
+        itself (and the workers' copies go with the workers)."""
+        if self._closing.is_set():
+            return
         for worker in self._runner.workers:
             self._pool.submit(worker.drop, [job.mm_hash], job.pull_id)
 
     def close(self) -> None:
+        self._closing.set()
         self._pool.shutdown(wait=False, cancel_futures=True)
         for worker in self._runner.workers:
             worker.close()

@@ -15,7 +15,7 @@ import time
 
 from ec_nixl.consumer.resolver import Resolution, Resolver
 from ec_nixl.consumer.worker_link import PendingPull, PullOrder, PullReport, WorkerClient
-from ec_nixl.control.messages import Announcement
+from ec_nixl.control.messages import Announcement, PeerInfo
 from ec_nixl.errors import ECNixlError, PeerDeadError
 from ec_nixl.metrics import Stats
 
@@ -36,9 +36,9 @@ class PullRunner:
         self.workers = workers
         self.stats = stats
 
-    def meet(self, encoder_id: str) -> None:
+    def meet(self, encoder_id: str) -> PeerInfo:
         """Handshake with the encoder now (cached after the first)."""
-        self.resolver.peer(self.encoders[encoder_id])
+        return self.resolver.peer(self.encoders[encoder_id])
 
     def lease(
         self,
@@ -74,7 +74,13 @@ class PullRunner:
         """Every rank READs the leased item, keeping it under `pull_id`; each rank's
         report, or the first failure once all have answered."""
         order = PullOrder(
-            encoder_id, resolution.items, [num_embeds], resolution.valid_until, deadline, pull_id
+            encoder_id,
+            resolution.items,
+            [num_embeds],
+            resolution.valid_until,
+            deadline,
+            pull_id,
+            resolution.peer,
         )
         return _results([worker.pull(order) for worker in self.workers])
 

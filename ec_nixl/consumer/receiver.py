@@ -1,10 +1,11 @@
 """The PD worker's side of a pull: READ on the scheduler's order, hold, hand over.
 
 The scheduler orders every worker at once, over a local socket, to READ items
-it has leased (from an encoder's announcement or a Resolve): the worker checks
-the descriptors against its own handshake with that encoder and the model's
-shape, READs them into its receive arena, then holds them until the scheduler
-schedules the request (`take` hands vLLM's encoder cache a view of the slot:
+it has leased (from an encoder's announcement or a Resolve) and checked against
+its handshake with that encoder, which comes with the order: the worker checks
+them against the model's shape, READs them into its receive arena (loading the
+encoder's agent metadata first, once per generation), then holds them until the
+scheduler schedules the request (`take` hands vLLM's encoder cache a view of the slot:
 no copy) or drops them. A slot lent to the encoder cache is freed when vLLM
 evicts the item from it (`release`, on the scheduler's word: it sees every
 eviction). The scheduler owns the lease: on failure it gives it back.
@@ -28,11 +29,10 @@ from dataclasses import dataclass
 import torch
 
 from ec_nixl.arena import Arena
-from ec_nixl.config import DEFAULT_PULL_TIMEOUT_S
 from ec_nixl.consumer.puller import PulledItem, Puller
 from ec_nixl.consumer.resolver import Resolution, Resolver
 from ec_nixl.consumer.worker_link import Load, PullOrder, PullReport
-from ec_nixl.control.messages import RemoteItem
+from ec_nixl.control.messages import PeerInfo, RemoteItem
 from ec_nixl.errors import ECNixlError, LoadLostError, PeerDeadError, RefusedError
 
 logger = logging.getLogger(__name__)
@@ -77,7 +77,9 @@ class ModelShape:
 
 
 class Receiver:
-    """Pulled items held in a registered receive arena, by mm_hash and pull."""
+    """Pulled items held in a registered receive arena, by mm_hash and pull. Its
+    `resolver` knows each encoder's handshake from the orders and leases only to
+    read an item again (`lend`)."""
 
     def __init__(
         self,
@@ -105,9 +107,9 @@ class Receiver:
             raise RefusedError(f"{len(order.items)} items but {len(order.num_embeds)} shapes")
         for item, rows in zip(order.items, order.num_embeds, strict=True):
             self.model.check(item, rows)
+        self.resolver.learn(address, order.peer)
         try:
-            peer = self.resolver.peer_agreeing(address, order.items, order.deadline)
-            resolution = Resolution(address, peer, order.items, order.valid_until)
+            resolution = Resolution(address, order.peer, order.items, order.valid_until)
             pulled = self.puller.read(resolution, order.deadline)
         except PeerDeadError:
             self.resolver.forget_peer(address)
@@ -208,14 +210,11 @@ class Receiver:
         for item in dropped:
             self.puller.free(item)
 
-    def meet_encoders(self) -> None:
-        """Handshake with every configured encoder and connect NIXL to it now, so that
-        the first pull does not pay for it; one that is not up yet is met by its first pull."""
-        for encoder_id, address in self.encoders.items():
-            try:
-                deadline = time.monotonic() + DEFAULT_PULL_TIMEOUT_S
-                self.puller.meet(address, self.resolver.peer(address, deadline=deadline), deadline)
-            except ECNixlError as exc:
-                logger.info(
-                    "encoder %s not met at start (%s); its first pull will", encoder_id, exc
-                )
+    def meet(self, encoder_id: str, peer: PeerInfo, deadline: float) -> None:
+        """Load a configured encoder's agent metadata now (the scheduler met it), so
+        that its first pull does not pay for it."""
+        address = self.encoders.get(encoder_id)
+        if address is None:
+            raise RefusedError(f"encoder {encoder_id!r} is not configured")
+        self.resolver.learn(address, peer)
+        self.puller.meet(address, peer, deadline)

@@ -112,6 +112,12 @@ class Resolver:
         except ECNixlError as exc:
             logger.warning("could not release leases at %s: %s", address, exc)
 
+    def learn(self, address: str, peer: PeerInfo) -> None:
+        """The exporter's handshake as another process met it (a PD rank gets its
+        scheduler's with each order): no handshake of our own unless it restarts."""
+        with self._lock:
+            self._peers[address] = peer
+
     def forget_peer(self, address: str) -> None:
         """The exporter at `address` died: the next call meets it afresh."""
         with self._lock:

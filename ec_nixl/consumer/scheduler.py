@@ -67,6 +67,8 @@ class ConsumerScheduler:
         self._unknown: set[str] = set()  # request ids whose params carried keys we do not know
         self._logged_keys: set[str] = set()  # unknown keys said in the log (once each)
         self.stats = items.stats
+        for encoder_id in encoders:  # now, so that no first pull pays for meeting it
+            items.meet(encoder_id)
 
     def ensure_available(self, request: Any, num_computed_tokens: int) -> bool:
         """False while any item the request still needs is being pulled, and for a
@@ -193,7 +195,8 @@ class ConsumerScheduler:
         return self._items.freed(mm_hashes)
 
     def idle_step(self) -> None:
-        """vLLM's scheduler found nothing to run this step."""
+        """vLLM's scheduler found nothing to run this step: park (IDLE_PARK_S says why),
+        the one wait ec_nixl makes on vLLM's scheduler thread."""
         self._items.park(IDLE_PARK_S)
 
     def take_loads(self) -> list[Load]:

@@ -7,7 +7,6 @@ from the engine id and rank.
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Iterable
 
 import torch
@@ -41,7 +40,6 @@ class ConsumerWorker:
         self._timeout_s = config.pull_timeout_s
         self.address = worker_address(engine_id, rank)
         self._server = WorkerServer(self.receiver, self.address)
-        threading.Thread(target=self.receiver.meet_encoders, daemon=True).start()
         logger.info("PD worker %d receives pulls on %s", rank, self.address)
 
     def load(

@@ -39,7 +39,7 @@ from typing import Protocol, TypeVar
 import grpc
 from google.protobuf.message import DecodeError, Message
 
-from ec_nixl.control.messages import RemoteItem
+from ec_nixl.control.messages import PeerInfo, RemoteItem
 from ec_nixl.control.status import error_of, status_of
 from ec_nixl.errors import (
     ConfigError,
@@ -100,6 +100,7 @@ class PullOrder:
     valid_until: float  # local monotonic time
     deadline: float
     pull_id: int  # what the worker keeps the items under (0: an order that names no pull)
+    peer: PeerInfo  # the encoder's handshake, as the scheduler met it
 
 
 @dataclass(frozen=True)
@@ -126,6 +127,8 @@ class Reader(Protocol):
     def read(self, order: PullOrder) -> PullReport: ...
 
     def drop(self, mm_hashes: Sequence[str], pull_id: int) -> None: ...
+
+    def meet(self, encoder_id: str, peer: PeerInfo, deadline: float) -> None: ...
 
 
 class WorkerServer:
@@ -189,6 +192,10 @@ class WorkerServer:
             if kind == "drop":
                 self._reader.drop(call.drop.mm_hashes, call.drop.pull_id)
                 return pb.WorkerAnswer(drop=pb.DropResponse())
+            if kind == "meet":
+                deadline = time.monotonic() + call.meet.timeout_ms / 1000
+                self._reader.meet(call.meet.encoder_id, PeerInfo.from_pb(call.meet.peer), deadline)
+                return pb.WorkerAnswer(meet=pb.MeetResponse())
             raise RefusedError("a worker call of no known kind")
         except Exception as exc:  # a thread boundary: whatever fails here fails this call only
             if not isinstance(exc, ECNixlError):
@@ -217,6 +224,7 @@ def _order(request: pb.PullRequest) -> PullOrder:
         valid_until=now + request.valid_ms / 1000,
         deadline=now + request.timeout_ms / 1000,
         pull_id=request.pull_id,
+        peer=PeerInfo.from_pb(request.peer),
     )
 
 
@@ -258,6 +266,7 @@ class WorkerClient:
             timeout_ms=max(1, int((order.deadline - now) * 1000)),
             valid_ms=max(0, int((order.valid_until - now) * 1000)),
             pull_id=order.pull_id,
+            peer=order.peer.to_pb(),
         )
         return PendingPull(self, pb.WorkerCall(pull=request), order.deadline)
 
@@ -271,6 +280,19 @@ class WorkerClient:
             logger.warning(
                 "could not drop %s (pull %d) on %s: %s", mm_hashes, pull_id, self.address, exc
             )
+
+    def meet(self, encoder_id: str, peer: PeerInfo, timeout_s: float) -> None:
+        """The worker loads the encoder's agent metadata now (best effort: else its
+        first pull from that encoder does)."""
+        deadline = time.monotonic() + timeout_s
+        request = pb.MeetRequest(
+            encoder_id=encoder_id, peer=peer.to_pb(), timeout_ms=max(1, int(timeout_s * 1000))
+        )
+        try:
+            conn = self._send(pb.WorkerCall(meet=request), deadline)
+            self._answer(conn, deadline + ANSWER_GRACE_S)
+        except ECNixlError as exc:
+            logger.info("worker %s did not meet encoder %s: %s", self.address, encoder_id, exc)
 
     def close(self) -> None:
         with self._lock:

@@ -25,25 +25,29 @@ _sym_db = _symbol_database.Default()
 from ec_nixl.v1 import export_pb2 as ec__nixl_dot_v1_dot_export__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x65\x63_nixl/v1/worker.proto\x12\nec_nixl.v1\x1a\x17\x65\x63_nixl/v1/export.proto\"f\n\nWorkerCall\x12\'\n\x04pull\x18\x01 \x01(\x0b\x32\x17.ec_nixl.v1.PullRequestH\x00\x12\'\n\x04\x64rop\x18\x02 \x01(\x0b\x32\x17.ec_nixl.v1.DropRequestH\x00\x42\x06\n\x04\x63\x61ll\"\x94\x01\n\x0cWorkerAnswer\x12(\n\x04pull\x18\x01 \x01(\x0b\x32\x18.ec_nixl.v1.PullResponseH\x00\x12(\n\x04\x64rop\x18\x02 \x01(\x0b\x32\x18.ec_nixl.v1.DropResponseH\x00\x12&\n\x07\x66\x61ilure\x18\x03 \x01(\x0b\x32\x13.ec_nixl.v1.FailureH\x00\x42\x08\n\x06\x61nswer\"(\n\x07\x46\x61ilure\x12\x0c\n\x04\x63ode\x18\x01 \x01(\r\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x97\x01\n\x0bPullRequest\x12\x12\n\nencoder_id\x18\x01 \x01(\t\x12)\n\x05items\x18\x02 \x03(\x0b\x32\x1a.ec_nixl.v1.ItemDescriptor\x12\x12\n\ntimeout_ms\x18\x03 \x01(\r\x12\x12\n\nnum_embeds\x18\x04 \x03(\r\x12\x10\n\x08valid_ms\x18\x05 \x01(\r\x12\x0f\n\x07pull_id\x18\x06 \x01(\x04\".\n\x0cPullResponse\x12\r\n\x05\x62ytes\x18\x01 \x01(\x04\x12\x0f\n\x07read_us\x18\x02 \x01(\r\"1\n\x0b\x44ropRequest\x12\x11\n\tmm_hashes\x18\x01 \x03(\t\x12\x0f\n\x07pull_id\x18\x02 \x01(\x04\"\x0e\n\x0c\x44ropResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x65\x63_nixl/v1/worker.proto\x12\nec_nixl.v1\x1a\x17\x65\x63_nixl/v1/export.proto\"\x8f\x01\n\nWorkerCall\x12\'\n\x04pull\x18\x01 \x01(\x0b\x32\x17.ec_nixl.v1.PullRequestH\x00\x12\'\n\x04\x64rop\x18\x02 \x01(\x0b\x32\x17.ec_nixl.v1.DropRequestH\x00\x12\'\n\x04meet\x18\x03 \x01(\x0b\x32\x17.ec_nixl.v1.MeetRequestH\x00\x42\x06\n\x04\x63\x61ll\"\xbe\x01\n\x0cWorkerAnswer\x12(\n\x04pull\x18\x01 \x01(\x0b\x32\x18.ec_nixl.v1.PullResponseH\x00\x12(\n\x04\x64rop\x18\x02 \x01(\x0b\x32\x18.ec_nixl.v1.DropResponseH\x00\x12&\n\x07\x66\x61ilure\x18\x03 \x01(\x0b\x32\x13.ec_nixl.v1.FailureH\x00\x12(\n\x04meet\x18\x04 \x01(\x0b\x32\x18.ec_nixl.v1.MeetResponseH\x00\x42\x08\n\x06\x61nswer\"(\n\x07\x46\x61ilure\x12\x0c\n\x04\x63ode\x18\x01 \x01(\r\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xc4\x01\n\x0bPullRequest\x12\x12\n\nencoder_id\x18\x01 \x01(\t\x12)\n\x05items\x18\x02 \x03(\x0b\x32\x1a.ec_nixl.v1.ItemDescriptor\x12\x12\n\ntimeout_ms\x18\x03 \x01(\r\x12\x12\n\nnum_embeds\x18\x04 \x03(\r\x12\x10\n\x08valid_ms\x18\x05 \x01(\r\x12\x0f\n\x07pull_id\x18\x06 \x01(\x04\x12+\n\x04peer\x18\x07 \x01(\x0b\x32\x1d.ec_nixl.v1.HandshakeResponse\".\n\x0cPullResponse\x12\r\n\x05\x62ytes\x18\x01 \x01(\x04\x12\x0f\n\x07read_us\x18\x02 \x01(\r\"1\n\x0b\x44ropRequest\x12\x11\n\tmm_hashes\x18\x01 \x03(\t\x12\x0f\n\x07pull_id\x18\x02 \x01(\x04\"\x0e\n\x0c\x44ropResponse\"b\n\x0bMeetRequest\x12\x12\n\nencoder_id\x18\x01 \x01(\t\x12+\n\x04peer\x18\x02 \x01(\x0b\x32\x1d.ec_nixl.v1.HandshakeResponse\x12\x12\n\ntimeout_ms\x18\x03 \x01(\r\"\x0e\n\x0cMeetResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'ec_nixl.v1.worker_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_WORKERCALL']._serialized_start=64
-  _globals['_WORKERCALL']._serialized_end=166
-  _globals['_WORKERANSWER']._serialized_start=169
-  _globals['_WORKERANSWER']._serialized_end=317
-  _globals['_FAILURE']._serialized_start=319
-  _globals['_FAILURE']._serialized_end=359
-  _globals['_PULLREQUEST']._serialized_start=362
-  _globals['_PULLREQUEST']._serialized_end=513
-  _globals['_PULLRESPONSE']._serialized_start=515
-  _globals['_PULLRESPONSE']._serialized_end=561
-  _globals['_DROPREQUEST']._serialized_start=563
-  _globals['_DROPREQUEST']._serialized_end=612
-  _globals['_DROPRESPONSE']._serialized_start=614
-  _globals['_DROPRESPONSE']._serialized_end=628
+  _globals['_WORKERCALL']._serialized_start=65
+  _globals['_WORKERCALL']._serialized_end=208
+  _globals['_WORKERANSWER']._serialized_start=211
+  _globals['_WORKERANSWER']._serialized_end=401
+  _globals['_FAILURE']._serialized_start=403
+  _globals['_FAILURE']._serialized_end=443
+  _globals['_PULLREQUEST']._serialized_start=446
+  _globals['_PULLREQUEST']._serialized_end=642
+  _globals['_PULLRESPONSE']._serialized_start=644
+  _globals['_PULLRESPONSE']._serialized_end=690
+  _globals['_DROPREQUEST']._serialized_start=692
+  _globals['_DROPREQUEST']._serialized_end=741
+  _globals['_DROPRESPONSE']._serialized_start=743
+  _globals['_DROPRESPONSE']._serialized_end=757
+  _globals['_MEETREQUEST']._serialized_start=759
+  _globals['_MEETREQUEST']._serialized_end=857
+  _globals['_MEETRESPONSE']._serialized_start=859
+  _globals['_MEETRESPONSE']._serialized_end=873
 # @@protoc_insertion_point(module_scope)
