@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from ec_nixl.consumer.items import ItemTable
+from ec_nixl.consumer.items import TRANSITIONS, ItemTable, PullJob, PullState
 from ec_nixl.consumer.resolver import Resolver
 from ec_nixl.control.messages import Announcement, EventKind
 
@@ -95,3 +95,34 @@ def test_an_announcement_of_no_bytes_is_not_prefetched(table, caplog):
     assert not table.prefetch(Announcement(EventKind.EXPORTED, "h-empty", 0), "enc0")
     assert table.job("h-empty") is None
     assert "announced h-empty with 0 bytes: not prefetched" in caplog.text
+
+
+def test_a_pull_moves_from_awaiting_through_running_to_ready_then_loaded():
+    job = PullJob("h-life", None, 4)
+    assert job.state is PullState.AWAITING
+    for state in (PullState.RUNNING, PullState.READY, PullState.LOADED):
+        assert job.move(state) and job.state is state
+
+
+@pytest.mark.parametrize("ending", [PullState.LOADED, PullState.DROPPED])
+def test_an_ended_pull_takes_no_transition(ending):
+    """A READ that ends, or fails, after its job was dropped or loaded changes nothing."""
+    job = PullJob("h-ended", "enc0", 4, state=PullState.READY)
+    assert job.move(ending)
+    assert TRANSITIONS[ending] == frozenset()
+    for late in PullState:
+        assert not job.move(late) and job.state is ending
+
+
+def test_a_failed_pull_is_never_ready_or_loaded_only_dropped():
+    job = PullJob("h-failed", "enc0", 4, state=PullState.RUNNING)
+    assert job.move(PullState.FAILED)
+    assert not job.move(PullState.READY) and not job.move(PullState.LOADED)
+    assert job.move(PullState.DROPPED)
+
+
+def test_only_a_ready_pull_is_loaded_and_every_state_but_an_ended_one_may_be_dropped():
+    loadable_from = {state for state, nexts in TRANSITIONS.items() if PullState.LOADED in nexts}
+    droppable_from = {state for state, nexts in TRANSITIONS.items() if PullState.DROPPED in nexts}
+    assert loadable_from == {PullState.READY}
+    assert droppable_from == set(PullState) - {PullState.LOADED, PullState.DROPPED}

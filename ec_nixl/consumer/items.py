@@ -56,9 +56,27 @@ _pull_ids = itertools.count(1)
 
 
 class PullState(Enum):
-    RUNNING = "running"
+    """Where a pull is. It moves only along TRANSITIONS (`PullJob.move`), under the
+    table's lock; LOADED and DROPPED end it."""
+
+    AWAITING = "awaiting"  # no encoder has announced the item yet
+    RUNNING = "running"  # leasing, and reading on every worker
     READY = "ready"  # held by every worker, waiting to be loaded
-    FAILED = "failed"
+    FAILED = "failed"  # not coming: the requests relying on it fall back
+    LOADED = "loaded"  # lent to vLLM's encoder cache: the job's work is done
+    DROPPED = "dropped"  # no request relies on it any more: the workers free its copies
+
+
+TRANSITIONS: dict[PullState, frozenset[PullState]] = {
+    PullState.AWAITING: frozenset({PullState.RUNNING, PullState.FAILED, PullState.DROPPED}),
+    PullState.RUNNING: frozenset({PullState.READY, PullState.FAILED, PullState.DROPPED}),
+    PullState.READY: frozenset({PullState.LOADED, PullState.FAILED, PullState.DROPPED}),
+    PullState.FAILED: frozenset({PullState.DROPPED}),
+    PullState.LOADED: frozenset(),
+    PullState.DROPPED: frozenset(),
+}
+# A request relying on a pull in these waits for it.
+WAITING = frozenset({PullState.AWAITING, PullState.RUNNING})
 
 
 @dataclass
@@ -74,23 +92,25 @@ class PullJob:
     # once none does, unless vLLM's encoder cache took it first.
     users: set[str] = field(default_factory=set)
     expected: bool = False  # asked for before any encoder announced it
-    future: Future | None = None
+    state: PullState = PullState.AWAITING
+    future: Future | None = None  # the pull's run on the pool, once submitted
     error: ECNixlError | None = None
     rows: int = 0  # what was pulled
     ready_at: float | None = None
     nbytes: int = 0  # a prefetch's size, from its announcement
 
-    @property
-    def state(self) -> PullState:
-        if self.error is not None:
-            return PullState.FAILED
-        if self.future is None or not self.future.done():
-            return PullState.RUNNING
-        return PullState.READY
+    def move(self, new: PullState) -> bool:
+        """Take the transition to `new` if the table allows it from here. An event that
+        comes too late for the job (a READ ending after the job was dropped) finds no
+        transition and changes nothing: False."""
+        if new not in TRANSITIONS[self.state]:
+            return False
+        self.state = new
+        return True
 
     @property
     def awaiting(self) -> bool:
-        return self.encoder_id is None and self.error is None
+        return self.state is PullState.AWAITING
 
 
 @dataclass
@@ -260,6 +280,7 @@ class ItemTable:
             kept = item.job is promised
             if kept:
                 item.job = None
+                promised.move(PullState.LOADED)
         if not kept:  # the workers read it again if they dropped it (`Receiver.lend`)
             logger.error("%s: pull %d ended before its promised load", mm_hash, promised.pull_id)
         job = promised
@@ -302,6 +323,7 @@ class ItemTable:
     ) -> None:
         job.encoder_id = encoder_id
         job.started_at = time.monotonic()
+        job.move(PullState.RUNNING)
         job.future = self._pool.submit(self._run, job, announcement)
         job.future.add_done_callback(lambda _: self._landed.set())  # once `state` tells
 
@@ -310,7 +332,7 @@ class ItemTable:
         request waits for one."""
         with self._lock:
             waiting = any(
-                item.job.claimed_at is not None and item.job.state is PullState.RUNNING
+                item.job.claimed_at is not None and item.job.state in WAITING
                 for item in self._items.values()
                 if item.job is not None
             )
@@ -393,6 +415,7 @@ class ItemTable:
 
     def _end_job_locked(self, job: PullJob) -> None:
         """The item's entry no longer has this job (if it still had it)."""
+        job.move(PullState.DROPPED)
         item = self._items.get(job.mm_hash)
         if item is not None and item.job is job:
             item.job = None
@@ -495,8 +518,11 @@ class ItemTable:
             job.mm_hash, job.encoder_id, elapsed * 1000, via,
             "/".join(f"{r.read_s * 1000:.1f}" for r in reports), job.pull_id,
         )  # fmt: skip
-        if claimed:  # a prefetch claimed while it ran was read without the request's rows
-            self._rows_fit(job)
+        # A prefetch claimed while it ran was read without the request's rows.
+        if claimed and not self._rows_fit(job):
+            return
+        with self._lock:
+            job.move(PullState.READY)
 
     def _report_incompatible(self, encoder_id: str, exc: HandshakeError) -> None:
         if encoder_id not in self._incompatible:
@@ -507,14 +533,13 @@ class ItemTable:
             )  # fmt: skip
 
     def _fail(self, job: PullJob, exc: ECNixlError) -> None:
-        # Some workers may hold it. (Not judged by `job.future`: a pull that fails fast
-        # can end before its submitter has set it.)
-        self._drop(job)
+        self._drop(job)  # some workers may hold it
         with self._lock:  # a failed prefetch is forgotten: a request will try afresh
+            job.error = exc
+            job.move(PullState.FAILED)
             prefetch = job.claimed_at is None
             if prefetch:
                 self._end_job_locked(job)
-            job.error = exc
         source = job.encoder_id or "any encoder"
         if isinstance(exc, HandshakeError):
             self._report_incompatible(source, exc)

@@ -27,7 +27,7 @@ import logging
 import time
 from typing import Any
 
-from ec_nixl.consumer.items import ItemTable, PullJob, PullState
+from ec_nixl.consumer.items import WAITING, ItemTable, PullJob, PullState
 from ec_nixl.consumer.worker_link import Load
 from ec_nixl.control.messages import Announcement, EventKind
 from ec_nixl.errors import RefusedError
@@ -105,7 +105,7 @@ class ConsumerScheduler:
                 job = self._items.expect(mm_hash, num_embeds, request_id)
             else:
                 job = self._items.start(mm_hash, encoder_id, num_embeds, request_id)
-            if job.state is PullState.RUNNING:
+            if job.state in WAITING:
                 pending = True
             elif job.state is PullState.FAILED:
                 self._fall_back(request, feature, str(job.error))
