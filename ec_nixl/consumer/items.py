@@ -86,8 +86,8 @@ class PullJob:
     num_embeds: int  # the rows the model expects (0: a prefetch, no request yet)
     pull_id: int = field(default_factory=lambda: next(_pull_ids))
     started_at: float = field(default_factory=time.monotonic)
-    # When a request first asked for the item: a prefetch is claimed later, or never.
-    claimed_at: float | None = None
+    # When a request first asked for the item: a prefetch is asked for later, or never.
+    asked_at: float | None = None
     # The requests that rely on the pulled item: the job ends (its copies dropped)
     # once none does, unless vLLM's encoder cache took it first.
     users: set[str] = field(default_factory=set)
@@ -139,7 +139,7 @@ class ItemTable:
         receive_bytes: int = DEFAULT_RECEIVE_BYTES,
     ) -> None:
         self.stats = stats or Stats()
-        # Unclaimed prefetches may fill at most this much of each worker's receive arena:
+        # Prefetches no request asked for may fill at most this much of each worker's receive arena:
         # the rest stays for the pulls of requests that are here.
         self._prefetch_bytes = receive_bytes // 2
         self._runner = PullRunner(resolver, encoders, workers, self.stats)
@@ -155,11 +155,11 @@ class ItemTable:
 
     def start(self, mm_hash: str, encoder_id: str, num_embeds: int, request_id: str) -> PullJob:
         """Start pulling `mm_hash` from `encoder_id` for a request, unless a job for it
-        exists; a prefetched item is claimed (and its rows checked once pulled)."""
+        exists; a prefetched item is adopted (and its rows checked once pulled)."""
         with self._lock:
             item = self._item(mm_hash)
             job = item.job = item.job or PullJob(mm_hash, None, num_embeds)
-            pulled = self._claim_locked(job, num_embeds, request_id)  # before it can fail
+            pulled = self._add_user_locked(job, num_embeds, request_id)  # before it can fail
             if job.awaiting:
                 self._submit_locked(job, encoder_id)
         if pulled and self._rows_fit(job):
@@ -175,7 +175,7 @@ class ItemTable:
             new = job is None
             if job is None:
                 job = item.job = PullJob(mm_hash, None, num_embeds, expected=True)
-            pulled = self._claim_locked(job, num_embeds, request_id)
+            pulled = self._add_user_locked(job, num_embeds, request_id)
             if new and item.holder is not None:
                 self._submit_locked(job, item.holder)
         if job.awaiting and time.monotonic() - job.started_at > self._timeout_s:
@@ -284,11 +284,11 @@ class ItemTable:
         if not kept:  # the workers read it again if they dropped it (`Receiver.lend`)
             logger.error("%s: pull %d ended before its promised load", mm_hash, promised.pull_id)
         job = promised
-        if job.claimed_at is not None and job.ready_at is not None:
+        if job.asked_at is not None and job.ready_at is not None:
             # Waiting for the encoder to announce the item is encoding, not transfer.
-            announced = max(job.claimed_at, job.started_at)
+            announced = max(job.asked_at, job.started_at)
             if job.expected:
-                self.stats.observe("announce_wait_seconds", announced - job.claimed_at)
+                self.stats.observe("announce_wait_seconds", announced - job.asked_at)
             self.stats.observe("ready_wait_seconds", max(0.0, job.ready_at - announced))
         assert job.encoder_id is not None  # pulled
         return Load(mm_hash, job.pull_id, job.encoder_id, job.rows)
@@ -332,7 +332,7 @@ class ItemTable:
         request waits for one."""
         with self._lock:
             waiting = any(
-                item.job.claimed_at is not None and item.job.state in WAITING
+                item.job.asked_at is not None and item.job.state in WAITING
                 for item in self._items.values()
                 if item.job is not None
             )
@@ -340,19 +340,19 @@ class ItemTable:
             self._landed.wait(timeout_s)
         self._landed.clear()
 
-    def _claim_locked(self, job: PullJob, num_embeds: int, request_id: str) -> bool:
-        """`request_id` relies on the job from now on; the first claim gives it its rows.
-        True if that claim found the item already pulled (a prefetch): its rows are then
+    def _add_user_locked(self, job: PullJob, num_embeds: int, request_id: str) -> bool:
+        """`request_id` relies on the job from now on; the first request gives it its rows.
+        True if that request found the item already pulled (a prefetch): its rows are then
         checked here (`_rows_fit`), else by the pull when it ends."""
         job.users.add(request_id)
-        if job.claimed_at is not None:
+        if job.asked_at is not None:
             return False
-        job.claimed_at = time.monotonic()
+        job.asked_at = time.monotonic()
         job.num_embeds = num_embeds
         return job.ready_at is not None
 
     def _rows_fit(self, job: PullJob) -> bool:
-        """Whether a claimed, pulled item has the rows its request needs (the workers
+        """Whether a pulled item a request asked for has the rows it needs (the workers
         check them before reading only when a request asked first); if not, it fails."""
         if job.rows == job.num_embeds:
             return True
@@ -363,9 +363,9 @@ class ItemTable:
         return False
 
     def prefetch(self, announcement: Announcement, encoder_id: str) -> bool:
-        """Pull an item no request has asked for yet (False: a job for it exists).
-        Unclaimed ones are dropped after PREFETCH_TTL_S, or, oldest first, when they would
-        hold more than half the receive arena (checked whenever another is prefetched)."""
+        """Pull an item no request has asked for yet (False: a job for it exists). Such
+        pulls are dropped after PREFETCH_TTL_S, or, oldest first, when they would hold
+        more than half the receive arena (checked whenever another is prefetched)."""
         mm_hash = announcement.mm_hash
         # Its size for the prefetch bound: the claim's descriptor (checked against its
         # dtype and shape) where there is one, else the announced length until the
@@ -377,10 +377,8 @@ class ItemTable:
             )
             return False
         now = time.monotonic()
-        with self._lock:  # stale ones leave under the lock: no request can claim them after
-            stale = [
-                job for job in self._unclaimed_locked() if now - job.started_at > PREFETCH_TTL_S
-            ]
+        with self._lock:  # stale ones leave under the lock: no request can ask for them after
+            stale = [job for job in self._unasked_locked() if now - job.started_at > PREFETCH_TTL_S]
             for job in stale:
                 self._end_job_locked(job)
             item = self._item(mm_hash)
@@ -394,15 +392,15 @@ class ItemTable:
         return started
 
     def _make_room_locked(self, nbytes: int) -> list[PullJob]:
-        """Unclaimed prefetches to drop, oldest first, so that `nbytes` more fit."""
-        unclaimed = sorted(  # prefetches (a request's own job has no size: never dropped)
-            (job for job in self._unclaimed_locked() if job.nbytes),
+        """Prefetches no request asked for, to drop, oldest first, so that `nbytes` more fit."""
+        unasked = sorted(  # prefetches (a request's own job has no size: never dropped)
+            (job for job in self._unasked_locked() if job.nbytes),
             key=lambda job: job.started_at,
         )
-        held = sum(job.nbytes for job in unclaimed)
+        held = sum(job.nbytes for job in unasked)
         dropped = []
-        while unclaimed and held + nbytes > self._prefetch_bytes:
-            job = unclaimed.pop(0)
+        while unasked and held + nbytes > self._prefetch_bytes:
+            job = unasked.pop(0)
             self._end_job_locked(job)
             held -= job.nbytes
             dropped.append(job)
@@ -410,8 +408,8 @@ class ItemTable:
             self.stats.count("prefetches_dropped", len(dropped))
         return dropped
 
-    def _unclaimed_locked(self) -> list[PullJob]:
-        return [i.job for i in self._items.values() if i.job and i.job.claimed_at is None]
+    def _unasked_locked(self) -> list[PullJob]:
+        return [i.job for i in self._items.values() if i.job and i.job.asked_at is None]
 
     def _end_job_locked(self, job: PullJob) -> None:
         """The item's entry no longer has this job (if it still had it)."""
@@ -508,7 +506,7 @@ class ItemTable:
             job.ready_at = time.monotonic()
             if job.nbytes:  # a prefetch: what it holds, whatever was announced
                 job.nbytes = resolution.items[0].region.length
-            claimed = job.claimed_at is not None
+            asked = job.asked_at is not None
         elapsed = job.ready_at - job.started_at
         self.stats.count("items_pulled")
         self.stats.count("bytes_pulled", reports[0].bytes)
@@ -518,8 +516,8 @@ class ItemTable:
             job.mm_hash, job.encoder_id, elapsed * 1000, via,
             "/".join(f"{r.read_s * 1000:.1f}" for r in reports), job.pull_id,
         )  # fmt: skip
-        # A prefetch claimed while it ran was read without the request's rows.
-        if claimed and not self._rows_fit(job):
+        # A prefetch asked for while it ran was read without the request's rows.
+        if asked and not self._rows_fit(job):
             return
         with self._lock:
             job.move(PullState.READY)
@@ -537,7 +535,7 @@ class ItemTable:
         with self._lock:  # a failed prefetch is forgotten: a request will try afresh
             job.error = exc
             job.move(PullState.FAILED)
-            prefetch = job.claimed_at is None
+            prefetch = job.asked_at is None
             if prefetch:
                 self._end_job_locked(job)
         source = job.encoder_id or "any encoder"

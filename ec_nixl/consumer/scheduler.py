@@ -146,7 +146,7 @@ class ConsumerScheduler:
         kept in the prefix cache under the item's hash.
 
         So the answer is yes only for a load that is certain: the item's pull, every
-        rank having reported holding its copy, claimed by a live request (nothing ends
+        rank having reported holding its copy, relied on by a live request (nothing ends
         such a job before `on_alloc`: requests end between scheduling passes), and
         held by the workers under its pull id, which only orders naming that pull
         remove. Anything else is a no, before any step runs without the item: vLLM
