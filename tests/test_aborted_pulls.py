@@ -42,7 +42,7 @@ def evict(scheduler, ranks, mm_hash: str) -> None:
     """vLLM evicts the item from its encoder cache: the ranks free the lent slots."""
     released = scheduler.on_freed([mm_hash])
     for rank in ranks:
-        rank.release(released)
+        rank.free_evicted(released)
 
 
 def test_a_request_aborted_while_its_pull_runs_never_costs_the_next_one_its_item(

@@ -72,7 +72,7 @@ def test_a_pulled_item_is_lent_to_the_encoder_cache_uncopied_until_vllm_evicts_i
     assert start <= tensor.data_ptr() < start + arena.capacity  # the receive slot itself
     assert arena.bytes_used == used
     assert scheduler.on_freed(["h-lent"]) == [("h-lent", order.pull_id)]  # vLLM evicted it
-    receiver[0].release([("h-lent", order.pull_id), ("h-never-lent", order.pull_id)])
+    receiver[0].free_evicted([("h-lent", order.pull_id), ("h-never-lent", order.pull_id)])
     assert arena.bytes_used == used - tensor.nbytes
 
 

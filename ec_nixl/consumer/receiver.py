@@ -7,15 +7,15 @@ them against the model's shape, READs them into its receive arena (loading the
 encoder's agent metadata first, once per generation), then holds them until the
 scheduler schedules the request (`take` hands vLLM's encoder cache a view of the slot:
 no copy) or drops them. A slot lent to the encoder cache is freed when vLLM
-evicts the item from it (`release`, on the scheduler's word: it sees every
+evicts the item from it (`free_evicted`, on the scheduler's word: it sees every
 eviction). The scheduler owns the lease: on failure it gives it back.
 
 Each copy is held under its mm_hash and the pull that read it, and every order
-that removes one (drop, take, release) names that pull: two pulls of one item
+that removes one (drop, take, free_evicted) names that pull: two pulls of one item
 (a request aborted while its pull ran, the same image asked for again) hold two
 copies, and the older pull's drop leaves the newer one's alone. Calls come from
 the worker link's threads (read, drop) and from the model runner (take, lend,
-release), under one lock.
+free_evicted), under one lock.
 """
 
 from __future__ import annotations
@@ -130,7 +130,7 @@ class Receiver:
 
     def take(self, mm_hash: str, pull_id: int) -> torch.Tensor | None:
         """Pull `pull_id`'s copy for the encoder cache: a view of its slot, lent until
-        `release`; None if this worker does not hold that copy."""
+        `free_evicted`; None if this worker does not hold that copy."""
         with self._lock:
             item = self._held.pop((mm_hash, pull_id), None)
         if item is None:
@@ -186,7 +186,7 @@ class Receiver:
         if replaced is not None:  # the encoder cache drops its old tensor for this one
             self.puller.free(replaced[1])
 
-    def release(self, lent: Iterable[tuple[str, int]]) -> None:
+    def free_evicted(self, lent: Iterable[tuple[str, int]]) -> None:
         """vLLM evicted these (mm_hash, pull id) from its encoder cache: free their slots."""
         with self._lock:
             released = [

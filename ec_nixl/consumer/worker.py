@@ -50,7 +50,7 @@ class ConsumerWorker:
     ) -> None:
         """Free the slots of the pulls vLLM evicted, then lend it the pulled copies this
         step loads (each is read again if this worker lacks it: `Receiver.lend`)."""
-        self.receiver.release(evicted)
+        self.receiver.free_evicted(evicted)
         for load in loads:
             encoder_cache[load.mm_hash] = self.receiver.lend(load, self._timeout_s)
 
