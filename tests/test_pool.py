@@ -41,6 +41,21 @@ def test_export_copies_into_the_arena():
     assert [e.kind for e in events] == [EventKind.EXPORTED]
 
 
+@pytest.mark.parametrize(
+    "source",
+    [
+        torch.arange(1024, dtype=torch.float32).reshape(32, 32).t(),  # a transposed view
+        torch.arange(2048, dtype=torch.bfloat16)[::2],  # every other element
+    ],
+    ids=["transposed", "strided"],
+)
+def test_an_export_of_a_view_holds_its_elements_in_order(source):
+    pool, _, _ = make_pool()
+    exported = pool.export("h-view", source)
+    held = pool.arena.view(exported.slot, source.dtype, exported.shape)
+    assert held.shape == source.shape and torch.equal(held, source)
+
+
 def test_an_export_is_announced_only_once_its_bytes_are_in_place():
     arena = Arena(16 * KiB)
     in_place_when_announced = []
