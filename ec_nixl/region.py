@@ -1,6 +1,6 @@
 """Byte ranges of registered memory, as both sides of the control plane name them.
 
-Apart from `transfer` so that processes which only coordinate (the PD
+Apart from `nixl_agent` so that processes which only coordinate (the PD
 scheduler, the proxy) can speak of remote memory without loading NIXL or torch.
 """
 
