@@ -24,6 +24,8 @@ DEFAULT_LEASE_S = 30.0
 # One pull's deadline, first call to last byte.
 DEFAULT_PULL_TIMEOUT_S = 10.0
 DEFAULT_RECEIVE_BYTES = 256 << 20
+# Event streams one encoder serves at once: each PD, the proxy's directory, routers.
+DEFAULT_MAX_WATCHERS = 64
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,7 @@ class ConnectorConfig:
     pool_bytes: int = DEFAULT_POOL_BYTES
     lease_s: float = DEFAULT_LEASE_S
     metrics_address: str | None = None
+    max_watchers: int = DEFAULT_MAX_WATCHERS
     # consumer: encoder id -> HOST:PORT, the only endpoints it will ever contact
     encoders: dict[str, str] = field(default_factory=dict)
     # the name this PD goes by at its encoders (a proxy names it to route items to it)
@@ -205,6 +208,7 @@ _PRODUCER = {
     "pool_bytes": _positive_int,
     "lease_s": _positive_float,
     "metrics_address": _address,
+    "max_watchers": _positive_int,
 }
 _CONSUMER = {
     "encoders": _encoders,

@@ -65,6 +65,7 @@ def test_ec_both_takes_producer_and_consumer_keys():
         ("ec_producer", {**PRODUCER, "control_address": "h:99999"}, "control_address"),
         ("ec_producer", {**PRODUCER, "pool_bytes": -1}, "pool_bytes"),
         ("ec_producer", {**PRODUCER, "pool_bytes": True}, "pool_bytes"),
+        ("ec_producer", {**PRODUCER, "max_watchers": 0}, "max_watchers"),
         ("ec_producer", {**PRODUCER, "encoder_id": "a b"}, "encoder_id"),
         ("ec_consumer", {}, "encoders"),
         ("ec_consumer", {"encoders": ["127.0.0.1:7100"]}, "encoders"),

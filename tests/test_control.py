@@ -14,7 +14,7 @@ import torch
 from conftest import wait_until
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from ec_nixl.config import ConnectorConfig
+from ec_nixl.config import DEFAULT_MAX_WATCHERS, ConnectorConfig
 from ec_nixl.control.client import ExportClient, ExportClients
 from ec_nixl.control.messages import MAX_CONSUMER_ID_LENGTH, PROTOCOL_VERSION
 from ec_nixl.control.security import TOKEN_ENV, Security
@@ -312,6 +312,25 @@ def test_a_watcher_that_left_is_claimed_for_no_more(exporter, client):
     exporter.export("after-the-watcher-left", embedding(5.0))
     time.sleep(0.3)
     assert exporter.pool.live_leases == leases
+
+
+def test_an_encoder_serves_64_watchers_by_default_and_refuses_one_more_naming_its_bound():
+    exporter = Exporter(ExporterConfig(capacity_bytes=1 << 20))
+    client = ExportClient(exporter.address)
+    streams = [client.watch(f"pd-{n}") for n in range(DEFAULT_MAX_WATCHERS)]
+    try:
+        for stream in streams:
+            stream.wait_open()
+        one_more = client.watch("pd-one-too-many")
+        with pytest.raises(PoolFullError, match="at most 64 watchers .*max_watchers"):
+            next(iter(one_more))
+        exporter.export("for-every-watcher", embedding())
+        assert all(next(iter(stream)).mm_hash == "for-every-watcher" for stream in streams)
+    finally:
+        for stream in streams:
+            stream.close()
+        client.close()
+        exporter.close()
 
 
 def test_a_watcher_too_slow_for_its_queue_is_cut_off_and_gets_nothing_more():

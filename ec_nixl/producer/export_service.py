@@ -17,6 +17,7 @@ from dataclasses import replace
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from ec_nixl.config import DEFAULT_MAX_WATCHERS
 from ec_nixl.control.client import KEEPALIVE_MS, KEEPALIVE_OPTIONS
 from ec_nixl.control.messages import (
     PROTOCOL_VERSION,
@@ -40,14 +41,14 @@ MAX_ITEMS_PER_CALL = 1024
 MAX_READERS = 64  # tensor-parallel ranks of one consumer
 MAX_LEASE_MS = 10 * 60 * 1000
 MAX_MESSAGE_BYTES = 4 << 20
-MAX_WATCHERS = 8
 WATCH_QUEUE_DEPTH = 4096
 
 
 class EventHub:
     """Fans pool events out to WatchEvents streams; a slow watcher is cut off, never waited on."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_watchers: int = DEFAULT_MAX_WATCHERS) -> None:
+        self.max_watchers = max_watchers
         self._lock = threading.Lock()
         self._queues: list[queue.Queue[PoolEvent | None]] = []
 
@@ -61,7 +62,7 @@ class EventHub:
 
     def subscribe(self) -> queue.Queue[PoolEvent | None] | None:
         with self._lock:
-            if len(self._queues) >= MAX_WATCHERS:
+            if len(self._queues) >= self.max_watchers:
                 return None
             q: queue.Queue[PoolEvent | None] = queue.Queue(WATCH_QUEUE_DEPTH)
             self._queues.append(q)
@@ -146,7 +147,11 @@ class ExportServicer(pb_grpc.ExportServiceServicer):
         _check_consumer_id(request.consumer_id, context)
         held, q = self._pool.snapshot(then=self._events.subscribe)
         if q is None:
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"at most {MAX_WATCHERS} watchers")
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"this encoder serves at most {self._events.max_watchers} watchers at once "
+                "(its max_watchers)",
+            )
         readers = request.readers or 1
         # The moment the call ends (the watcher closed it, or left): its stream thread may
         # be waiting for the next event, and must not claim that for nobody.
@@ -254,12 +259,16 @@ def _check_readers(readers: int, context: grpc.ServicerContext) -> None:
 
 
 def start_server(
-    servicer: ExportServicer, address: str, security: Security
+    servicer: ExportServicer,
+    address: str,
+    security: Security,
+    max_watchers: int = DEFAULT_MAX_WATCHERS,
 ) -> tuple[grpc.Server, int]:
-    """Serve the export service and grpc.health.v1 on `address`; returns the bound port."""
+    """Serve the export service and grpc.health.v1 on `address`; returns the bound port.
+    Each watch stream holds one of its threads for as long as it lasts."""
     health_threads = futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="ec-nixl-health")
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=MAX_WATCHERS + 8, thread_name_prefix="ec-nixl-rpc"),
+        futures.ThreadPoolExecutor(max_workers=max_watchers + 8, thread_name_prefix="ec-nixl-rpc"),
         interceptors=[AccessInterceptor(security.token, health_threads)],
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),

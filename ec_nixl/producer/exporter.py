@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ec_nixl.arena import Arena
-from ec_nixl.config import DEFAULT_LEASE_S
+from ec_nixl.config import DEFAULT_LEASE_S, DEFAULT_MAX_WATCHERS
 from ec_nixl.control.messages import EventKind, dtype_name, parse_read_notification
 from ec_nixl.control.security import Security
 from ec_nixl.metrics import Stats
@@ -45,6 +45,7 @@ class ExporterConfig:
     security: Security = field(default_factory=Security)
     # HOST:PORT for a Prometheus /metrics endpoint of our own; None: no endpoint.
     metrics_address: str | None = None
+    max_watchers: int = DEFAULT_MAX_WATCHERS
 
 
 class Exporter:
@@ -54,7 +55,7 @@ class Exporter:
         self.arena = Arena(config.capacity_bytes, config.device)
         self.agent = TransferAgent("exporter")
         self.agent.register(self.arena.buffer)
-        self.events = EventHub()
+        self.events = EventHub(config.max_watchers)
         self.stats = Stats()
         self.pool = ExportPool(
             self.arena,
@@ -75,7 +76,9 @@ class Exporter:
             events=self.events,
             on_leased=self._on_leased,
         )
-        self._server, self.port = start_server(servicer, config.address, config.security)
+        self._server, self.port = start_server(
+            servicer, config.address, config.security, config.max_watchers
+        )
         self._progress = threading.Thread(
             target=self._progress_loop, name="ec-nixl-progress", daemon=True
         )

@@ -30,6 +30,7 @@ class ProducerWorker:
                 compatibility_hash=fingerprint,
                 security=config.security,
                 metrics_address=config.metrics_address,
+                max_watchers=config.max_watchers,
             )
         )
         logger.info("encoder %s exports on %s", config.encoder_id, self.exporter.address)
