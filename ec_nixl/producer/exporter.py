@@ -31,7 +31,7 @@ from ec_nixl.producer.pool import ExportedItem, ExportPool, Lease, PoolEvent
 logger = logging.getLogger(__name__)
 
 EXPIRY_SWEEP_S = 0.5
-ACTIVE_S = 0.1
+ACTIVE_S = 0.02
 IDLE_POLL_S = 0.002
 
 
