@@ -74,8 +74,10 @@ def _serve(conn, config: ExporterConfig) -> None:
                 return
             if command == "export":
                 mm_hash, spec, target = args
-                exporter.export(mm_hash, tensor(spec), target)
-                reply = None
+                source = tensor(spec)
+                started = time.perf_counter()
+                exporter.export(mm_hash, source, target)
+                reply = time.perf_counter() - started
             elif command == "encoding":
                 exporter.encoding(args[0])
                 reply = None
@@ -130,9 +132,10 @@ class ExporterProcess:
     def pid(self) -> int:
         return self.process.pid
 
-    def export(self, mm_hash: str, spec: TensorSpec, target: str = "") -> None:
-        """Export (for consumer `target`, if given: it gets a claim with the announcement)."""
-        self._command("export", mm_hash, spec, target)
+    def export(self, mm_hash: str, spec: TensorSpec, target: str = "") -> float:
+        """Export (for consumer `target`, if given: it gets a claim with the announcement);
+        the seconds `Exporter.export` took in the child."""
+        return self._command("export", mm_hash, spec, target)
 
     def encoding(self, mm_hashes: list[str]) -> None:
         """Announce that these items are about to be encoded, as an encoder's step does."""

@@ -67,6 +67,12 @@ def test_help_explains_the_serving_benchmark():
     assert all(word in result.stdout for word in ("random-mm", "ECExampleConnector", "--images"))
 
 
+def test_help_explains_the_fan_out_benchmark():
+    result = ec_nixl("bench", "fanout", "--help")
+    assert result.returncode == 0
+    assert all(word in result.stdout for word in ("--consumers", "--stall", "claims", "fan-out"))
+
+
 def test_help_explains_the_proxy():
     result = ec_nixl("proxy", "--help")
     assert result.returncode == 0
