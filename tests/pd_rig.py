@@ -13,7 +13,8 @@ from vllm.sampling_params import SamplingParams
 from vllm.v1.request import Request
 
 from ec_nixl.arena import Arena
-from ec_nixl.consumer.items import ItemTable, PullState
+from ec_nixl.consumer.items import ItemTable
+from ec_nixl.consumer.pull_state import PullState
 from ec_nixl.consumer.receiver import ModelShape, Receiver
 from ec_nixl.consumer.resolver import Resolver
 from ec_nixl.consumer.scheduler import ConsumerScheduler

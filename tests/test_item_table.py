@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from ec_nixl.consumer.items import TRANSITIONS, ItemTable, PullJob, PullState
+from ec_nixl.consumer.items import ItemTable
+from ec_nixl.consumer.pull_state import TRANSITIONS, PullJob, PullState
 from ec_nixl.consumer.resolver import Resolver
 from ec_nixl.control.messages import Announcement, EventKind
 

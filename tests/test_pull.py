@@ -73,6 +73,18 @@ def test_a_pull_ends_its_lease_and_the_item_stays_for_the_next_consumer(producer
     puller.free(again)
 
 
+def test_a_read_long_after_its_lease_completes_and_ends_it(producer, resolver, puller):
+    """A READ that comes well after its lease (a claim read late) completes, and its
+    notification ends the lease."""
+    producer.export("read-late", spec(seed=9))
+    resolution = resolver.resolve(producer.address, ["read-late"], time.monotonic() + DEADLINE_S)
+    time.sleep(0.3)
+    [item] = puller.read(resolution, time.monotonic() + DEADLINE_S)
+    assert torch.equal(item.tensor, spec(seed=9).make())
+    assert wait_until(lambda: producer.stats()["live_leases"] == 0)
+    puller.free(item)
+
+
 def test_a_lease_for_two_ranks_ends_only_when_both_have_read(producer, resolver, puller):
     producer.export("two-ranks", spec(seed=8))
     resolution = resolver.resolve(

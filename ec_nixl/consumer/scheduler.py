@@ -27,7 +27,8 @@ import logging
 import time
 from typing import Any
 
-from ec_nixl.consumer.items import WAITING, ItemTable, PullJob, PullState
+from ec_nixl.consumer.items import ItemTable
+from ec_nixl.consumer.pull_state import WAITING, PullJob, PullState
 from ec_nixl.consumer.worker_link import Load
 from ec_nixl.control.messages import Announcement, EventKind
 from ec_nixl.errors import RefusedError
