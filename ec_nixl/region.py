@@ -31,6 +31,16 @@ class Region:
         )
 
 
+# An exported item's guard: this many bytes right after the item's own, 8-aligned.
+GUARD_BYTES = 8
+
+
+def guard_address(region: Region) -> int:
+    """Where the guard of the item in `region` lies."""
+    end = region.address + region.length
+    return end + -end % GUARD_BYTES
+
+
 def tensor_region(tensor: torch.Tensor) -> Region:
     device = tensor.device
     return Region(

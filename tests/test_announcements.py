@@ -122,7 +122,8 @@ def test_a_request_with_params_gets_only_what_they_name(announced, producer):
 def test_an_item_the_encoder_dropped_since_announcing_it_is_awaited_afresh(announced, producer):
     producer.export("h-taken", item(seed=16))
     assert wait_until(lambda: producer.stats()["live_leases"] == 0)
-    producer.export("h-filler", spec((32 * MiB,), seed=17))  # E's whole pool: evicts the rest
+    filler = spec((32 * MiB - 4,), seed=17)  # with its guard, E's whole pool: evicts the rest
+    producer.export("h-filler", filler)
     time.sleep(0.3)  # the eviction has been announced too
     req = request("after-eviction", ["h-taken"], announce_params())
     assert not announced.ensure_available(req, 0)

@@ -8,6 +8,7 @@ from ec_nixl.arena import Arena
 from ec_nixl.control.messages import EventKind
 from ec_nixl.errors import NotFoundError, PoolFullError
 from ec_nixl.producer.pool import ExportPool
+from ec_nixl.region import GUARD_BYTES
 
 KiB = 1024
 
@@ -27,7 +28,8 @@ def make_pool(capacity=16 * KiB, **kwargs):
 
 
 def item(kib: int = 4, value: float = 1.0) -> torch.Tensor:
-    return torch.full((kib * KiB // 4,), value, dtype=torch.float32)
+    """An item whose bytes and guard fill `kib` KiB of the arena."""
+    return torch.full(((kib * KiB - GUARD_BYTES) // 4,), value, dtype=torch.float32)
 
 
 def test_export_copies_into_the_arena():
@@ -191,6 +193,39 @@ def test_an_item_read_by_all_its_readers_is_evicted_before_one_nobody_has_read()
     pool.finish_reads([lease.lease_id])  # ... and done with
     pool.export("next", item())
     assert "read" not in pool and {"unread", "newest", "next"} <= set(pool._items)
+
+
+def test_items_held_by_claims_alone_give_way_to_a_new_export_and_their_guards_are_cleared():
+    """A claim is a lease nobody asked for yet: when the arena is full, the least recently
+    used item held by claims alone leaves (its claims taken back) rather than the export
+    failing; an item a consumer asked for stays. Its guard is cleared before its room is
+    reused, so a READ that comes anyway fails its check."""
+    pool, _, events = make_pool(capacity=8 * KiB)
+    claimed, asked = pool.export("claimed", item()), pool.export("asked", item())
+    [claim] = pool.lease(["claimed"], claim=True)
+    pool.lease(["asked"])
+    guard = pool._guard(claimed)
+    assert guard.item() == claimed.guard != 0
+    pool.export("newer", item())
+    assert "claimed" not in pool and {"asked", "newer"} <= set(pool._items)
+    assert claim.lease_id not in pool._leases and pool.live_leases == 1
+    assert guard.item() != claimed.guard  # the newer item's own guard now, or cleared
+    assert (events[-2].kind, events[-2].mm_hash) == (EventKind.EVICTED, "claimed")
+    assert pool._guard(asked).item() == asked.guard
+
+
+def test_revoked_claims_end_and_unknown_ids_are_ignored():
+    pool, _, _ = make_pool()
+    pool.export("h", item())
+    [claim] = pool.lease(["h"], claim=True)
+    assert pool.revoke([claim.lease_id, 12345]) == 1
+    assert pool.live_leases == 0 and pool.revoke([claim.lease_id]) == 0
+
+
+def test_an_item_larger_than_the_arena_is_refused_naming_its_size():
+    pool, _, _ = make_pool(capacity=4 * KiB)
+    with pytest.raises(PoolFullError, match="more than the arena's 4096"):
+        pool.export("huge", torch.zeros(1024, dtype=torch.float32))  # 4 KiB and its guard
 
 
 def test_a_full_pool_of_leased_items_refuses_with_a_clear_error():

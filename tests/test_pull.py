@@ -30,6 +30,7 @@ from integration.exporter_process import ExporterProcess, TensorSpec, pull
 
 # Failures must surface well within this, whatever the peer does.
 DEADLINE_S = 2.0
+PAGE = 4096  # an item's guard takes a page more of the arena when its bytes fill theirs
 
 
 @pytest.mark.parametrize(
@@ -101,8 +102,8 @@ def test_a_lease_for_two_ranks_ends_only_when_both_have_read(producer, resolver,
 
 
 def test_a_read_that_lost_its_lease_to_an_eviction_is_thrown_away(resolver, puller):
-    with ExporterProcess(ExporterConfig(capacity_bytes=1 * MiB, lease_s=0.3)) as producer:
-        producer.export("evicted", spec((512, 1024), seed=9))  # the whole arena
+    with ExporterProcess(ExporterConfig(capacity_bytes=MiB + PAGE, lease_s=0.3)) as producer:
+        producer.export("evicted", spec((512, 1024), seed=9))  # the whole arena, with its guard
         deadline = time.monotonic() + DEADLINE_S
         resolution = resolver.resolve(producer.address, ["evicted"], deadline)
         time.sleep(0.5)  # the lease expired: the slot may now be reused ...
@@ -111,6 +112,29 @@ def test_a_read_that_lost_its_lease_to_an_eviction_is_thrown_away(resolver, pull
         with pytest.raises(StaleDataError):
             puller.read(resolution, deadline)
         assert puller.arena.bytes_used == used
+
+
+def test_a_read_under_a_claim_taken_back_for_room_fails_its_guard_check(resolver, puller):
+    """A claim's item may give way to a newer export before the claim is read; the READ
+    that comes anyway, well within the claim's time, gets the newer item's bytes and
+    guard, and keeps none of them."""
+    with ExporterProcess(ExporterConfig(capacity_bytes=MiB + PAGE)) as producer:
+        stream = resolver.clients(producer.address).watch("claimer", claim=True)
+        try:
+            stream.wait_open()
+            producer.export("claimed", spec((512, 1024), seed=11))
+            announcement = next(iter(stream))
+            deadline = time.monotonic() + DEADLINE_S
+            claim = resolver.checked(
+                producer.address, [announcement.claim], announcement.received_at, deadline
+            )
+            producer.export("newer", spec((512, 1024), seed=12))  # takes the claim's room
+            used = puller.arena.bytes_used
+            with pytest.raises(StaleDataError, match="claimed left .* memory during the READ"):
+                puller.read(claim, deadline)
+            assert puller.arena.bytes_used == used
+        finally:
+            stream.close()
 
 
 def test_unknown_mm_hash_fails_with_not_found_and_keeps_the_local_arena_empty(

@@ -44,6 +44,7 @@ ITEM = RemoteItem(
     shape=(4, 1024),
     lease_id=7,
     lease_remaining_s=30.0,
+    guard=0x5EED,
 )
 PEER = PeerInfo(
     agent_name="ec-nixl-exporter-test",

@@ -2,9 +2,11 @@
 
 A puller owns a NIXL agent and a receive arena; it learns peers from the
 resolutions it is given (the agent metadata came with the handshake) and
-READs all items of a resolution in one transfer. The READ's completion
-notification releases the leases, so a successful pull costs no extra round
-trip. After any failure the slots are freed: a cut READ leaves garbage. A READ
+READs all items of a resolution in one transfer, then their guards in a second
+(an item whose guard changed left the exporter's memory while it was read: its
+bytes are discarded). The guards' READ carries the notification that releases
+the leases, so a successful pull costs no extra gRPC round trip. After any
+failure the slots are freed: a cut READ leaves garbage. A READ
 that failed or outlived its deadline may still be in flight (over RDMA the NIC
 would go on writing), so the peer is disconnected before its slots are freed;
 other READs from that peer may be running, and are left to end first: the
@@ -27,7 +29,7 @@ from ec_nixl.consumer.resolver import Resolution
 from ec_nixl.control.messages import PeerInfo, read_notification
 from ec_nixl.errors import DeadlineExceededError, PeerDeadError, PoolFullError, StaleDataError
 from ec_nixl.nixl_agent import TransferAgent
-from ec_nixl.region import tensor_region
+from ec_nixl.region import GUARD_BYTES, tensor_region
 
 logger = logging.getLogger(__name__)
 
@@ -62,31 +64,42 @@ class Puller:
         peer = self.meet(resolution.address, resolution.peer, deadline)
         with self._lock:
             self._reading[peer] += 1
+        items = resolution.items
         slots: list[Slot] = []
         try:
-            for item in resolution.items:
-                slot = self.arena.allocate(item.region.length)
-                if slot is None:
-                    raise PoolFullError(
-                        f"no room for {item.mm_hash} ({item.region.length} bytes) in the "
-                        f"receive arena ({self.arena.bytes_used} of {self.arena.capacity} used)"
-                    )
-                slots.append(slot)
+            for item in items:
+                slots.append(self._allocate(item.region.length, item.mm_hash))
             pulled = [
                 PulledItem(item.mm_hash, self.arena.view(slot, item.dtype, item.shape), slot)
-                for item, slot in zip(resolution.items, slots, strict=True)
+                for item, slot in zip(items, slots, strict=True)
             ]
+            slots.append(guard_slot := self._allocate(GUARD_BYTES * len(items), "the guards"))
+            guards = self.arena.view(guard_slot, torch.int64, (len(items),))
+            read_until = min(deadline, resolution.valid_until)
             self.agent.read(
                 peer,
-                [item.region for item in resolution.items],
+                [item.region for item in items],
                 [tensor_region(p.tensor) for p in pulled],
-                deadline=min(deadline, resolution.valid_until),
+                deadline=read_until,
+            )
+            self.agent.read(  # after the bytes, never with them: see the pool's guards
+                peer,
+                [item.guard_region for item in items],
+                [tensor_region(guards[i : i + 1]) for i in range(len(items))],
+                deadline=read_until,
                 notification=read_notification(resolution.lease_ids),
             )
+            guarded = zip(items, guards.tolist(), strict=True)
+            if moved := [item.mm_hash for item, guard in guarded if guard != item.guard]:
+                raise StaleDataError(
+                    f"{', '.join(moved)} left {resolution.address}'s memory during the READ; "
+                    "data discarded"
+                )
             if time.monotonic() > resolution.valid_until:
                 raise StaleDataError(
                     f"READ from {resolution.address} outlived its lease; data discarded"
                 )
+            self.arena.free(slots.pop())
         except BaseException as exc:
             if isinstance(exc, (PeerDeadError, DeadlineExceededError)):
                 with self._lock:  # the next pull from that address meets it anew
@@ -100,6 +113,15 @@ class Puller:
         finally:
             self._done_reading(peer)
         return pulled
+
+    def _allocate(self, nbytes: int, what: str) -> Slot:
+        slot = self.arena.allocate(nbytes)
+        if slot is None:
+            raise PoolFullError(
+                f"no room for {what} ({nbytes} bytes) in the receive arena "
+                f"({self.arena.bytes_used} of {self.arena.capacity} used)"
+            )
+        return slot
 
     def _done_reading(self, peer: str) -> None:
         with self._lock:

@@ -151,7 +151,10 @@ def _check_descriptors(items: Sequence[RemoteItem], peer: PeerInfo) -> None:
     for item in items:
         if item.agent_name != peer.agent_name or item.epoch != peer.epoch:
             raise RefusedError(f"{item.mm_hash}: descriptor from another exporter generation")
-        if not any(region.contains(item.region) for region in peer.regions):
+        if not any(
+            region.contains(item.region) and region.contains(item.guard_region)
+            for region in peer.regions
+        ):
             raise RefusedError(
                 f"{item.mm_hash}: descriptor {item.region} lies outside the exporter's memory"
             )

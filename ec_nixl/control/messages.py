@@ -9,13 +9,13 @@ from __future__ import annotations
 import hashlib
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from math import prod
 from typing import TYPE_CHECKING
 
 from ec_nixl.errors import HandshakeError, RefusedError
-from ec_nixl.region import Region
+from ec_nixl.region import GUARD_BYTES, Region, guard_address
 from ec_nixl.v1 import export_pb2 as pb
 
 if TYPE_CHECKING:  # torch is loaded where a descriptor is parsed: the proxy never does
@@ -25,7 +25,8 @@ if TYPE_CHECKING:  # torch is loaded where a descriptor is parsed: the proxy nev
 # 2: leases count readers (one per consumer rank); a watcher may ask for claims,
 #    leased descriptors sent with each announcement; items stay cached after reads.
 # 3: ENCODING events: the encoder is about to encode an item.
-PROTOCOL_VERSION = 3
+# 4: descriptors carry a guard, read after the bytes to prove they were still the item's.
+PROTOCOL_VERSION = 4
 
 # How a consumer names itself to an exporter, which counts its leases under that name:
 # ASCII letters, digits and "-_.:", at most MAX_CONSUMER_ID_LENGTH; "" names nobody.
@@ -105,6 +106,12 @@ class RemoteItem:
     shape: tuple[int, ...]
     lease_id: int
     lease_remaining_s: float
+    guard: int
+
+    @property
+    def guard_region(self) -> Region:
+        """Where the exporter keeps `guard` while the item is in its slot."""
+        return replace(self.region, address=guard_address(self.region), length=GUARD_BYTES)
 
     def to_pb(self) -> pb.ItemDescriptor:
         return pb.ItemDescriptor(
@@ -119,6 +126,7 @@ class RemoteItem:
             shape=self.shape,
             lease_id=self.lease_id,
             lease_remaining_ms=int(self.lease_remaining_s * 1000),
+            guard=self.guard,
         )
 
     @classmethod
@@ -145,6 +153,7 @@ class RemoteItem:
             shape=shape,
             lease_id=item.lease_id,
             lease_remaining_s=item.lease_remaining_ms / 1000,
+            guard=item.guard,
         )
 
 

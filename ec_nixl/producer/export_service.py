@@ -184,7 +184,9 @@ class ExportServicer(pb_grpc.ExportServiceServicer):
         (its EVICTED event follows) or a lease bound is reached (the watcher can still
         resolve the item once there are leases to spare)."""
         try:
-            [lease] = self._pool.lease([message.mm_hash], readers=readers, consumer=consumer)
+            [lease] = self._pool.lease(
+                [message.mm_hash], readers=readers, consumer=consumer, claim=True
+            )
         except (NotFoundError, PoolFullError):
             return
         self._on_leased()
@@ -226,6 +228,7 @@ class ExportServicer(pb_grpc.ExportServiceServicer):
             shape=item.shape,
             lease_id=lease.lease_id,
             lease_remaining_s=self._pool.remaining_s(lease),
+            guard=item.guard,
         ).to_pb()
 
 

@@ -10,6 +10,13 @@ completion (`finish_reads`, from the READ's notification), when the consumer
 gives it up (`release`) or when it expires.
 Expiry protects the exporter from consumers that died; the consumer detects an
 expired lease on its side and throws the bytes away (see `Puller`).
+
+A lease only keeps an item in place; what proves a READ good is the item's
+guard: a random value in the 8 bytes after the item's own, set once the bytes
+are in place and cleared before its room is given to anything else. A consumer
+READs the guard after the bytes. So an item may leave while a claim on it is
+unread (`revoke`, and a full arena, take claims back): a READ that raced it
+fails its guard check, and never returns another item's bytes.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from ec_nixl.arena import Arena, Slot
 from ec_nixl.config import DEFAULT_LEASE_S
 from ec_nixl.control.messages import EventKind
 from ec_nixl.errors import NotFoundError, PoolFullError
+from ec_nixl.region import GUARD_BYTES
 
 T = TypeVar("T")
 
@@ -63,7 +71,12 @@ class ExportedItem:
     dtype: torch.dtype
     shape: tuple[int, ...]
     nbytes: int
+    guard: int = field(default_factory=lambda: secrets.randbits(63) | 1)
     leases: set[int] = field(default_factory=set)
+
+    @property
+    def guard_offset(self) -> int:
+        return self.slot.offset + _guard_offset(self.nbytes)
 
 
 @dataclass
@@ -73,6 +86,7 @@ class Lease:
     expires_at: float
     readers: int  # READs still to report before the lease ends by itself
     consumer: str = ""  # who asked for it, as it named itself
+    claim: bool = False  # sent with an announcement, unasked: it may be taken back
 
 
 class ExportPool:
@@ -122,10 +136,15 @@ class ExportPool:
             return held
         nbytes = tensor.numel() * tensor.element_size()
         with self._lock:
-            slot = self._allocate_locked(mm_hash, nbytes)
+            slot = self._allocate_locked(mm_hash, _guard_offset(nbytes) + GUARD_BYTES)
         item = ExportedItem(mm_hash, slot, tensor.dtype, tuple(tensor.shape), nbytes)
         try:  # outside the lock: on a GPU this waits for the kernels that made `tensor`
-            _copy_completely(self.arena.view(slot, tensor.dtype, item.shape), tensor)
+            _copy_completely(
+                self.arena.view(slot, tensor.dtype, item.shape),
+                tensor,
+                self._guard(item),
+                item.guard,
+            )
         except BaseException:
             self.arena.free(slot)
             raise
@@ -154,10 +173,12 @@ class ExportPool:
         lease_s: float | None = None,
         readers: int = 1,
         consumer: str = "",
+        claim: bool = False,
     ) -> list[Lease]:
         """Lease every item for `readers` READs by `consumer`, or none: raises
         NotFoundError naming the missing hashes, PoolFullError past a bound on leases
-        (the consumer's, all consumers', or the number of consumers holding any)."""
+        (the consumer's, all consumers', or the number of consumers holding any).
+        A `claim` (a lease nobody asked for yet) may be taken back for room."""
         mm_hashes = list(mm_hashes)
         with self._lock:
             now = self._clock()
@@ -171,7 +192,7 @@ class ExportPool:
             for mm_hash in mm_hashes:
                 item = self._items[mm_hash]
                 self._items.move_to_end(mm_hash)
-                lease = Lease(self._new_lease_id(), item, expires_at, readers, consumer)
+                lease = Lease(self._new_lease_id(), item, expires_at, readers, consumer, claim)
                 item.leases.add(lease.lease_id)
                 self._leases[lease.lease_id] = lease
                 heapq.heappush(self._expiries, (expires_at, lease.lease_id))
@@ -186,6 +207,12 @@ class ExportPool:
             released = sum(self._end_lease_locked(i, "released") for i in lease_ids)
             self._expire_locked(self._clock())
             return released
+
+    def revoke(self, lease_ids: Iterable[int]) -> int:
+        """Take back claims whose consumer stopped following: their items may leave
+        (a READ that comes anyway fails its guard check). Returns how many were live."""
+        with self._lock:
+            return sum(self._end_lease_locked(i, "revoked") for i in lease_ids)
 
     def finish_reads(self, lease_ids: Iterable[int]) -> None:
         """One READ under each lease completed; a lease ends with its last reader."""
@@ -241,17 +268,37 @@ class ExportPool:
         return lease_id
 
     def _allocate_locked(self, mm_hash: str, nbytes: int) -> Slot:
+        """Room for a new export: items nobody holds leave first (least recently used
+        first), then items held by claims alone (their claims are taken back), never
+        an item a consumer asked for."""
         while (slot := self.arena.allocate(nbytes)) is None:
             victim = next((i for i in self._items.values() if not i.leases), None)
+            if victim is None:
+                victim = next((i for i in self._items.values() if self._claimed_only(i)), None)
+            if victim is None and not self._items:
+                raise PoolFullError(
+                    f"cannot export {mm_hash}: {nbytes} bytes with its guard, more than the "
+                    f"arena's {self.arena.capacity}"
+                )
             if victim is None:
                 raise PoolFullError(
                     f"cannot export {mm_hash} ({nbytes} bytes): the arena holds "
                     f"{self.arena.bytes_used} of {self.arena.capacity} bytes, all leased"
                 )
+            for lease_id in list(victim.leases):
+                self._end_lease_locked(lease_id, "revoked")
             del self._items[victim.mm_hash]
+            self._guard(victim).zero_()  # before anything else can be written there
             self.arena.free(victim.slot)
             self._on_event(PoolEvent(EventKind.EVICTED, victim.mm_hash, victim.nbytes))
         return slot
+
+    def _claimed_only(self, item: ExportedItem) -> bool:
+        return all(self._leases[lease_id].claim for lease_id in item.leases)
+
+    def _guard(self, item: ExportedItem) -> torch.Tensor:
+        start = item.guard_offset
+        return self.arena.buffer[start : start + GUARD_BYTES].view(torch.int64)
 
     def _end_lease_locked(self, lease_id: int, how: str) -> bool:
         """The item stays cached: only the room it needs for a newer export evicts it."""
@@ -280,10 +327,17 @@ class ExportPool:
                 self._end_lease_locked(lease_id, "expired")
 
 
-def _copy_completely(destination: torch.Tensor, source: torch.Tensor) -> None:
-    """Copy, and return once the bytes are in place. On a GPU `copy_` only queues the
-    copy on the current stream, and a remote READ is not ordered with that stream:
-    announcing before the copy completed would let a consumer read stale bytes.
+def _guard_offset(nbytes: int) -> int:
+    return nbytes + -nbytes % GUARD_BYTES
+
+
+def _copy_completely(
+    destination: torch.Tensor, source: torch.Tensor, guard: torch.Tensor, value: int
+) -> None:
+    """Copy, then set the guard, and return once both are in place. On a GPU `copy_`
+    only queues the copy on the current stream, and a remote READ is not ordered with
+    that stream: announcing before the copy completed would let a consumer read stale
+    bytes.
 
     Between CPU tensors of one layout the copy is one memmove on this thread: torch's
     `copy_` spreads it over its OpenMP threads, which then spin waiting for more work
@@ -296,8 +350,9 @@ def _copy_completely(destination: torch.Tensor, source: torch.Tensor) -> None:
         and source.is_contiguous()
     ):
         ctypes.memmove(destination.data_ptr(), source.data_ptr(), source.nbytes)
-        return
-    destination.copy_(source)
+    else:
+        destination.copy_(source)
+    guard.fill_(value)  # after the bytes: a reader that sees it sees them
     if destination.is_cuda:
         done = torch.cuda.Event()
         done.record(torch.cuda.current_stream(destination.device))

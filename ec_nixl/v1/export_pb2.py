@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x65\x63_nixl/v1/export.proto\x12\nec_nixl.v1\"]\n\x10HandshakeRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x1a\n\x12\x63ompatibility_hash\x18\x02 \x01(\t\x12\x13\n\x0b\x63onsumer_id\x18\x03 \x01(\t\"R\n\x0cMemoryRegion\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\x04\x12\x0e\n\x06length\x18\x02 \x01(\x04\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x11\n\tdevice_id\x18\x04 \x01(\r\"\xce\x01\n\x11HandshakeResponse\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x1a\n\x12\x63ompatibility_hash\x18\x02 \x01(\t\x12\x12\n\nagent_name\x18\x03 \x01(\t\x12\x16\n\x0e\x61gent_metadata\x18\x04 \x01(\x0c\x12\x1d\n\x15\x61gent_metadata_sha256\x18\x05 \x01(\x0c\x12\r\n\x05\x65poch\x18\x06 \x01(\x04\x12)\n\x07regions\x18\x07 \x03(\x0b\x32\x18.ec_nixl.v1.MemoryRegion\"[\n\x0eResolveRequest\x12\x11\n\tmm_hashes\x18\x01 \x03(\t\x12\x13\n\x0b\x63onsumer_id\x18\x02 \x01(\t\x12\x10\n\x08lease_ms\x18\x03 \x01(\r\x12\x0f\n\x07readers\x18\x04 \x01(\r\"\xd4\x01\n\x0eItemDescriptor\x12\x0f\n\x07mm_hash\x18\x01 \x01(\t\x12\x12\n\nagent_name\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12\x0f\n\x07\x61\x64\x64ress\x18\x04 \x01(\x04\x12\x0e\n\x06length\x18\x05 \x01(\x04\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\x11\n\tdevice_id\x18\x07 \x01(\r\x12\r\n\x05\x64type\x18\x08 \x01(\t\x12\r\n\x05shape\x18\t \x03(\x03\x12\x10\n\x08lease_id\x18\n \x01(\x04\x12\x1a\n\x12lease_remaining_ms\x18\x0b \x01(\r\"<\n\x0fResolveResponse\x12)\n\x05items\x18\x01 \x03(\x0b\x32\x1a.ec_nixl.v1.ItemDescriptor\"#\n\x0eReleaseRequest\x12\x11\n\tlease_ids\x18\x01 \x03(\x04\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\r\"I\n\x12WatchEventsRequest\x12\x13\n\x0b\x63onsumer_id\x18\x01 \x01(\t\x12\r\n\x05\x63laim\x18\x02 \x01(\x08\x12\x0f\n\x07readers\x18\x03 \x01(\r\"\x88\x02\n\x0b\x45xportEvent\x12*\n\x04kind\x18\x01 \x01(\x0e\x32\x1c.ec_nixl.v1.ExportEvent.Kind\x12\x0f\n\x07mm_hash\x18\x02 \x01(\t\x12\x0e\n\x06length\x18\x03 \x01(\x04\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12)\n\x05\x63laim\x18\x05 \x01(\x0b\x32\x1a.ec_nixl.v1.ItemDescriptor\x12\x10\n\x08snapshot\x18\x06 \x01(\x08\x12\x19\n\x11published_unix_ns\x18\x07 \x01(\x04\"E\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x0c\n\x08\x45XPORTED\x10\x01\x12\x0b\n\x07\x45VICTED\x10\x02\x12\x0c\n\x08\x45NCODING\x10\x03\x32\xab\x02\n\rExportService\x12H\n\tHandshake\x12\x1c.ec_nixl.v1.HandshakeRequest\x1a\x1d.ec_nixl.v1.HandshakeResponse\x12\x42\n\x07Resolve\x12\x1a.ec_nixl.v1.ResolveRequest\x1a\x1b.ec_nixl.v1.ResolveResponse\x12\x42\n\x07Release\x12\x1a.ec_nixl.v1.ReleaseRequest\x1a\x1b.ec_nixl.v1.ReleaseResponse\x12H\n\x0bWatchEvents\x12\x1e.ec_nixl.v1.WatchEventsRequest\x1a\x17.ec_nixl.v1.ExportEvent0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x65\x63_nixl/v1/export.proto\x12\nec_nixl.v1\"]\n\x10HandshakeRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x1a\n\x12\x63ompatibility_hash\x18\x02 \x01(\t\x12\x13\n\x0b\x63onsumer_id\x18\x03 \x01(\t\"R\n\x0cMemoryRegion\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\x04\x12\x0e\n\x06length\x18\x02 \x01(\x04\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x11\n\tdevice_id\x18\x04 \x01(\r\"\xce\x01\n\x11HandshakeResponse\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x1a\n\x12\x63ompatibility_hash\x18\x02 \x01(\t\x12\x12\n\nagent_name\x18\x03 \x01(\t\x12\x16\n\x0e\x61gent_metadata\x18\x04 \x01(\x0c\x12\x1d\n\x15\x61gent_metadata_sha256\x18\x05 \x01(\x0c\x12\r\n\x05\x65poch\x18\x06 \x01(\x04\x12)\n\x07regions\x18\x07 \x03(\x0b\x32\x18.ec_nixl.v1.MemoryRegion\"[\n\x0eResolveRequest\x12\x11\n\tmm_hashes\x18\x01 \x03(\t\x12\x13\n\x0b\x63onsumer_id\x18\x02 \x01(\t\x12\x10\n\x08lease_ms\x18\x03 \x01(\r\x12\x0f\n\x07readers\x18\x04 \x01(\r\"\xe3\x01\n\x0eItemDescriptor\x12\x0f\n\x07mm_hash\x18\x01 \x01(\t\x12\x12\n\nagent_name\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12\x0f\n\x07\x61\x64\x64ress\x18\x04 \x01(\x04\x12\x0e\n\x06length\x18\x05 \x01(\x04\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\x11\n\tdevice_id\x18\x07 \x01(\r\x12\r\n\x05\x64type\x18\x08 \x01(\t\x12\r\n\x05shape\x18\t \x03(\x03\x12\x10\n\x08lease_id\x18\n \x01(\x04\x12\x1a\n\x12lease_remaining_ms\x18\x0b \x01(\r\x12\r\n\x05guard\x18\x0c \x01(\x06\"<\n\x0fResolveResponse\x12)\n\x05items\x18\x01 \x03(\x0b\x32\x1a.ec_nixl.v1.ItemDescriptor\"#\n\x0eReleaseRequest\x12\x11\n\tlease_ids\x18\x01 \x03(\x04\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\r\"I\n\x12WatchEventsRequest\x12\x13\n\x0b\x63onsumer_id\x18\x01 \x01(\t\x12\r\n\x05\x63laim\x18\x02 \x01(\x08\x12\x0f\n\x07readers\x18\x03 \x01(\r\"\x88\x02\n\x0b\x45xportEvent\x12*\n\x04kind\x18\x01 \x01(\x0e\x32\x1c.ec_nixl.v1.ExportEvent.Kind\x12\x0f\n\x07mm_hash\x18\x02 \x01(\t\x12\x0e\n\x06length\x18\x03 \x01(\x04\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12)\n\x05\x63laim\x18\x05 \x01(\x0b\x32\x1a.ec_nixl.v1.ItemDescriptor\x12\x10\n\x08snapshot\x18\x06 \x01(\x08\x12\x19\n\x11published_unix_ns\x18\x07 \x01(\x04\"E\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x0c\n\x08\x45XPORTED\x10\x01\x12\x0b\n\x07\x45VICTED\x10\x02\x12\x0c\n\x08\x45NCODING\x10\x03\x32\xab\x02\n\rExportService\x12H\n\tHandshake\x12\x1c.ec_nixl.v1.HandshakeRequest\x1a\x1d.ec_nixl.v1.HandshakeResponse\x12\x42\n\x07Resolve\x12\x1a.ec_nixl.v1.ResolveRequest\x1a\x1b.ec_nixl.v1.ResolveResponse\x12\x42\n\x07Release\x12\x1a.ec_nixl.v1.ReleaseRequest\x1a\x1b.ec_nixl.v1.ReleaseResponse\x12H\n\x0bWatchEvents\x12\x1e.ec_nixl.v1.WatchEventsRequest\x1a\x17.ec_nixl.v1.ExportEvent0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,19 +40,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RESOLVEREQUEST']._serialized_start=427
   _globals['_RESOLVEREQUEST']._serialized_end=518
   _globals['_ITEMDESCRIPTOR']._serialized_start=521
-  _globals['_ITEMDESCRIPTOR']._serialized_end=733
-  _globals['_RESOLVERESPONSE']._serialized_start=735
-  _globals['_RESOLVERESPONSE']._serialized_end=795
-  _globals['_RELEASEREQUEST']._serialized_start=797
-  _globals['_RELEASEREQUEST']._serialized_end=832
-  _globals['_RELEASERESPONSE']._serialized_start=834
-  _globals['_RELEASERESPONSE']._serialized_end=869
-  _globals['_WATCHEVENTSREQUEST']._serialized_start=871
-  _globals['_WATCHEVENTSREQUEST']._serialized_end=944
-  _globals['_EXPORTEVENT']._serialized_start=947
-  _globals['_EXPORTEVENT']._serialized_end=1211
-  _globals['_EXPORTEVENT_KIND']._serialized_start=1142
-  _globals['_EXPORTEVENT_KIND']._serialized_end=1211
-  _globals['_EXPORTSERVICE']._serialized_start=1214
-  _globals['_EXPORTSERVICE']._serialized_end=1513
+  _globals['_ITEMDESCRIPTOR']._serialized_end=748
+  _globals['_RESOLVERESPONSE']._serialized_start=750
+  _globals['_RESOLVERESPONSE']._serialized_end=810
+  _globals['_RELEASEREQUEST']._serialized_start=812
+  _globals['_RELEASEREQUEST']._serialized_end=847
+  _globals['_RELEASERESPONSE']._serialized_start=849
+  _globals['_RELEASERESPONSE']._serialized_end=884
+  _globals['_WATCHEVENTSREQUEST']._serialized_start=886
+  _globals['_WATCHEVENTSREQUEST']._serialized_end=959
+  _globals['_EXPORTEVENT']._serialized_start=962
+  _globals['_EXPORTEVENT']._serialized_end=1226
+  _globals['_EXPORTEVENT_KIND']._serialized_start=1157
+  _globals['_EXPORTEVENT_KIND']._serialized_end=1226
+  _globals['_EXPORTSERVICE']._serialized_start=1229
+  _globals['_EXPORTSERVICE']._serialized_end=1528
 # @@protoc_insertion_point(module_scope)

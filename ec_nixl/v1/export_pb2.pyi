@@ -60,7 +60,7 @@ class ResolveRequest(_message.Message):
     def __init__(self, mm_hashes: _Optional[_Iterable[str]] = ..., consumer_id: _Optional[str] = ..., lease_ms: _Optional[int] = ..., readers: _Optional[int] = ...) -> None: ...
 
 class ItemDescriptor(_message.Message):
-    __slots__ = ("mm_hash", "agent_name", "epoch", "address", "length", "device", "device_id", "dtype", "shape", "lease_id", "lease_remaining_ms")
+    __slots__ = ("mm_hash", "agent_name", "epoch", "address", "length", "device", "device_id", "dtype", "shape", "lease_id", "lease_remaining_ms", "guard")
     MM_HASH_FIELD_NUMBER: _ClassVar[int]
     AGENT_NAME_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
@@ -72,6 +72,7 @@ class ItemDescriptor(_message.Message):
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     LEASE_REMAINING_MS_FIELD_NUMBER: _ClassVar[int]
+    GUARD_FIELD_NUMBER: _ClassVar[int]
     mm_hash: str
     agent_name: str
     epoch: int
@@ -83,7 +84,8 @@ class ItemDescriptor(_message.Message):
     shape: _containers.RepeatedScalarFieldContainer[int]
     lease_id: int
     lease_remaining_ms: int
-    def __init__(self, mm_hash: _Optional[str] = ..., agent_name: _Optional[str] = ..., epoch: _Optional[int] = ..., address: _Optional[int] = ..., length: _Optional[int] = ..., device: _Optional[str] = ..., device_id: _Optional[int] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., lease_id: _Optional[int] = ..., lease_remaining_ms: _Optional[int] = ...) -> None: ...
+    guard: int
+    def __init__(self, mm_hash: _Optional[str] = ..., agent_name: _Optional[str] = ..., epoch: _Optional[int] = ..., address: _Optional[int] = ..., length: _Optional[int] = ..., device: _Optional[str] = ..., device_id: _Optional[int] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., lease_id: _Optional[int] = ..., lease_remaining_ms: _Optional[int] = ..., guard: _Optional[int] = ...) -> None: ...
 
 class ResolveResponse(_message.Message):
     __slots__ = ("items",)
