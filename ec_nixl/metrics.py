@@ -89,7 +89,17 @@ METRICS: dict[str, Metric] = {
     "evictions": Metric("counter", "Exported items evicted to make room for newer ones"),
     "pool_bytes_in_use": Metric("gauge", "Bytes of the export pool in use"),
     "leases_ended": Metric(
-        "counter", "Leases ended: every reader's READ done, released, or expired", "how"
+        "counter",
+        "Leases ended: every reader's READ done, released, expired, or revoked (a claim "
+        "taken back for room, or from a watcher cut off)",
+        "how",
+    ),
+    "watchers": Metric("gauge", "Event streams followed now (PDs, proxies, ec-nixl events)"),
+    "watchers_cut_off": Metric(
+        "counter", "Event streams ended because their watcher fell 2 s behind"
+    ),
+    "hints_dropped": Metric(
+        "counter", "ENCODING events not sent to a watcher that was behind (hints only)"
     ),
     "leases_live": Metric("gauge", "Leases (claims included) pinning exported items now"),
     "items_read": Metric(

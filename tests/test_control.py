@@ -22,25 +22,22 @@ from ec_nixl.control.watch import ExportWatcher
 from ec_nixl.errors import (
     AuthError,
     ConfigError,
+    ECNixlError,
     HandshakeError,
     NotFoundError,
     PeerDeadError,
     PoolFullError,
     RefusedError,
+    StaleDataError,
 )
-from ec_nixl.producer.export_service import (
-    MAX_ITEMS_PER_CALL,
-    MAX_READERS,
-    WATCH_QUEUE_DEPTH,
-    EventHub,
-)
+from ec_nixl.producer.export_service import MAX_ITEMS_PER_CALL, MAX_READERS
 from ec_nixl.producer.exporter import Exporter, ExporterConfig
+from ec_nixl.producer.fanout import STALL_S
 from ec_nixl.producer.pool import (
     MAX_CONSUMERS,
     MAX_LEASES_PER_CONSUMER,
     MAX_LIVE_LEASES,
     EventKind,
-    PoolEvent,
 )
 from ec_nixl.v1 import export_pb2 as pb
 from ec_nixl.v1 import export_pb2_grpc as pb_grpc
@@ -188,7 +185,7 @@ def test_a_consumer_id_too_long_or_of_other_characters_is_refused_and_kept_nowhe
         client.handshake(COMPAT, consumer_id)
     with pytest.raises(RefusedError, match=bound):
         list(client.watch(consumer_id, claim=True))
-    assert exporter.pool.live_leases == 0 and not exporter.events._queues
+    assert exporter.pool.live_leases == 0 and not len(exporter.events)
 
 
 def test_a_consumer_id_of_the_longest_length_and_every_allowed_character_is_served(
@@ -333,15 +330,60 @@ def test_an_encoder_serves_64_watchers_by_default_and_refuses_one_more_naming_it
         exporter.close()
 
 
-def test_a_watcher_too_slow_for_its_queue_is_cut_off_and_gets_nothing_more():
-    """The encoder never waits for a watcher: it ends the stream (the watcher reconnects
-    and learns what is held from the opening list)."""
-    hub = EventHub()
-    slow = hub.subscribe()
-    for n in range(WATCH_QUEUE_DEPTH + 2):
-        hub.publish(PoolEvent(EventKind.EXPORTED, f"item-{n}", 1))
-    assert slow.get_nowait() is None  # the end of its stream, and nothing else
-    assert slow.empty()
+def test_a_watcher_that_stops_taking_events_is_cut_off_within_seconds_and_its_claims_taken_back():
+    """The encoder never waits for a watcher, and a PD that stopped reading cannot pin its
+    pool: STALL_S after the oldest event it has not taken, its stream ends and every
+    claim it was given is released (gRPC would have buffered megabytes for it first)."""
+    exporter = Exporter(ExporterConfig(capacity_bytes=1 << 20))
+    client = ExportClient(exporter.address)
+    try:
+        stream = client.watch("pd-stuck", claim=True)
+        stream.wait_open()
+        exporter.export("taken", embedding())
+        assert next(stream).claim is not None  # then it stops taking events
+        for n in range(3):
+            exporter.export(f"claimed-for-nobody-{n}", embedding())
+        assert wait_until(lambda: exporter.pool.live_leases == 4, timeout_s=1)  # claimed as sent
+        start = time.monotonic()
+        assert wait_until(lambda: exporter.pool.live_leases == 0, timeout_s=STALL_S + 2)
+        assert time.monotonic() - start < STALL_S + 1
+        assert exporter.stats.take()["counters"]["watchers_cut_off"] == 1
+        with pytest.raises(StaleDataError, match="unacknowledged for 2 s: cut off, 4 claims"):
+            list(stream)  # what was buffered, then the reason
+    finally:
+        client.close()
+        exporter.close()
+
+
+def test_a_watcher_that_keeps_up_through_a_burst_of_10000_events_is_not_cut_off():
+    exporter = Exporter(ExporterConfig(capacity_bytes=1 << 20))
+    client = ExportClient(exporter.address)
+    stream = client.watch("pd-busy", claim=True)
+    taken: list = []
+
+    def follow():
+        try:
+            taken.extend(stream)
+        except ECNixlError as exc:
+            taken.append(exc)
+
+    follower = threading.Thread(target=follow)
+    try:
+        stream.wait_open()
+        follower.start()
+        exporter.encoding(f"burst-{n}" for n in range(10_000))
+        exporter.export("after-the-burst", embedding())
+        time.sleep(STALL_S + 0.5)
+        exporter.export("still-followed", embedding())
+        assert wait_until(lambda: taken and getattr(taken[-1], "mm_hash", "") == "still-followed")
+        hints = [e for e in taken if e.kind is EventKind.ENCODING]
+        assert 0 < len(hints) <= 10_000 and len(taken) == len(hints) + 2  # hints may be dropped
+        assert "watchers_cut_off" not in exporter.stats.take().get("counters", {})
+    finally:
+        stream.close()
+        follower.join(5)
+        client.close()
+        exporter.close()
 
 
 def test_closing_a_stream_whose_exporter_never_answers_returns_at_once():
@@ -447,13 +489,13 @@ def test_a_link_that_dies_silently_ends_the_watch_on_both_sides_within_seconds(e
     try:
         watcher.start()
         time.sleep(0.5)  # the stream is open
-        watchers = len(exporter.events._queues)
+        watchers = len(exporter.events)
         relay.freeze()  # no byte passes, no reset is ever sent
         start = time.monotonic()
         watcher.join(timeout=15)
         assert outcome and time.monotonic() - start < 10  # keepalive: ~2 s + 2 s
         deadline = time.monotonic() + 10
-        while len(exporter.events._queues) >= watchers:  # E freed the watcher's slot
+        while len(exporter.events) >= watchers:  # E freed the watcher's slot
             assert time.monotonic() < deadline, "E still holds the dead watcher's slot"
             time.sleep(0.1)
         relay.thaw()  # the link is back: so is the client, within its reconnect backoff

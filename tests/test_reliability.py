@@ -410,7 +410,7 @@ def test_an_impostor_whose_nixl_metadata_would_crash_ucx_costs_one_fallback(
     before = (rig.fallbacks(), rig.pull_failures())
     try:
         deadline = time.monotonic() + 10
-        while not impostor.events._queues:  # PD is back from its reconnect backoff: it watches
+        while not len(impostor.events):  # PD is back from its reconnect backoff: it watches
             assert time.monotonic() < deadline, "PD never connected to the impostor"
             time.sleep(0.1)
         # PD's worker has a channel of its own to that address, refused at start-up: it

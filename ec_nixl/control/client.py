@@ -16,7 +16,7 @@ import grpc.experimental
 from ec_nixl.control.messages import PROTOCOL_VERSION, Announcement, EventKind, PeerInfo, RemoteItem
 from ec_nixl.control.security import Security
 from ec_nixl.control.status import translate
-from ec_nixl.errors import RefusedError
+from ec_nixl.errors import ECNixlError, NotFoundError, RefusedError
 from ec_nixl.v1 import export_pb2 as pb
 from ec_nixl.v1 import export_pb2_grpc as pb_grpc
 
@@ -51,6 +51,12 @@ CHANNEL_OPTIONS = (
     ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
     *KEEPALIVE_OPTIONS,
 )
+
+
+# The watch stream's name in its initial metadata, and how often a watcher acknowledges
+# the events it took (the exporter cuts off a watcher 2 s behind: fanout.STALL_S).
+WATCH_ID_KEY = "ec-nixl-watch"
+ACK_S = 0.5
 
 
 class ExportClient:
@@ -113,7 +119,11 @@ class ExportClient:
         does not know are skipped, each passed to `on_unknown`."""
         request = pb.WatchEventsRequest(consumer_id=consumer_id, claim=claim, readers=readers)
         call = self._stub.WatchEvents(request, metadata=self._metadata)
-        return EventStream(call, self.address, on_unknown)
+        return EventStream(call, self.address, on_unknown, self.acknowledge)
+
+    def acknowledge(self, watch_id: int, seq: int) -> None:
+        request = pb.AcknowledgeRequest(watch_id=watch_id, seq=seq)
+        self._call(self._stub.Acknowledge, request, ACK_S * 2)
 
     def _call(self, method, request, timeout_s: float | None = None):
         try:
@@ -156,19 +166,34 @@ class ExportClients:
 
 class EventStream:
     """An exporter's events as `Announcement`s. `close()` may be called from any thread:
-    the exporter then stops announcing (and claiming) to this stream."""
+    the exporter then stops announcing (and claiming) to this stream.
 
-    def __init__(self, call: grpc.Call, address: str, on_unknown: Callable[[int], None]) -> None:
+    Asking for the next event says the last one was dealt with: a thread of the
+    stream acknowledges that to the exporter every ACK_S, so a consumer whose thread
+    stops taking events is cut off (and its claims taken back) within seconds."""
+
+    def __init__(
+        self,
+        call: grpc.Call,
+        address: str,
+        on_unknown: Callable[[int], None],
+        acknowledge: Callable[[int, int], None],
+    ) -> None:
         self._call = call
         self._address = address
         self._on_unknown = on_unknown
+        self._acknowledge = acknowledge
         self._unknown: set[int] = set()  # kinds said in the log
         self._opening = False
+        self._given = self._taken = 0  # seq of the event handed out last; of the one before
+        self._closed = threading.Event()
+        self._acking = False
 
     def __iter__(self) -> Iterator[Announcement]:
         return self
 
     def __next__(self) -> Announcement:
+        self._taken = self._given
         event = self._next_event()
         while event.kind not in _KINDS:  # a newer exporter's: followers skip it (EVENTS.md)
             self._skip(event.kind)
@@ -194,11 +219,19 @@ class EventStream:
 
     def _next_event(self) -> pb.ExportEvent:
         try:
-            return next(self._call)
+            event = next(self._call)
         except grpc.RpcError as exc:
+            self._closed.set()
             if exc.code() == grpc.StatusCode.CANCELLED:
                 raise StopIteration from None
             raise translate(exc, f"exporter {self._address}") from exc
+        except StopIteration:
+            self._closed.set()
+            raise
+        if not self._acking:
+            self._start_acks()
+        self._given = event.seq
+        return event
 
     def _skip(self, kind: int) -> None:
         if kind not in self._unknown and len(self._unknown) < MAX_LOGGED_KINDS:
@@ -220,9 +253,32 @@ class EventStream:
         finally:
             self._opening = False
 
+    def _start_acks(self) -> None:
+        self._acking = True
+        watch_id = dict(self._call.initial_metadata()).get(WATCH_ID_KEY)
+        if watch_id is not None:  # else an encoder older than acknowledgements
+            threading.Thread(
+                target=self._send_acks, args=(int(watch_id),), name="ec-nixl-acks", daemon=True
+            ).start()
+
+    def _send_acks(self, watch_id: int) -> None:
+        acked = 0
+        while not self._closed.wait(ACK_S):
+            taken = self._taken
+            if taken <= acked:
+                continue
+            try:
+                self._acknowledge(watch_id, taken)
+                acked = taken
+            except NotFoundError:  # the stream ended
+                return
+            except ECNixlError as exc:  # the stream itself will tell
+                logger.debug("acknowledging events of %s failed: %s", self._address, exc)
+
     def close(self) -> None:
         """Cancel the stream, without waiting for an exporter that never answered: a
         stream read on its own thread holds the call while waiting to open."""
+        self._closed.set()
         if self._opening:
             threading.Thread(target=self._call.cancel, daemon=True).start()
         else:

@@ -18,12 +18,12 @@ import logging
 import os
 import stat
 from collections.abc import Iterable, Mapping
-from concurrent import futures
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from ec_nixl.errors import ConfigError
 
@@ -208,63 +208,51 @@ def client_security(args: argparse.Namespace, calls: Iterable[str]) -> Security:
     return security
 
 
-class AccessInterceptor(grpc.ServerInterceptor):
-    """Who gets a server thread, and when.
+class AccessInterceptor(grpc.aio.ServerInterceptor):
+    """Turns away a call without the token (when one is set) before its body is read,
+    and a body that is not the method's message with INVALID_ARGUMENT; health checks
+    stay open to anyone, so orchestrators can probe. Calls are coroutines on the
+    server's loop: one held open costs no thread."""
 
-    A gRPC server thread that runs a unary method waits for the request body, and
-    a caller may never send it. So a call without the token (when one is set) is
-    turned away before its body is read, holding a thread for microseconds; and
-    the open health checks, which anyone may call, run on threads of their own:
-    calls held open there never take the export service's.
-    """
-
-    def __init__(self, token: str | None, open_threads: futures.ThreadPoolExecutor) -> None:
+    def __init__(self, token: str | None) -> None:
         self._expected = f"Bearer {token}".encode() if token else None
-        self._open_threads = open_threads
 
-    def intercept_service(self, continuation, handler_call_details):
-        handler = continuation(handler_call_details)
-        if handler is None:
-            return None
-        if handler_call_details.method.startswith(OPEN_METHODS):
-            return _on_threads(handler, self._open_threads)
-        if self._expected is None:
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or handler_call_details.method.startswith(OPEN_METHODS):
             return handler
         presented = dict(handler_call_details.invocation_metadata or ()).get(AUTH_HEADER, "")
-        if hmac.compare_digest(presented.encode(), self._expected):
-            return handler
+        if self._expected is None or hmac.compare_digest(presented.encode(), self._expected):
+            return _parsing(handler)
         return _deny(handler)
 
 
-def _on_threads(
-    handler: grpc.RpcMethodHandler, threads: futures.ThreadPoolExecutor
-) -> grpc.RpcMethodHandler:
-    """`handler` run on `threads`. A non-blocking method (health's Watch: it answers
-    through a callback and returns at once) stays non-blocking, else each open Watch
-    would hold one of the few threads that Check needs."""
-    behavior = handler.unary_unary or handler.unary_stream
-    if behavior is None:
-        return handler  # health has no request-streaming method
+def _parsing(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """`handler` with its request parsed here: gRPC's own parse would answer bytes that
+    are no such message with UNKNOWN, which says nothing to the caller."""
+    parse, behavior = handler.request_deserializer, handler.unary_unary or handler.unary_stream
 
-    def run(request, context, *callback):
-        return behavior(request, context, *callback)
+    async def run(raw: bytes, context: grpc.aio.ServicerContext):
+        try:
+            request = parse(raw)
+        except DecodeError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request: {exc}")
+        return await behavior(request, context)
 
-    run.experimental_thread_pool = threads  # grpc's hook for a per-method pool
-    run.experimental_non_blocking = getattr(behavior, "experimental_non_blocking", False)
     make = (
         grpc.unary_stream_rpc_method_handler
         if handler.response_streaming
         else grpc.unary_unary_rpc_method_handler
     )
-    return make(run, handler.request_deserializer, handler.response_serializer)
+    return make(run, None, handler.response_serializer)
 
 
 def _deny(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     """A handler that answers UNAUTHENTICATED at once: it takes the request as a stream
     it never reads, so gRPC runs it without waiting for a body."""
 
-    def abort(requests, context: grpc.ServicerContext):
-        context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong token")
+    async def abort(requests, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong token")
 
     if handler.response_streaming:
         return grpc.stream_stream_rpc_method_handler(

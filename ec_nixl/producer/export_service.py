@@ -1,24 +1,26 @@
 """The export service: answers consumers about what this process exported.
 
-It runs in the process that owns the exported memory. Each RPC is a short
-critical section on the pool; descriptors it hands out stay valid for the
-life of their lease.
+It runs in the process that owns the exported memory, on an event loop of its
+own thread: every call is a coroutine, so a watch stream holds no thread and an
+encoder serves many watchers with a fixed few. Each call is a short critical
+section on the pool; descriptors it hands out stay valid for the life of their
+lease, and READs of them are proven by their items' guards.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import queue
 import threading
-from collections.abc import Callable, Iterator
-from concurrent import futures
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import replace
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from ec_nixl.config import DEFAULT_MAX_WATCHERS
-from ec_nixl.control.client import KEEPALIVE_MS, KEEPALIVE_OPTIONS
+from ec_nixl.control.client import KEEPALIVE_MS, KEEPALIVE_OPTIONS, WATCH_ID_KEY
 from ec_nixl.control.messages import (
     PROTOCOL_VERSION,
     EventKind,
@@ -29,7 +31,9 @@ from ec_nixl.control.messages import (
 from ec_nixl.control.security import AccessInterceptor, Security
 from ec_nixl.control.status import status_of
 from ec_nixl.errors import NotFoundError, PoolFullError
+from ec_nixl.metrics import Stats
 from ec_nixl.nixl_agent import TransferAgent
+from ec_nixl.producer.fanout import STALL_S, SWEEP_S, EventHub, Watcher
 from ec_nixl.producer.pool import ExportPool, Lease, PoolEvent
 from ec_nixl.v1 import export_pb2 as pb
 from ec_nixl.v1 import export_pb2_grpc as pb_grpc
@@ -41,44 +45,7 @@ MAX_ITEMS_PER_CALL = 1024
 MAX_READERS = 64  # tensor-parallel ranks of one consumer
 MAX_LEASE_MS = 10 * 60 * 1000
 MAX_MESSAGE_BYTES = 4 << 20
-WATCH_QUEUE_DEPTH = 4096
-
-
-class EventHub:
-    """Fans pool events out to WatchEvents streams; a slow watcher is cut off, never waited on."""
-
-    def __init__(self, max_watchers: int = DEFAULT_MAX_WATCHERS) -> None:
-        self.max_watchers = max_watchers
-        self._lock = threading.Lock()
-        self._queues: list[queue.Queue[PoolEvent | None]] = []
-
-    def publish(self, event: PoolEvent) -> None:
-        with self._lock:
-            for q in list(self._queues):
-                try:
-                    q.put_nowait(event)
-                except queue.Full:
-                    self._end_locked(q)  # the watcher reconnects
-
-    def subscribe(self) -> queue.Queue[PoolEvent | None] | None:
-        with self._lock:
-            if len(self._queues) >= self.max_watchers:
-                return None
-            q: queue.Queue[PoolEvent | None] = queue.Queue(WATCH_QUEUE_DEPTH)
-            self._queues.append(q)
-            return q
-
-    def unsubscribe(self, q: queue.Queue) -> None:
-        """No more events for this stream; what it has not taken yet is dropped, and it
-        ends at its next look (a departed watcher must not be claimed for)."""
-        with self._lock:
-            self._end_locked(q)
-
-    def _end_locked(self, q: queue.Queue) -> None:
-        if q in self._queues:
-            self._queues.remove(q)
-            q.queue.clear()
-            q.put_nowait(None)  # tells the stream to end
+CLOSE_TIMEOUT_S = 5.0
 
 
 class ExportServicer(pb_grpc.ExportServiceServicer):
@@ -90,6 +57,7 @@ class ExportServicer(pb_grpc.ExportServiceServicer):
         epoch: int,
         compatibility_hash: str,
         events: EventHub,
+        stats: Stats,
         on_leased: Callable[[], None],
     ) -> None:
         self._pool = pool
@@ -97,20 +65,21 @@ class ExportServicer(pb_grpc.ExportServiceServicer):
         self._epoch = epoch
         self._compatibility_hash = compatibility_hash
         self._events = events
+        self._stats = stats
         self._on_leased = on_leased
         self._handshake = PeerInfo(agent.name, agent.metadata, epoch, tuple(agent.regions)).to_pb()
         self._handshake.compatibility_hash = compatibility_hash
 
-    def Handshake(self, request: pb.HandshakeRequest, context: grpc.ServicerContext):
-        _check_consumer_id(request.consumer_id, context)
+    async def Handshake(self, request: pb.HandshakeRequest, context: grpc.aio.ServicerContext):
+        await _check(context, consumer_id_problem(request.consumer_id))
         if request.protocol_version != PROTOCOL_VERSION:
-            context.abort(
+            await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"protocol version {request.protocol_version} is not supported: "
                 f"this exporter speaks version {PROTOCOL_VERSION}",
             )
         if request.compatibility_hash != self._compatibility_hash:
-            context.abort(
+            await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"compatibility hash mismatch: consumer {request.consumer_id!r} serves "
                 f"{request.compatibility_hash!r}, this exporter {self._compatibility_hash!r} "
@@ -119,88 +88,130 @@ class ExportServicer(pb_grpc.ExportServiceServicer):
         logger.info("handshake from %s (%s)", request.consumer_id or "?", context.peer())
         return self._handshake
 
-    def Resolve(self, request: pb.ResolveRequest, context: grpc.ServicerContext):
+    async def Resolve(self, request: pb.ResolveRequest, context: grpc.aio.ServicerContext):
         hashes = list(request.mm_hashes)
         if not hashes or len(hashes) > MAX_ITEMS_PER_CALL:
-            context.abort(
+            await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"resolve takes 1 to {MAX_ITEMS_PER_CALL} mm_hashes, got {len(hashes)}",
             )
-        _check_lease_ms(request.lease_ms, context)
-        _check_readers(request.readers, context)
-        _check_consumer_id(request.consumer_id, context)
+        await _check(context, _lease_ms_problem(request.lease_ms))
+        await _check(context, _readers_problem(request.readers))
+        await _check(context, consumer_id_problem(request.consumer_id))
         try:
             leases = self._pool.lease(
                 hashes, request.lease_ms / 1000 or None, request.readers or 1, request.consumer_id
             )
         except (NotFoundError, PoolFullError) as exc:  # unknown item; past a lease bound
-            context.abort(status_of(exc), str(exc))
+            await context.abort(status_of(exc), str(exc))
         self._on_leased()
         return pb.ResolveResponse(items=[self._describe(lease) for lease in leases])
 
-    def Release(self, request: pb.ReleaseRequest, context: grpc.ServicerContext):
-        _check_lease_count(request.lease_ids, context)
+    async def Release(self, request: pb.ReleaseRequest, context: grpc.aio.ServicerContext):
+        # A call may name as many leases as a resolve can grant: a bigger one would hold
+        # the pool's lock (and the encoder's export) for as long as it takes.
+        if len(request.lease_ids) > MAX_ITEMS_PER_CALL:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"at most {MAX_ITEMS_PER_CALL} lease ids per call, got {len(request.lease_ids)}",
+            )
         return pb.ReleaseResponse(released=self._pool.release(request.lease_ids))
 
-    def WatchEvents(self, request: pb.WatchEventsRequest, context: grpc.ServicerContext):
-        _check_readers(request.readers, context)
-        _check_consumer_id(request.consumer_id, context)
-        held, q = self._pool.snapshot(then=self._events.subscribe)
-        if q is None:
-            context.abort(
+    async def Acknowledge(self, request: pb.AcknowledgeRequest, context: grpc.aio.ServicerContext):
+        if not self._events.acknowledge(request.watch_id, request.seq):
+            await context.abort(grpc.StatusCode.NOT_FOUND, "no such watch stream (it ended)")
+        return pb.AcknowledgeResponse()
+
+    async def WatchEvents(
+        self, request: pb.WatchEventsRequest, context: grpc.aio.ServicerContext
+    ) -> None:
+        await _check(context, _readers_problem(request.readers))
+        await _check(context, consumer_id_problem(request.consumer_id))
+        held, watcher = self._pool.snapshot(
+            then=lambda: self._events.subscribe(
+                request.consumer_id, request.claim, request.readers or 1
+            )
+        )
+        if watcher is None:
+            await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"this encoder serves at most {self._events.max_watchers} watchers at once "
                 "(its max_watchers)",
             )
-        readers = request.readers or 1
-        # The moment the call ends (the watcher closed it, or left): its stream thread may
-        # be waiting for the next event, and must not claim that for nobody.
-        if not context.add_callback(lambda: self._events.unsubscribe(q)):
-            self._events.unsubscribe(q)
-        context.send_initial_metadata(())  # subscribed: what follows the snapshot is live
+        self._stats.set("watchers", len(self._events))
+        tasks: list[asyncio.Future] = []
         try:
-            yield from self._snapshot_pb(held)
-            for event in self._stream(q, context):
-                if event.again and event.target != request.consumer_id and not request.claim:
-                    continue  # announced again for another consumer: nothing new here
-                message = self._event_pb(event)
-                meant_for_watcher = bool(event.target) and event.target == request.consumer_id
-                if event.kind is EventKind.EXPORTED and (request.claim or meant_for_watcher):
-                    self._claim(message, readers, request.consumer_id)
-                yield message
-        finally:
-            self._events.unsubscribe(q)
+            # subscribed: what follows the snapshot is live
+            await context.send_initial_metadata(((WATCH_ID_KEY, str(watcher.watch_id)),))
+            tasks = [
+                sending := asyncio.ensure_future(self._send(watcher, held, context)),
+                asyncio.ensure_future(watcher.cut.wait()),
+            ]
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:  # also when the watcher closed the call, or left
+            for task in tasks:
+                task.cancel()
+            self._events.unsubscribe(watcher)
+            self._stats.set("watchers", len(self._events))
+        if watcher.cut.is_set():
+            await context.abort(grpc.StatusCode.ABORTED, self._cut_off(watcher))
+        await sending  # it ended: raises what ended it
 
-    def _snapshot_pb(self, held: list[PoolEvent]) -> list[pb.ExportEvent]:
-        """What is held as the stream begins, unclaimed: a reconnecting consumer learns what
-        it may ask for, and does not fetch again what it already had."""
-        messages = [self._event_pb(event) for event in held]
-        for message in messages:
+    async def sweep(self) -> None:
+        """Cut off, every SWEEP_S, the watchers that fell STALL_S behind."""
+        while True:
+            await asyncio.sleep(SWEEP_S)
+            for watcher in self._events.lagging(time.monotonic()):
+                watcher.cut.set()
+
+    def _cut_off(self, watcher: Watcher) -> str:
+        """Take back the claims of a watcher that stopped taking its events."""
+        revoked = self._pool.revoke(lease_id for lease_id, _ in watcher.claims)
+        self._stats.count("watchers_cut_off")
+        self._stats.count("hints_dropped", watcher.hints_dropped)
+        reason = (
+            f"events unacknowledged for {STALL_S:.0f} s: cut off, {revoked} claims taken back "
+            "(reconnect to follow again)"
+        )
+        logger.warning("watcher %s: %s", watcher.consumer or "?", reason)
+        return reason
+
+    async def _send(
+        self, watcher: Watcher, held: list[PoolEvent], context: grpc.aio.ServicerContext
+    ) -> None:
+        """What is held as the stream begins, unclaimed (a reconnecting consumer learns
+        what it may ask for, and does not fetch again what it already had), then each
+        event as it comes."""
+        opened = time.monotonic()
+        for event in held:
+            message = self._event_pb(event)
             message.snapshot = True
-        return messages
+            message.seq = watcher.sent(opened)
+            await context.write(message)
+        while True:
+            event, queued_at = await watcher.next()
+            if event.again and event.target != watcher.consumer and not watcher.claim:
+                continue  # announced again for another consumer: nothing new here
+            message = self._event_pb(event)
+            meant_for_watcher = bool(event.target) and event.target == watcher.consumer
+            if event.kind is EventKind.EXPORTED and (watcher.claim or meant_for_watcher):
+                self._claim(message, watcher)
+            message.seq = watcher.sent(queued_at)
+            await context.write(message)
 
-    def _claim(self, message: pb.ExportEvent, readers: int, consumer: str) -> None:
+    def _claim(self, message: pb.ExportEvent, watcher: Watcher) -> None:
         """Lease the announced item for the watcher, unless it was evicted meanwhile
         (its EVICTED event follows) or a lease bound is reached (the watcher can still
         resolve the item once there are leases to spare)."""
         try:
             [lease] = self._pool.lease(
-                [message.mm_hash], readers=readers, consumer=consumer, claim=True
+                [message.mm_hash], readers=watcher.readers, consumer=watcher.consumer, claim=True
             )
         except (NotFoundError, PoolFullError):
             return
         self._on_leased()
+        watcher.claimed(lease.lease_id, lease.expires_at)
         message.claim.CopyFrom(self._describe(lease))
-
-    def _stream(self, q: queue.Queue, context: grpc.ServicerContext) -> Iterator[PoolEvent]:
-        while context.is_active():
-            try:
-                event = q.get(timeout=0.5)
-            except queue.Empty:
-                continue
-            if event is None:
-                return
-            yield event
 
     def _event_pb(self, event: PoolEvent) -> pb.ExportEvent:
         kinds = {
@@ -232,70 +243,92 @@ class ExportServicer(pb_grpc.ExportServiceServicer):
         ).to_pb()
 
 
-def _check_lease_ms(lease_ms: int, context: grpc.ServicerContext) -> None:
-    if lease_ms > MAX_LEASE_MS:
-        context.abort(
-            grpc.StatusCode.INVALID_ARGUMENT, f"lease_ms {lease_ms} exceeds {MAX_LEASE_MS}"
+async def _check(context: grpc.aio.ServicerContext, problem: str | None) -> None:
+    if problem:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+
+
+def _lease_ms_problem(lease_ms: int) -> str | None:
+    return f"lease_ms {lease_ms} exceeds {MAX_LEASE_MS}" if lease_ms > MAX_LEASE_MS else None
+
+
+def _readers_problem(readers: int) -> str | None:
+    return f"readers {readers} exceeds {MAX_READERS}" if readers > MAX_READERS else None
+
+
+class ExportServer:
+    """The export service and grpc.health.v1 on `address`, served by `loop` on a thread
+    of its own; `port` is the bound port."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        servicer: ExportServicer,
+        address: str,
+        security: Security,
+    ) -> None:
+        self._loop = loop
+        bound: Future[int] = Future()
+        self._thread = threading.Thread(
+            target=self._run, args=(servicer, address, security, bound),
+            name="ec-nixl-control", daemon=True,
+        )  # fmt: skip
+        self._thread.start()
+        self.port = bound.result()
+
+    def close(self, grace_s: float = 0.5) -> None:
+        if self._thread.is_alive():
+            stopping = asyncio.run_coroutine_threadsafe(self._server.stop(grace_s), self._loop)
+            stopping.result(grace_s + CLOSE_TIMEOUT_S)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(CLOSE_TIMEOUT_S)
+
+    def _run(
+        self, servicer: ExportServicer, address: str, security: Security, bound: Future[int]
+    ) -> None:
+        asyncio.set_event_loop(self._loop)
+        try:
+            port = self._loop.run_until_complete(self._start(servicer, address, security))
+        except BaseException as exc:
+            self._loop.close()
+            bound.set_exception(exc)
+            return
+        sweeping = self._loop.create_task(servicer.sweep())
+        bound.set_result(port)
+        self._loop.run_forever()
+        sweeping.cancel()
+        tasks = asyncio.all_tasks(self._loop)
+        for task in tasks:
+            task.cancel()
+        self._loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+        self._loop.close()
+
+    async def _start(self, servicer: ExportServicer, address: str, security: Security) -> int:
+        self._server = grpc.aio.server(
+            interceptors=[AccessInterceptor(security.token)],
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.so_reuseport", 0),
+                # Ping each client too, so a watcher whose link died silently frees its
+                # slot, and accept the clients' own pings at their pace. Pings that arrive
+                # bunched (a stalled host delivers them together) are no offence: no
+                # strikes, no GOAWAY too_many_pings.
+                *KEEPALIVE_OPTIONS,
+                ("grpc.http2.min_recv_ping_interval_without_data_ms", KEEPALIVE_MS // 2),
+                ("grpc.http2.max_ping_strikes", 0),
+            ],
         )
-
-
-def _check_lease_count(lease_ids, context: grpc.ServicerContext) -> None:
-    """A call may name as many leases as a resolve can grant: a bigger one would hold the
-    pool's lock (and the encoder's export) for as long as it takes."""
-    if len(lease_ids) > MAX_ITEMS_PER_CALL:
-        context.abort(
-            grpc.StatusCode.INVALID_ARGUMENT,
-            f"at most {MAX_ITEMS_PER_CALL} lease ids per call, got {len(lease_ids)}",
-        )
-
-
-def _check_consumer_id(consumer_id: str, context: grpc.ServicerContext) -> None:
-    """Leases are counted under the consumer's name: a name of megabytes, or of anything
-    at all, would be kept for as long as they live."""
-    if problem := consumer_id_problem(consumer_id):
-        context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
-
-
-def _check_readers(readers: int, context: grpc.ServicerContext) -> None:
-    if readers > MAX_READERS:
-        context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"readers {readers} exceeds {MAX_READERS}")
-
-
-def start_server(
-    servicer: ExportServicer,
-    address: str,
-    security: Security,
-    max_watchers: int = DEFAULT_MAX_WATCHERS,
-) -> tuple[grpc.Server, int]:
-    """Serve the export service and grpc.health.v1 on `address`; returns the bound port.
-    Each watch stream holds one of its threads for as long as it lasts."""
-    health_threads = futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="ec-nixl-health")
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max_watchers + 8, thread_name_prefix="ec-nixl-rpc"),
-        interceptors=[AccessInterceptor(security.token, health_threads)],
-        options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.so_reuseport", 0),
-            # Ping each client too, so a watcher whose link died silently frees its slot,
-            # and accept the clients' own pings at their pace. Pings that arrive bunched
-            # (a stalled host delivers them together) are no offence: no strikes, no
-            # GOAWAY too_many_pings.
-            *KEEPALIVE_OPTIONS,
-            ("grpc.http2.min_recv_ping_interval_without_data_ms", KEEPALIVE_MS // 2),
-            ("grpc.http2.max_ping_strikes", 0),
-        ],
-    )
-    pb_grpc.add_ExportServiceServicer_to_server(servicer, server)
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    credentials = security.server_credentials()
-    if credentials is None:
-        port = server.add_insecure_port(address)
-    else:
-        port = server.add_secure_port(address, credentials)
-    if port == 0:
-        raise OSError(f"cannot bind the export service to {address}")
-    server.start()
-    for name in (SERVICE_NAME, ""):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return server, port
+        pb_grpc.add_ExportServiceServicer_to_server(servicer, self._server)
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, self._server)
+        credentials = security.server_credentials()
+        if credentials is None:
+            port = self._server.add_insecure_port(address)
+        else:
+            port = self._server.add_secure_port(address, credentials)
+        if port == 0:
+            raise OSError(f"cannot bind the export service to {address}")
+        await self._server.start()
+        for name in (SERVICE_NAME, ""):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        return port

@@ -9,6 +9,7 @@ trip).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 import threading
@@ -24,7 +25,8 @@ from ec_nixl.control.messages import EventKind, dtype_name, parse_read_notificat
 from ec_nixl.control.security import Security
 from ec_nixl.metrics import Stats
 from ec_nixl.nixl_agent import POLL_INTERVAL_S, TransferAgent
-from ec_nixl.producer.export_service import EventHub, ExportServicer, start_server
+from ec_nixl.producer.export_service import ExportServer, ExportServicer
+from ec_nixl.producer.fanout import EventHub
 from ec_nixl.producer.metrics_endpoint import MetricsServer
 from ec_nixl.producer.pool import ExportedItem, ExportPool, Lease, PoolEvent
 
@@ -53,7 +55,8 @@ class Exporter:
         self.arena = Arena(config.capacity_bytes, config.device)
         self.agent = TransferAgent("exporter")
         self.agent.register(self.arena.buffer)
-        self.events = EventHub(config.max_watchers)
+        loop = asyncio.new_event_loop()  # the export service's: see ExportServer
+        self.events = EventHub(loop, config.max_watchers)
         self.stats = Stats()
         self.pool = ExportPool(
             self.arena,
@@ -72,11 +75,11 @@ class Exporter:
             epoch=self.epoch,
             compatibility_hash=config.compatibility_hash,
             events=self.events,
+            stats=self.stats,
             on_leased=self._on_leased,
         )
-        self._server, self.port = start_server(
-            servicer, config.address, config.security, config.max_watchers
-        )
+        self._server = ExportServer(loop, servicer, config.address, config.security)
+        self.port = self._server.port
         self._progress = threading.Thread(
             target=self._progress_loop, name="ec-nixl-progress", daemon=True
         )
@@ -128,7 +131,7 @@ class Exporter:
             self.metrics.close()
         self._stopping.set()
         self._leased.set()
-        self._server.stop(grace=0.5).wait()
+        self._server.close()
         self._progress.join()
 
     def _progress_loop(self) -> None:

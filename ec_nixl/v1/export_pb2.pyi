@@ -116,7 +116,7 @@ class WatchEventsRequest(_message.Message):
     def __init__(self, consumer_id: _Optional[str] = ..., claim: _Optional[bool] = ..., readers: _Optional[int] = ...) -> None: ...
 
 class ExportEvent(_message.Message):
-    __slots__ = ("kind", "mm_hash", "length", "epoch", "claim", "snapshot", "published_unix_ns")
+    __slots__ = ("kind", "mm_hash", "length", "epoch", "claim", "snapshot", "published_unix_ns", "seq")
     class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         KIND_UNSPECIFIED: _ClassVar[ExportEvent.Kind]
@@ -134,6 +134,7 @@ class ExportEvent(_message.Message):
     CLAIM_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
     PUBLISHED_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
     kind: ExportEvent.Kind
     mm_hash: str
     length: int
@@ -141,4 +142,17 @@ class ExportEvent(_message.Message):
     claim: ItemDescriptor
     snapshot: bool
     published_unix_ns: int
-    def __init__(self, kind: _Optional[_Union[ExportEvent.Kind, str]] = ..., mm_hash: _Optional[str] = ..., length: _Optional[int] = ..., epoch: _Optional[int] = ..., claim: _Optional[_Union[ItemDescriptor, _Mapping]] = ..., snapshot: _Optional[bool] = ..., published_unix_ns: _Optional[int] = ...) -> None: ...
+    seq: int
+    def __init__(self, kind: _Optional[_Union[ExportEvent.Kind, str]] = ..., mm_hash: _Optional[str] = ..., length: _Optional[int] = ..., epoch: _Optional[int] = ..., claim: _Optional[_Union[ItemDescriptor, _Mapping]] = ..., snapshot: _Optional[bool] = ..., published_unix_ns: _Optional[int] = ..., seq: _Optional[int] = ...) -> None: ...
+
+class AcknowledgeRequest(_message.Message):
+    __slots__ = ("watch_id", "seq")
+    WATCH_ID_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    watch_id: int
+    seq: int
+    def __init__(self, watch_id: _Optional[int] = ..., seq: _Optional[int] = ...) -> None: ...
+
+class AcknowledgeResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

@@ -55,6 +55,11 @@ class ExportServiceStub:
                 request_serializer=ec__nixl_dot_v1_dot_export__pb2.WatchEventsRequest.SerializeToString,
                 response_deserializer=ec__nixl_dot_v1_dot_export__pb2.ExportEvent.FromString,
                 _registered_method=True)
+        self.Acknowledge = channel.unary_unary(
+                '/ec_nixl.v1.ExportService/Acknowledge',
+                request_serializer=ec__nixl_dot_v1_dot_export__pb2.AcknowledgeRequest.SerializeToString,
+                response_deserializer=ec__nixl_dot_v1_dot_export__pb2.AcknowledgeResponse.FromString,
+                _registered_method=True)
 
 
 class ExportServiceServicer:
@@ -94,6 +99,19 @@ class ExportServiceServicer:
         EXPORTED event, a leased descriptor: everything it needs to READ the item
         at once, no Resolve (the snapshot comes without claims: it lists what a
         consumer may ask for, not what it should fetch).
+
+        The stream's initial metadata names it (`ec-nixl-watch`), and each event
+        carries its place in it (`seq`). A watcher acknowledges what it has taken
+        (Acknowledge, at least every second while events arrive): one whose oldest
+        unacknowledged event is 2 s old is cut off (the stream ends with ABORTED) and
+        its claims are taken back.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Acknowledge(self, request, context):
+        """The watcher has taken every event of its stream up to `seq`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -121,6 +139,11 @@ def add_ExportServiceServicer_to_server(servicer, server):
                     servicer.WatchEvents,
                     request_deserializer=ec__nixl_dot_v1_dot_export__pb2.WatchEventsRequest.FromString,
                     response_serializer=ec__nixl_dot_v1_dot_export__pb2.ExportEvent.SerializeToString,
+            ),
+            'Acknowledge': grpc.unary_unary_rpc_method_handler(
+                    servicer.Acknowledge,
+                    request_deserializer=ec__nixl_dot_v1_dot_export__pb2.AcknowledgeRequest.FromString,
+                    response_serializer=ec__nixl_dot_v1_dot_export__pb2.AcknowledgeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -232,6 +255,33 @@ class ExportService:
             '/ec_nixl.v1.ExportService/WatchEvents',
             ec__nixl_dot_v1_dot_export__pb2.WatchEventsRequest.SerializeToString,
             ec__nixl_dot_v1_dot_export__pb2.ExportEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Acknowledge(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ec_nixl.v1.ExportService/Acknowledge',
+            ec__nixl_dot_v1_dot_export__pb2.AcknowledgeRequest.SerializeToString,
+            ec__nixl_dot_v1_dot_export__pb2.AcknowledgeResponse.FromString,
             options,
             channel_credentials,
             insecure,
