@@ -97,6 +97,7 @@ def _serve(conn, config: ExporterConfig) -> None:
                     "items": len(exporter.pool),
                     "bytes_used": exporter.arena.bytes_used,
                     "live_leases": exporter.pool.live_leases,
+                    "watchers": len(exporter.events),
                 }
             else:
                 raise ValueError(f"unknown command {command!r}")

@@ -27,11 +27,20 @@ from ec_nixl.arena import Arena, Slot
 from ec_nixl.consumer.metadata_probe import probe
 from ec_nixl.consumer.resolver import Resolution
 from ec_nixl.control.messages import PeerInfo, read_notification
-from ec_nixl.errors import DeadlineExceededError, PeerDeadError, PoolFullError, StaleDataError
+from ec_nixl.errors import (
+    DeadlineExceededError,
+    ECNixlError,
+    PeerDeadError,
+    PoolFullError,
+    StaleDataError,
+)
 from ec_nixl.nixl_agent import TransferAgent
-from ec_nixl.region import GUARD_BYTES, tensor_region
+from ec_nixl.region import GUARD_BYTES, Region, tensor_region
 
 logger = logging.getLogger(__name__)
+
+# What a meeting READs of the exporter's memory (and throws away) to wire UCX up.
+WIRE_UP_BYTES = 64
 
 
 @dataclass(frozen=True)
@@ -48,6 +57,11 @@ class Puller:
         self.arena = arena
         self.agent = TransferAgent("puller")
         self.agent.register(arena.buffer)
+        # where meeting an exporter READs to wire UCX up (`_connect`)
+        self._scratch_tensor = torch.empty(
+            WIRE_UP_BYTES, dtype=torch.uint8, device=arena.buffer.device
+        )  # held for as long as it is registered
+        self._scratch = self.agent.register(self._scratch_tensor)
         self._lock = threading.Lock()
         self._agent_at: dict[str, str] = {}  # exporter address -> its current agent name
         self._reading: Counter[str] = Counter()  # agent name -> READs in flight from it
@@ -139,11 +153,46 @@ class Puller:
     def free(self, item: PulledItem) -> None:
         self.arena.free(item.slot)
 
-    def meet(self, address: str, peer: PeerInfo, deadline: float) -> str:
+    def meet(self, address: str, peer: PeerInfo, deadline: float, *, connect: bool = False) -> str:
         """Load the exporter's agent metadata once (after a helper process survived
-        loading it); drop an older generation of it."""
-        if not self.agent.has_peer(peer.agent_name):
+        loading it); drop an older generation of it. `connect`: also READ a few bytes
+        of its memory now (`_connect`), so that no pull waits for UCX's wire-up."""
+        new = not self.agent.has_peer(peer.agent_name)
+        if new:
             probe(peer.agent_metadata, f"exporter {address}", deadline)
+        name = self._load(address, peer)
+        if connect and new:
+            self._connect(address, name, peer, deadline)
+        return name
+
+    def _connect(self, address: str, name: str, peer: PeerInfo, deadline: float) -> None:
+        """UCX wires an endpoint up in the first READ over it, and that needs the
+        exporter's process to run (answer the wire-up); later READs over cma do not. On
+        a loaded host the exporter may not run for seconds while PD's ranks busy-poll
+        for a request that waits on its first pull: so wire up when meeting, before
+        any request waits, with a READ of a few bytes into a scratch buffer of our own
+        (never handed out: a READ that outlives its deadline writes nothing that is
+        used). Best effort: on failure the first pull wires up as before."""
+        if not peer.regions:
+            return
+        remote = peer.regions[0]
+        nbytes = min(remote.length, WIRE_UP_BYTES)
+        started = time.monotonic()
+        try:
+            self.agent.read(
+                name,
+                [Region(remote.address, nbytes, remote.device, remote.device_id)],
+                [Region(self._scratch.address, nbytes, self._scratch.device,
+                        self._scratch.device_id)],
+                deadline=deadline,
+            )  # fmt: skip
+        except ECNixlError as exc:
+            logger.info("wiring up to exporter %s failed: %s", address, exc)
+            return
+        logger.info("wired up to exporter %s (%.1f ms)", address,
+                    (time.monotonic() - started) * 1e3)  # fmt: skip
+
+    def _load(self, address: str, peer: PeerInfo) -> str:
         with self._lock:
             previous = self._agent_at.get(address)
             if previous is not None and previous != peer.agent_name:

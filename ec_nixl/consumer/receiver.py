@@ -212,9 +212,9 @@ class Receiver:
 
     def meet(self, encoder_id: str, peer: PeerInfo, deadline: float) -> None:
         """Load a configured encoder's agent metadata now (the scheduler met it), so
-        that its first pull does not pay for it."""
+        that its first pull does not pay for it, nor for UCX's wire-up."""
         address = self.encoders.get(encoder_id)
         if address is None:
             raise RefusedError(f"encoder {encoder_id!r} is not configured")
         self.resolver.learn(address, peer)
-        self.puller.meet(address, peer, deadline)
+        self.puller.meet(address, peer, deadline, connect=True)

@@ -187,8 +187,11 @@ class ConsumerScheduler:
             self._items.announced(event, encoder_id, prefetch=eager)
 
     def on_connect(self, encoder_id: str) -> None:
-        """An encoder's event stream (re)started: it will announce what it holds anew."""
+        """An encoder's event stream (re)started: it will announce what it holds anew.
+        Meet it now if it was not up when we started (PD before E): else its first pull
+        meets it, while a request waits and PD's ranks busy-poll the CPU it needs."""
         self._items.reconnected(encoder_id)
+        self._items.meet(encoder_id)
 
     def on_freed(self, mm_hashes: list[str]) -> list[tuple[str, int]]:
         """vLLM evicted these from its encoder cache: pull them again if asked. The

@@ -56,6 +56,7 @@ CHANNEL_OPTIONS = (
 # The watch stream's name in its initial metadata, and how often a watcher acknowledges
 # the events it took (the exporter cuts off a watcher 2 s behind: fanout.STALL_S).
 WATCH_ID_KEY = "ec-nixl-watch"
+CANCELLED = grpc.StatusCode.CANCELLED  # by this side: the stream just ends
 ACK_S = 0.5
 
 
@@ -222,7 +223,7 @@ class EventStream:
             event = next(self._call)
         except grpc.RpcError as exc:
             self._closed.set()
-            if exc.code() == grpc.StatusCode.CANCELLED:
+            if exc.code() == CANCELLED:
                 raise StopIteration from None
             raise translate(exc, f"exporter {self._address}") from exc
         except StopIteration:
@@ -245,13 +246,16 @@ class EventStream:
         self._on_unknown(kind)
 
     def wait_open(self) -> None:
-        """Until the exporter follows this stream (or it ended): an export after this is
-        announced as new, not in the stream's opening list. Bounded by keepalive."""
+        """Until the exporter follows this stream: an export after this is announced as
+        new, not in the stream's opening list. Bounded by keepalive; a typed error if
+        the stream failed instead."""
         self._opening = True
         try:
             self._call.initial_metadata()
         finally:
             self._opening = False
+        if self._call.done() and self._call.code() not in (grpc.StatusCode.OK, CANCELLED):
+            raise translate(self._call, f"exporter {self._address}")
 
     def _start_acks(self) -> None:
         self._acking = True

@@ -33,6 +33,8 @@ from ec_nixl.producer.pool import ExportedItem, ExportPool, Lease, PoolEvent
 logger = logging.getLogger(__name__)
 
 EXPIRY_SWEEP_S = 0.5
+ACTIVE_S = 0.02
+IDLE_POLL_S = 0.005
 
 
 @dataclass(frozen=True)
@@ -135,17 +137,25 @@ class Exporter:
         self._progress.join()
 
     def _progress_loop(self) -> None:
-        next_sweep = 0.0
+        """Poll NIXL while leases are live (it runs without its progress thread, and a
+        READ may need this side to call into it): every POLL_INTERVAL_S for ACTIVE_S
+        after a lease or a READ's notification (a READ follows its lease within
+        milliseconds), then ever less often, up to IDLE_POLL_S apart: claims that a PD
+        never reads cost next to nothing, and a READ that comes late waits at most that."""
+        next_sweep = active_until = 0.0
+        interval = POLL_INTERVAL_S
         while not self._stopping.is_set():
-            if self.pool.live_leases == 0:
-                self._leased.wait(EXPIRY_SWEEP_S)
+            self._leased.wait(interval if self.pool.live_leases else EXPIRY_SWEEP_S)
+            now = time.monotonic()
+            if self._leased.is_set():
                 self._leased.clear()
-            else:
-                self._stopping.wait(POLL_INTERVAL_S)
+                active_until = now + ACTIVE_S
             for message in self.agent.progress():
+                active_until = now + ACTIVE_S
                 lease_ids = parse_read_notification(message)
                 if lease_ids:
                     self.pool.finish_reads(lease_ids)
-            if time.monotonic() >= next_sweep:
+            interval = POLL_INTERVAL_S if now < active_until else min(2 * interval, IDLE_POLL_S)
+            if now >= next_sweep:
                 self.pool.expire()
                 next_sweep = time.monotonic() + EXPIRY_SWEEP_S

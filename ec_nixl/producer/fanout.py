@@ -30,7 +30,7 @@ from ec_nixl.producer.pool import PoolEvent
 logger = logging.getLogger(__name__)
 
 STALL_S = 2.0  # the oldest unacknowledged event's age that cuts a watcher off
-BEHIND_S = 0.5  # ... and that has hints dropped for it
+BEHIND_S = 1.0  # ... and that has hints dropped for it (acks come every 0.5 s)
 SWEEP_S = 0.25  # how often lags are looked at
 
 
