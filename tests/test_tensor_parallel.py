@@ -12,7 +12,7 @@ import re
 import time
 
 import pytest
-from conftest import start_encoder
+from conftest import start_encoder, wait_until
 
 from integration.client import answer, image, metric
 from integration.servers import free_port, start_proxy, start_vllm, wait_healthy
@@ -39,24 +39,27 @@ def reference_tp2(workdirs):
 def cluster_tp2(workdirs, reference_tp2):
     encoder_dir, pd_dir, logs = workdirs
     control, metrics = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
-    encoder = start_encoder("enc-tp2", encoder_dir, logs, control, metrics, tp=2)
-    servers = [encoder]
-    try:
-        # E first, as launch scripts start it: PD's ranks meet E when they start, not
-        # inside the first pull. (Four busy-polling ranks on two cores once stalled E
-        # for seconds during a first pull that met it.)
-        wait_healthy(servers)
-        pd = start_vllm(
-            "pd-tp2", workdir=pd_dir, cpu=BOTH_CORES, log_dir=logs, tensor_parallel=2,
-            ec_transfer_config={
-                "ec_connector": "ECNixlConnector", "ec_role": "ec_consumer",
-                "ec_connector_extra_config": {
-                    "encoders": {"enc0": control}, "receive_bytes": 64 << 20, "prefetch": True,
-                },
+    # PD first, E right after, as an orchestrator may start them: PD's start-up meeting
+    # finds no encoder, and PD meets E (and wires UCX up to it) when E's event stream
+    # opens, not inside a first pull. (A first pull that wired up while four ranks
+    # busy-polled two cores once left E's rank 0 unscheduled for 8.4 s.)
+    pd = start_vllm(
+        "pd-tp2", workdir=pd_dir, cpu=BOTH_CORES, log_dir=logs, tensor_parallel=2,
+        ec_transfer_config={
+            "ec_connector": "ECNixlConnector", "ec_role": "ec_consumer",
+            "ec_connector_extra_config": {
+                "encoders": {"enc0": control}, "receive_bytes": 64 << 20, "prefetch": True,
             },
-        )  # fmt: skip
-        servers.append(pd)
-        wait_healthy([pd])
+        },
+    )  # fmt: skip
+    servers = [pd]
+    try:
+        encoder = start_encoder("enc-tp2", encoder_dir, logs, control, metrics, tp=2)
+        servers.append(encoder)
+        wait_healthy(servers)
+        assert wait_until(
+            lambda: pd.log_path.read_text().count("wired up to exporter") >= 2, timeout_s=120
+        ), "PD's ranks did not wire up to E once it came"
         proxy = start_proxy(encoders=[encoder.url], pd=pd.url, log_dir=logs / "tp2")
         servers.append(proxy)
         wait_healthy([proxy])

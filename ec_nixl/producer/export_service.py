@@ -158,11 +158,17 @@ class ExportServicer(pb_grpc.ExportServiceServicer):
         await sending  # it ended: raises what ended it
 
     async def sweep(self) -> None:
-        """Cut off, every SWEEP_S, the watchers that fell STALL_S behind."""
+        """Cut off, every SWEEP_S, the watchers that fell STALL_S behind; not when this
+        loop itself was held up (a busy host, the GIL): acknowledgements may be waiting
+        to be taken, and the fault would be this side's."""
+        last = time.monotonic()
         while True:
             await asyncio.sleep(SWEEP_S)
-            for watcher in self._events.lagging(time.monotonic()):
-                watcher.cut.set()
+            now, late = time.monotonic(), time.monotonic() - last > 2 * SWEEP_S
+            last = now
+            if not late:
+                for watcher in self._events.lagging(now):
+                    watcher.cut.set()
 
     def _cut_off(self, watcher: Watcher) -> str:
         """Take back the claims of a watcher that stopped taking its events."""
@@ -170,7 +176,7 @@ class ExportServicer(pb_grpc.ExportServiceServicer):
         self._stats.count("watchers_cut_off")
         self._stats.count("hints_dropped", watcher.hints_dropped)
         reason = (
-            f"events unacknowledged for {STALL_S:.0f} s: cut off, {revoked} claims taken back "
+            f"events unacknowledged for {STALL_S:g} s: cut off, {revoked} claims taken back "
             "(reconnect to follow again)"
         )
         logger.warning("watcher %s: %s", watcher.consumer or "?", reason)
@@ -182,21 +188,20 @@ class ExportServicer(pb_grpc.ExportServiceServicer):
         """What is held as the stream begins, unclaimed (a reconnecting consumer learns
         what it may ask for, and does not fetch again what it already had), then each
         event as it comes."""
-        opened = time.monotonic()
         for event in held:
             message = self._event_pb(event)
             message.snapshot = True
-            message.seq = watcher.sent(opened)
+            message.seq = watcher.sent()
             await context.write(message)
         while True:
-            event, queued_at = await watcher.next()
+            event = await watcher.next()
             if event.again and event.target != watcher.consumer and not watcher.claim:
                 continue  # announced again for another consumer: nothing new here
             message = self._event_pb(event)
             meant_for_watcher = bool(event.target) and event.target == watcher.consumer
             if event.kind is EventKind.EXPORTED and (watcher.claim or meant_for_watcher):
                 self._claim(message, watcher)
-            message.seq = watcher.sent(queued_at)
+            message.seq = watcher.sent()
             await context.write(message)
 
     def _claim(self, message: pb.ExportEvent, watcher: Watcher) -> None:

@@ -29,7 +29,7 @@ from ec_nixl.producer.pool import PoolEvent
 
 logger = logging.getLogger(__name__)
 
-STALL_S = 2.0  # the oldest unacknowledged event's age that cuts a watcher off
+STALL_S = 2.0  # how long an event may go unacknowledged before its watcher is cut off
 BEHIND_S = 1.0  # ... and that has hints dropped for it (acks come every 0.5 s)
 SWEEP_S = 0.25  # how often lags are looked at
 
@@ -45,26 +45,28 @@ class Watcher:
     watch_id: int = field(default_factory=lambda: secrets.randbits(63) | 1)
     seq: int = 0  # of the last event sent
     backlog: deque[tuple[PoolEvent, float]] = field(default_factory=deque)  # and when queued
-    unacked: deque[tuple[int, float]] = field(default_factory=deque)  # (seq, when queued)
+    unacked: deque[tuple[int, float]] = field(default_factory=deque)  # (seq, when sent)
     claims: deque[tuple[int, float]] = field(default_factory=deque)  # (lease id, expires at)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     cut: asyncio.Event = field(default_factory=asyncio.Event)
     hints_dropped: int = 0
 
     def lag(self, now: float) -> float:
-        """How long the oldest event it has not acknowledged has been waiting."""
+        """How long the oldest event it has not acknowledged has waited since it was sent
+        (or, if it is not sent yet, since it was queued: a stream that gRPC no longer
+        takes from lags too)."""
         oldest = self.unacked or self.backlog
         return now - oldest[0][1] if oldest else 0.0
 
-    async def next(self) -> tuple[PoolEvent, float]:
+    async def next(self) -> PoolEvent:
         while not self.backlog:
             self.wake.clear()
             await self.wake.wait()
-        return self.backlog.popleft()
+        return self.backlog.popleft()[0]
 
-    def sent(self, queued_at: float) -> int:
+    def sent(self) -> int:
         self.seq += 1
-        self.unacked.append((self.seq, queued_at))
+        self.unacked.append((self.seq, time.monotonic()))
         return self.seq
 
     def acknowledge(self, seq: int) -> None:
