@@ -153,16 +153,15 @@ class Puller:
     def free(self, item: PulledItem) -> None:
         self.arena.free(item.slot)
 
-    def meet(self, address: str, peer: PeerInfo, deadline: float, *, connect: bool = False) -> str:
+    def meet(self, address: str, peer: PeerInfo, deadline: float) -> str:
         """Load the exporter's agent metadata once (after a helper process survived
-        loading it); drop an older generation of it. `connect`: also READ a few bytes
-        of its memory now (`_connect`), so that no pull waits for UCX's wire-up."""
-        new = not self.agent.has_peer(peer.agent_name)
-        if new:
-            probe(peer.agent_metadata, f"exporter {address}", deadline)
+        loading it), and READ a few bytes of its memory (`_connect`); drop an older
+        generation of it."""
+        if self.agent.has_peer(peer.agent_name):
+            return self._load(address, peer)
+        probe(peer.agent_metadata, f"exporter {address}", deadline)
         name = self._load(address, peer)
-        if connect and new:
-            self._connect(address, name, peer, deadline)
+        self._connect(address, name, peer, deadline)
         return name
 
     def _connect(self, address: str, name: str, peer: PeerInfo, deadline: float) -> None:

@@ -217,4 +217,4 @@ class Receiver:
         if address is None:
             raise RefusedError(f"encoder {encoder_id!r} is not configured")
         self.resolver.learn(address, peer)
-        self.puller.meet(address, peer, deadline, connect=True)
+        self.puller.meet(address, peer, deadline)

@@ -138,7 +138,6 @@ class ExportServicer(pb_grpc.ExportServiceServicer):
                 f"this encoder serves at most {self._events.max_watchers} watchers at once "
                 "(its max_watchers)",
             )
-        self._stats.set("watchers", len(self._events))
         tasks: list[asyncio.Future] = []
         try:
             # subscribed: what follows the snapshot is live
@@ -152,7 +151,6 @@ class ExportServicer(pb_grpc.ExportServiceServicer):
             for task in tasks:
                 task.cancel()
             self._events.unsubscribe(watcher)
-            self._stats.set("watchers", len(self._events))
         if watcher.cut.is_set():
             await context.abort(grpc.StatusCode.ABORTED, self._cut_off(watcher))
         await sending  # it ended: raises what ended it
@@ -174,7 +172,6 @@ class ExportServicer(pb_grpc.ExportServiceServicer):
         """Take back the claims of a watcher that stopped taking its events."""
         revoked = self._pool.revoke(lease_id for lease_id, _ in watcher.claims)
         self._stats.count("watchers_cut_off")
-        self._stats.count("hints_dropped", watcher.hints_dropped)
         reason = (
             f"events unacknowledged for {STALL_S:g} s: cut off, {revoked} claims taken back "
             "(reconnect to follow again)"

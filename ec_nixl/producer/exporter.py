@@ -58,8 +58,8 @@ class Exporter:
         self.agent = TransferAgent("exporter")
         self.agent.register(self.arena.buffer)
         loop = asyncio.new_event_loop()  # the export service's: see ExportServer
-        self.events = EventHub(loop, config.max_watchers)
         self.stats = Stats()
+        self.events = EventHub(loop, self.stats, config.max_watchers)
         self.pool = ExportPool(
             self.arena,
             lease_s=config.lease_s,

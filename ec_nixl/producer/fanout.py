@@ -16,6 +16,7 @@ burst; while it is behind, ENCODING events, which are hints, are dropped for it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import secrets
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field
 
 from ec_nixl.config import DEFAULT_MAX_WATCHERS
 from ec_nixl.control.messages import EventKind
+from ec_nixl.metrics import Stats
 from ec_nixl.producer.pool import PoolEvent
 
 logger = logging.getLogger(__name__)
@@ -49,7 +51,6 @@ class Watcher:
     claims: deque[tuple[int, float]] = field(default_factory=deque)  # (lease id, expires at)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     cut: asyncio.Event = field(default_factory=asyncio.Event)
-    hints_dropped: int = 0
 
     def lag(self, now: float) -> float:
         """How long the oldest event it has not acknowledged has waited since it was sent
@@ -85,10 +86,14 @@ class EventHub:
     else runs on `loop`."""
 
     def __init__(
-        self, loop: asyncio.AbstractEventLoop, max_watchers: int = DEFAULT_MAX_WATCHERS
+        self,
+        loop: asyncio.AbstractEventLoop,
+        stats: Stats,
+        max_watchers: int = DEFAULT_MAX_WATCHERS,
     ) -> None:
         self.max_watchers = max_watchers
         self._loop = loop
+        self._stats = stats
         self._ids = itertools.count()  # next() is atomic: publishers need no lock
         self._watchers: dict[int, Watcher] = {}  # by watch id
 
@@ -96,7 +101,7 @@ class EventHub:
         return len(self._watchers)
 
     def publish(self, event: PoolEvent) -> None:
-        if not self._loop.is_closed():
+        with contextlib.suppress(RuntimeError):  # a closed loop: the service has stopped
             self._loop.call_soon_threadsafe(self._deliver, next(self._ids), event, time.monotonic())
 
     def subscribe(self, consumer: str, claim: bool, readers: int) -> Watcher | None:
@@ -106,10 +111,12 @@ class EventHub:
             return None
         watcher = Watcher(consumer, claim, readers, since=next(self._ids))
         self._watchers[watcher.watch_id] = watcher
+        self._stats.set("watchers", len(self._watchers))
         return watcher
 
     def unsubscribe(self, watcher: Watcher) -> None:
         self._watchers.pop(watcher.watch_id, None)
+        self._stats.set("watchers", len(self._watchers))
 
     def acknowledge(self, watch_id: int, seq: int) -> bool:
         watcher = self._watchers.get(watch_id)
@@ -127,7 +134,7 @@ class EventHub:
             if event_id < watcher.since or watcher.cut.is_set():
                 continue
             if event.kind is EventKind.ENCODING and watcher.lag(queued_at) >= BEHIND_S:
-                watcher.hints_dropped += 1
+                self._stats.count("hints_dropped")
                 continue
             watcher.backlog.append((event, queued_at))
             watcher.wake.set()
