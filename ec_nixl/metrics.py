@@ -96,7 +96,7 @@ METRICS: dict[str, Metric] = {
     ),
     "watchers": Metric("gauge", "Event streams followed now (PDs, proxies, ec-nixl events)"),
     "watchers_cut_off": Metric(
-        "counter", "Event streams ended because their watcher fell 2 s behind"
+        "counter", "Event streams ended because their watcher fell 5 s behind"
     ),
     "hints_dropped": Metric(
         "counter", "ENCODING events not sent to a watcher that was behind (hints only)"

@@ -180,6 +180,7 @@ class ItemTable:
     def reconnected(self, encoder_id: str) -> None:
         """A new event stream from the encoder starts with everything it holds: forget
         what it announced before, whose evictions the lost stream may not have told."""
+        self._met.discard(encoder_id)  # it may be a new generation: meet it again
         with self._lock:
             for mm_hash, item in list(self._items.items()):
                 if item.holder == encoder_id:

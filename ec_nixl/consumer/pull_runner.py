@@ -37,8 +37,8 @@ class PullRunner:
         self.stats = stats
 
     def meet(self, encoder_id: str) -> PeerInfo:
-        """Handshake with the encoder now (cached after the first)."""
-        return self.resolver.peer(self.encoders[encoder_id])
+        """Handshake with the encoder now (what pulls use from then on)."""
+        return self.resolver.peer(self.encoders[encoder_id], refresh=True)
 
     def lease(
         self,

@@ -188,8 +188,9 @@ class ConsumerScheduler:
 
     def on_connect(self, encoder_id: str) -> None:
         """An encoder's event stream (re)started: it will announce what it holds anew.
-        Meet it now if it was not up when we started (PD before E): else its first pull
-        meets it, while a request waits and PD's ranks busy-poll the CPU it needs."""
+        Meet it now, afresh (it may not have been up when we started, or may have
+        restarted since): else its first pull meets it, while a request waits and PD's
+        ranks busy-poll the CPU it needs."""
         self._items.reconnected(encoder_id)
         self._items.meet(encoder_id)
 

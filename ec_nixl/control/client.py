@@ -54,7 +54,7 @@ CHANNEL_OPTIONS = (
 
 
 # The watch stream's name in its initial metadata, and how often a watcher acknowledges
-# the events it took (the exporter cuts off a watcher 2 s behind: fanout.STALL_S).
+# the events it took (the exporter cuts off a watcher 5 s behind: fanout.STALL_S).
 WATCH_ID_KEY = "ec-nixl-watch"
 CANCELLED = grpc.StatusCode.CANCELLED  # by this side: the stream just ends
 ACK_S = 0.5

@@ -31,7 +31,10 @@ from ec_nixl.producer.pool import PoolEvent
 
 logger = logging.getLogger(__name__)
 
-STALL_S = 2.0  # how long an event may go unacknowledged before its watcher is cut off
+# How long an event may go unacknowledged before its watcher is cut off. Not less: on a
+# busy 2-core host a healthy PD's scheduler process went 2 s without running (while its
+# ranks busy-polled both cores), and was cut off (its claims taken back mid-pull).
+STALL_S = 5.0
 BEHIND_S = 1.0  # ... and that has hints dropped for it (acks come every 0.5 s)
 SWEEP_S = 0.25  # how often lags are looked at
 

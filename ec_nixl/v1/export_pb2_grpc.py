@@ -103,7 +103,7 @@ class ExportServiceServicer:
         The stream's initial metadata names it (`ec-nixl-watch`), and each event
         carries its place in it (`seq`). A watcher acknowledges what it has taken
         (Acknowledge, at least every second while events arrive): one whose oldest
-        unacknowledged event is 2 s old is cut off (the stream ends with ABORTED) and
+        unacknowledged event is 5 s old is cut off (the stream ends with ABORTED) and
         its claims are taken back.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
