@@ -19,7 +19,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -35,7 +35,7 @@ from ec_nixl.errors import (
     StaleDataError,
 )
 from ec_nixl.nixl_agent import TransferAgent
-from ec_nixl.region import GUARD_BYTES, Region, tensor_region
+from ec_nixl.region import GUARD_BYTES, tensor_region
 
 logger = logging.getLogger(__name__)
 
@@ -174,17 +174,15 @@ class Puller:
         used). Best effort: on failure the first pull wires up as before."""
         if not peer.regions:
             return
-        remote = peer.regions[0]
-        nbytes = min(remote.length, WIRE_UP_BYTES)
+        nbytes = min(peer.regions[0].length, WIRE_UP_BYTES)
         started = time.monotonic()
         try:
             self.agent.read(
                 name,
-                [Region(remote.address, nbytes, remote.device, remote.device_id)],
-                [Region(self._scratch.address, nbytes, self._scratch.device,
-                        self._scratch.device_id)],
+                [replace(peer.regions[0], length=nbytes)],
+                [replace(self._scratch, length=nbytes)],
                 deadline=deadline,
-            )  # fmt: skip
+            )
         except ECNixlError as exc:
             logger.info("wiring up to exporter %s failed: %s", address, exc)
             return

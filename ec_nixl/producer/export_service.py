@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
 from dataclasses import replace
+from functools import partial
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -34,6 +33,7 @@ from ec_nixl.errors import NotFoundError, PoolFullError
 from ec_nixl.metrics import Stats
 from ec_nixl.nixl_agent import TransferAgent
 from ec_nixl.producer.fanout import STALL_S, SWEEP_S, EventHub, Watcher
+from ec_nixl.producer.loop_thread import LoopThread
 from ec_nixl.producer.pool import ExportPool, Lease, PoolEvent
 from ec_nixl.v1 import export_pb2 as pb
 from ec_nixl.v1 import export_pb2_grpc as pb_grpc
@@ -45,7 +45,6 @@ MAX_ITEMS_PER_CALL = 1024
 MAX_READERS = 64  # tensor-parallel ranks of one consumer
 MAX_LEASE_MS = 10 * 60 * 1000
 MAX_MESSAGE_BYTES = 4 << 20
-CLOSE_TIMEOUT_S = 5.0
 
 
 class ExportServicer(pb_grpc.ExportServiceServicer):
@@ -269,41 +268,11 @@ class ExportServer:
         address: str,
         security: Security,
     ) -> None:
-        self._loop = loop
-        bound: Future[int] = Future()
-        self._thread = threading.Thread(
-            target=self._run, args=(servicer, address, security, bound),
-            name="ec-nixl-control", daemon=True,
-        )  # fmt: skip
-        self._thread.start()
-        self.port = bound.result()
+        self._thread = LoopThread("ec-nixl-control", loop)
+        self.port = self._thread.start(partial(self._start, servicer, address, security))
 
     def close(self, grace_s: float = 0.5) -> None:
-        if self._thread.is_alive():
-            stopping = asyncio.run_coroutine_threadsafe(self._server.stop(grace_s), self._loop)
-            stopping.result(grace_s + CLOSE_TIMEOUT_S)
-            self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(CLOSE_TIMEOUT_S)
-
-    def _run(
-        self, servicer: ExportServicer, address: str, security: Security, bound: Future[int]
-    ) -> None:
-        asyncio.set_event_loop(self._loop)
-        try:
-            port = self._loop.run_until_complete(self._start(servicer, address, security))
-        except BaseException as exc:
-            self._loop.close()
-            bound.set_exception(exc)
-            return
-        sweeping = self._loop.create_task(servicer.sweep())
-        bound.set_result(port)
-        self._loop.run_forever()
-        sweeping.cancel()
-        tasks = asyncio.all_tasks(self._loop)
-        for task in tasks:
-            task.cancel()
-        self._loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
-        self._loop.close()
+        self._thread.close(partial(self._server.stop, grace_s))
 
     async def _start(self, servicer: ExportServicer, address: str, security: Security) -> int:
         self._server = grpc.aio.server(
@@ -333,4 +302,5 @@ class ExportServer:
         await self._server.start()
         for name in (SERVICE_NAME, ""):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._sweeping = asyncio.ensure_future(servicer.sweep())  # ends with the loop
         return port

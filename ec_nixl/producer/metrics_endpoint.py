@@ -14,19 +14,18 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from concurrent.futures import Future
 from functools import partial
 from urllib.parse import urlsplit
 
 import prometheus_client
 
 from ec_nixl.metrics import PromMetrics, Stats
+from ec_nixl.producer.loop_thread import LoopThread
 
 REQUEST_TIMEOUT_S = 5.0
 MAX_CONNECTIONS = 64
 MAX_REQUEST_BYTES = 16 << 10  # request line and headers; a GET has no body
 PATHS = ("/metrics", "/")
-CLOSE_TIMEOUT_S = 5.0
 
 
 class MetricsEndpoint:
@@ -43,42 +42,24 @@ class MetricsEndpoint:
         self._timeout_s = REQUEST_TIMEOUT_S
         # open connections, oldest first; only the endpoint's thread changes it
         self._connections: dict[asyncio.Transport, None] = {}
-        self._loop = asyncio.new_event_loop()
-        bound: Future[int] = Future()
-        self._thread = threading.Thread(
-            target=self._run, args=(host, port, bound), name="ec-nixl-metrics-http", daemon=True
-        )
-        self._thread.start()
-        self.port = bound.result()
+        self._thread = LoopThread("ec-nixl-metrics-http")
+        self.port = self._thread.start(partial(self._start, host, port))
 
     @property
     def open_connections(self) -> int:
         return len(self._connections)
 
     def close(self) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(CLOSE_TIMEOUT_S)
+        self._thread.close(self._stop)
 
-    def _run(self, host: str, port: int, bound: Future[int]) -> None:
-        asyncio.set_event_loop(self._loop)
-        try:
-            server = self._loop.run_until_complete(
-                asyncio.start_server(self._serve, host, port, limit=MAX_REQUEST_BYTES)
-            )
-        except BaseException as exc:
-            self._loop.close()
-            bound.set_exception(exc)
-            return
-        bound.set_result(server.sockets[0].getsockname()[1])
-        self._loop.run_forever()
-        server.close()
+    async def _start(self, host: str, port: int) -> int:
+        self._server = await asyncio.start_server(self._serve, host, port, limit=MAX_REQUEST_BYTES)
+        return self._server.sockets[0].getsockname()[1]
+
+    async def _stop(self) -> None:
+        self._server.close()
         for transport in list(self._connections):
             transport.abort()
-        handlers = asyncio.all_tasks(self._loop)
-        for handler in handlers:
-            handler.cancel()
-        self._loop.run_until_complete(asyncio.gather(*handlers, return_exceptions=True))
-        self._loop.close()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         transport = writer.transport
