@@ -6,13 +6,15 @@ link (tests/pd_rig.py)."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from conftest import wait_until
 from pd_rig import ROWS, held, item, load, make_scheduler, request, settle
 
-from ec_nixl.consumer.worker_link import Load
-from ec_nixl.errors import LoadLostError
+from ec_nixl.consumer.worker_link import Load, PullOrder
+from ec_nixl.errors import LoadLostError, RefusedError
 from ec_nixl.transfer_params import make_params
 
 ROUNDS = 40  # the race this guards against was lost in most of 40 rounds before pull ids
@@ -177,6 +179,23 @@ def test_a_load_that_cannot_be_read_again_stops_with_an_error_naming_the_item(re
     with pytest.raises(LoadLostError, match="h-never-exported .* not held here .* enc0"):
         receiver[0].lend(lost, timeout_s=5.0)
     assert receiver[0].puller.arena.bytes_used == used
+
+
+def test_an_order_that_names_no_pull_is_refused_unread(producer, resolver, receiver):
+    """Every copy a rank holds belongs to a pull: only orders naming that pull remove it."""
+    producer.export("h-unnamed", item(seed=36))
+    deadline = time.monotonic() + 5
+    leased = resolver.resolve(producer.address, ["h-unnamed"], deadline)
+    unnamed = PullOrder(
+        "enc0", leased.items, [ROWS], leased.valid_until, deadline, pull_id=0, peer=leased.peer
+    )
+    used = receiver[0].puller.arena.bytes_used
+    try:
+        with pytest.raises(RefusedError, match="must name its pull"):
+            receiver[0].read(unnamed)
+        assert receiver[0].puller.arena.bytes_used == used
+    finally:
+        resolver.release(producer.address, leased.lease_ids)
 
 
 def test_a_drop_that_overtakes_its_pull_frees_what_the_pull_reads(

@@ -7,9 +7,10 @@ from __future__ import annotations
 import time
 
 import pytest
+from conftest import wait_until
 
 from ec_nixl.consumer.items import ItemTable
-from ec_nixl.consumer.pull_state import TRANSITIONS, PullJob, PullState
+from ec_nixl.consumer.pull_state import HOLDING, TRANSITIONS, PullJob, PullState
 from ec_nixl.consumer.resolver import Resolver
 from ec_nixl.control.messages import Announcement, EventKind
 
@@ -21,6 +22,32 @@ def table():
     encoders = {"enc0": "127.0.0.1:1", "enc1": "127.0.0.1:2"}
     items = ItemTable(Resolver(consumer_id="table"), encoders, [], TIMEOUT_S)
     yield items
+    items.close()
+
+
+class Rank:
+    """A worker that holds nothing and says what it was told to drop: its orders fail."""
+
+    def __init__(self) -> None:
+        self.dropped: list[tuple[str, int]] = []
+
+    def pull(self, order):
+        raise AssertionError("no pull reaches a rank here: the encoder is unreachable")
+
+    def drop(self, mm_hashes: list[str], pull_id: int) -> None:
+        self.dropped.extend((mm_hash, pull_id) for mm_hash in mm_hashes)
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.fixture
+def ranked():
+    """A table with two ranks, its encoders unreachable: every pull that runs fails."""
+    ranks = [Rank(), Rank()]
+    encoders = {"enc0": "127.0.0.1:1"}
+    items = ItemTable(Resolver(consumer_id="ranked"), encoders, ranks, TIMEOUT_S)
+    yield items, ranks
     items.close()
 
 
@@ -127,3 +154,31 @@ def test_only_a_ready_pull_is_loaded_and_every_state_but_an_ended_one_may_be_dro
     droppable_from = {state for state, nexts in TRANSITIONS.items() if PullState.DROPPED in nexts}
     assert loadable_from == {PullState.READY}
     assert droppable_from == set(PullState) - {PullState.LOADED, PullState.DROPPED}
+
+
+def test_a_pull_that_ends_after_it_ran_has_every_rank_drop_its_copies_once(ranked):
+    """Failed, then forgotten by its request: one drop per rank, naming the pull."""
+    table, ranks = ranked
+    job = table.start("h-ran", "enc0", 8, "asker")
+    assert wait_until(lambda: job.state is PullState.FAILED, 5)
+    table.forget("h-ran", "asker")
+    assert job.state is PullState.DROPPED and table._items == {}
+    assert wait_until(lambda: all(rank.dropped for rank in ranks), 5)
+    table.close()  # every submitted drop has run
+    assert [rank.dropped for rank in ranks] == [[("h-ran", job.pull_id)]] * 2
+
+
+def test_a_pull_that_ends_before_it_ran_orders_no_drop(ranked):
+    table, ranks = ranked
+    job = table.expect("h-never-announced", 8, "asker")
+    table.forget("h-never-announced", "asker")
+    assert job.state is PullState.DROPPED
+    table.close()
+    assert [rank.dropped for rank in ranks] == [[], []]
+
+
+def test_the_workers_may_hold_copies_only_of_a_running_or_ready_pull_and_lose_them_by_its_end():
+    assert {PullState.RUNNING, PullState.READY} == HOLDING
+    for state in HOLDING:  # any of them may end, and drop its copies
+        assert {PullState.FAILED, PullState.DROPPED} <= TRANSITIONS[state]
+    assert PullState.LOADED in TRANSITIONS[PullState.READY]  # or be lent to vLLM instead

@@ -9,15 +9,16 @@ vLLM's scheduler thread never waits on the network: each pull runs as a job on
 a small thread pool (its network work is `pull_runner`'s), and so do drops,
 give-backs and meetings; the scheduler thread only looks at a job's state. Its
 one wait is `park`, on a step with nothing to run (`ConsumerScheduler.idle_step`
-says why). A job fails as a whole: workers that did READ drop the item, and
-the lease goes back.
+says why).
 
-Each job is one pull with an id of its own, and every order to the workers
-that removes a copy (drop, load, free) names it: a job that ends late (its
+Each job is one pull with an id of its own, and it changes only by the
+transitions of `pull_state`. It ends one way, `_end_locked`: FAILED (it fails
+as a whole: its requests fall back, the lease goes back) or DROPPED (no request
+relies on it: the last one ended, or an unasked prefetch went stale or made
+room), and the workers then drop that pull's copies, once. Every order that
+removes a copy (drop, load, free) names the pull: a job that ends late (its
 request aborted while it ran, the same image asked for again at once) frees
-only its own copy, never the one a newer job read. A job lasts while a request
-relies on it: a request that ends leaves the job to the others that share the
-item, and only the last one's end stops it.
+only its own copy, never the one a newer job read.
 
 A job starts in one of three ways: a request names where its item is
 (`start`); a request says its item is still being encoded (`expect`: the pull
@@ -36,7 +37,7 @@ from dataclasses import dataclass
 
 from ec_nixl.config import DEFAULT_RECEIVE_BYTES
 from ec_nixl.consumer.pull_runner import PullRunner
-from ec_nixl.consumer.pull_state import WAITING, PullJob, PullState
+from ec_nixl.consumer.pull_state import HOLDING, WAITING, PullJob, PullState
 from ec_nixl.consumer.resolver import Resolver
 from ec_nixl.consumer.worker_link import Load, WorkerClient
 from ec_nixl.control.messages import Announcement
@@ -117,7 +118,6 @@ class ItemTable:
             if new and item.holder is not None:
                 self._submit_locked(job, item.holder)
         if job.awaiting and time.monotonic() - job.started_at > self._timeout_s:
-            self.stats.count("pull_failures", label=DeadlineExceededError.__name__)
             self._fail(job, DeadlineExceededError(
                 f"{mm_hash}: no encoder announced it within {self._timeout_s:.1f} s"
             ))  # fmt: skip
@@ -295,7 +295,6 @@ class ItemTable:
         check them before reading only when a request asked first); if not, it fails."""
         if job.rows == job.num_embeds:
             return True
-        self.stats.count("pull_failures", label=RefusedError.__name__)
         self._fail(job, RefusedError(
             f"{job.mm_hash}: the encoder sent {job.rows} rows, the request needs {job.num_embeds}"
         ))  # fmt: skip
@@ -317,46 +316,68 @@ class ItemTable:
             return False
         now = time.monotonic()
         with self._lock:  # stale ones leave under the lock: no request can ask for them after
-            stale = [job for job in self._unasked_locked() if now - job.started_at > PREFETCH_TTL_S]
-            for job in stale:
-                self._end_job_locked(job)
+            for job in self._unasked_locked():
+                if now - job.started_at > PREFETCH_TTL_S:
+                    self._end_locked(job, PullState.DROPPED)
             item = self._item(mm_hash)
             started = item.job is None
             if started:
-                stale += self._make_room_locked(nbytes)
+                self._make_room_locked(nbytes)
                 job = item.job = PullJob(mm_hash, None, 0, nbytes=nbytes)
                 self._submit_locked(job, encoder_id, announcement)
-        for job in stale:
-            self._drop_when_done(job)
         return started
 
-    def _make_room_locked(self, nbytes: int) -> list[PullJob]:
-        """Prefetches no request asked for, to drop, oldest first, so that `nbytes` more fit."""
+    def _make_room_locked(self, nbytes: int) -> None:
+        """Drop prefetches no request asked for, oldest first, so that `nbytes` more fit."""
         unasked = sorted(  # prefetches (a request's own job has no size: never dropped)
             (job for job in self._unasked_locked() if job.nbytes),
             key=lambda job: job.started_at,
         )
         held = sum(job.nbytes for job in unasked)
-        dropped = []
+        dropped = 0
         while unasked and held + nbytes > self._prefetch_bytes:
             job = unasked.pop(0)
-            self._end_job_locked(job)
+            self._end_locked(job, PullState.DROPPED)
             held -= job.nbytes
-            dropped.append(job)
+            dropped += 1
         if dropped:
-            self.stats.count("prefetches_dropped", len(dropped))
-        return dropped
+            self.stats.count("prefetches_dropped", dropped)
 
     def _unasked_locked(self) -> list[PullJob]:
         return [i.job for i in self._items.values() if i.job and i.job.asked_at is None]
 
-    def _end_job_locked(self, job: PullJob) -> None:
-        """The item's entry no longer has this job (if it still had it)."""
-        job.move(PullState.DROPPED)
-        item = self._items.get(job.mm_hash)
-        if item is not None and item.job is job:
-            item.job = None
-            self._prune(job.mm_hash)
+    def _end_locked(
+        self, job: PullJob, ending: PullState, error: ECNixlError | None = None
+    ) -> None:
+        """The one way a pull ends, if it has not (a READ that fails after its job was
+        dropped or loaded changes nothing). FAILED: its requests fall back; a prefetch,
+        which no request relies on, is forgotten at once. DROPPED: no request relies on
+        it, and the item's entry lets go of it. Workers that may hold its copies drop
+        them once its READs are over."""
+        holding = job.state in HOLDING
+        if not job.move(ending):
+            return
+        job.error = error or job.error
+        if job.state is PullState.FAILED and job.asked_at is None:
+            job.move(PullState.DROPPED)
+        if job.state is PullState.DROPPED:
+            item = self._items.get(job.mm_hash)
+            if item is not None and item.job is job:
+                item.job = None
+                self._prune(job.mm_hash)
+        if holding:
+            assert job.future is not None  # it ran: `_submit_locked`
+            job.future.add_done_callback(lambda _: self._drop_copies(job))
+
+    def _drop_copies(self, job: PullJob) -> None:
+        """Workers free the pull's copies (a newer pull's stay), on the pool: never on the
+        caller's (scheduler) thread. Not once closing: a job cancelled by the pool's
+        shutdown calls this from inside it, where a submit would wait for the shutdown
+        itself (and the workers' copies go with the workers)."""
+        if self._closing.is_set():
+            return
+        for worker in self._runner.workers:
+            self._pool.submit(worker.drop, [job.mm_hash], job.pull_id)
 
     def meet(self, encoder_id: str) -> None:
         """Handshake with an encoder once, in the background, and have every worker load
@@ -394,24 +415,8 @@ class ItemTable:
             if job is None or request_id not in job.users:
                 return
             job.users.discard(request_id)
-            if job.users:
-                return
-            self._end_job_locked(job)
-        self._drop_when_done(job)
-
-    def _drop_when_done(self, job: PullJob) -> None:
-        if job.future is not None:
-            job.future.add_done_callback(lambda _: self._drop(job))
-
-    def _drop(self, job: PullJob) -> None:
-        """Workers free the job's copy (a newer pull's stays), on the pool: never on the
-        caller's (scheduler) thread. Not once closing: a job cancelled by the pool's
-        shutdown calls this from inside it, where a submit would wait for the shutdown
-        itself (and the workers' copies go with the workers)."""
-        if self._closing.is_set():
-            return
-        for worker in self._runner.workers:
-            self._pool.submit(worker.drop, [job.mm_hash], job.pull_id)
+            if not job.users:
+                self._end_locked(job, PullState.DROPPED)
 
     def close(self) -> None:
         self._closing.set()
@@ -433,7 +438,6 @@ class ItemTable:
             if not isinstance(exc, ECNixlError):
                 logger.exception("pull of %s failed unexpectedly", job.mm_hash)
                 exc = ECNixlError(f"unexpected {type(exc).__name__}: {exc}")
-            self.stats.count("pull_failures", label=type(exc).__name__)
             self._fail(job, exc)
             if resolution is not None:
                 # After the request learned of the failure, so a stalled encoder holds
@@ -470,13 +474,10 @@ class ItemTable:
             )  # fmt: skip
 
     def _fail(self, job: PullJob, exc: ECNixlError) -> None:
-        self._drop(job)  # some workers may hold it
-        with self._lock:  # a failed prefetch is forgotten: a request will try afresh
-            job.error = exc
-            job.move(PullState.FAILED)
+        self.stats.count("pull_failures", label=type(exc).__name__)
+        with self._lock:
+            self._end_locked(job, PullState.FAILED, exc)
             prefetch = job.asked_at is None
-            if prefetch:
-                self._end_job_locked(job)
         source = job.encoder_id or "any encoder"
         if isinstance(exc, HandshakeError):
             self._report_incompatible(source, exc)

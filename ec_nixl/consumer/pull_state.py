@@ -1,5 +1,10 @@
 """One pull of PD's scheduler and the states it goes through: a table of transitions,
-kept apart from the item table that drives them so that it reads (and is tested) alone."""
+kept apart from the item table that drives them so that it reads (and is tested) alone.
+
+What a transition orders the workers to do follows from the table: entering RUNNING
+sends every rank its READ; READY to LOADED lends each rank's copy to vLLM's encoder
+cache; leaving RUNNING or READY for FAILED or DROPPED has the ranks drop their copies
+(once the READs are over), so a pull's copies are dropped exactly once, by its id."""
 
 from __future__ import annotations
 
@@ -37,6 +42,8 @@ TRANSITIONS: dict[PullState, frozenset[PullState]] = {
 }
 # A request relying on a pull in these waits for it.
 WAITING = frozenset({PullState.AWAITING, PullState.RUNNING})
+# The workers may hold copies of a pull in these; ending it from them drops the copies.
+HOLDING = frozenset({PullState.RUNNING, PullState.READY})
 
 
 @dataclass

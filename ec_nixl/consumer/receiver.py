@@ -105,6 +105,8 @@ class Receiver:
             raise RefusedError(f"encoder {order.encoder_id!r} is not configured")
         if not order.items or len(order.num_embeds) != len(order.items):
             raise RefusedError(f"{len(order.items)} items but {len(order.num_embeds)} shapes")
+        if order.pull_id <= 0:
+            raise RefusedError(f"an order must name its pull (pull id {order.pull_id})")
         for item, rows in zip(order.items, order.num_embeds, strict=True):
             self.model.check(item, rows)
         self.resolver.learn(address, order.peer)
@@ -119,7 +121,7 @@ class Receiver:
             dropped = order.pull_id in self._dropped  # while it read: nobody will load it
             if dropped:
                 freed = pulled
-            else:  # only orders that name no pull (0) repeat a key: the newest copy stays
+            else:  # a key held already (an order naming one item twice): the newest copy stays
                 freed = [self._held.pop(key) for key in keys if key in self._held]
                 self._held.update(zip(keys, pulled, strict=True))
         for item in freed:
@@ -203,10 +205,9 @@ class Receiver:
         with self._lock:
             keys = [(h, pull_id) for h in mm_hashes]
             dropped = [self._held.pop(key) for key in keys if key in self._held]
-            if pull_id:  # 0 names no pull: nothing to remember
-                self._dropped[pull_id] = None
-                if len(self._dropped) > DROPPED_MEMORY:
-                    del self._dropped[next(iter(self._dropped))]
+            self._dropped[pull_id] = None
+            if len(self._dropped) > DROPPED_MEMORY:
+                del self._dropped[next(iter(self._dropped))]
         for item in dropped:
             self.puller.free(item)
 

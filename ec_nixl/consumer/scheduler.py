@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 from ec_nixl.consumer.items import ItemTable
@@ -45,6 +46,17 @@ IDLE_PARK_S = 0.01
 MAX_LOGGED_KEYS = 32
 
 
+@dataclass
+class _Noted:
+    """What was counted and logged of one live request, so that each is said once; it
+    goes when the request ends."""
+
+    refused: bool = False  # its params were refused
+    unmatched: bool = False  # its params named none of its items
+    unknown_keys: bool = False  # its params carried keys we do not know
+    fell_back: set[str] = field(default_factory=set)  # its items encoded here instead
+
+
 class ConsumerScheduler:
     def __init__(
         self,
@@ -60,12 +72,9 @@ class ConsumerScheduler:
         self._encode_on_failure = encode_on_failure
         self._promised: dict[str, PullJob] = {}  # has_item said yes, this scheduling pass
         self._to_load: list[Load] = []
-        self._unavailable: set[str] = set()
+        self._unavailable: set[str] = set()  # request ids to fail at the end of this step
+        self._noted: dict[str, _Noted] = {}  # by request id
         self._warned_unmatched = False
-        self._fell_back: set[tuple[str, str]] = set()  # (request id, mm_hash), for counting
-        self._refused: set[str] = set()  # request ids whose params were refused, for counting
-        self._unmatched: set[str] = set()  # request ids whose params named none of their items
-        self._unknown: set[str] = set()  # request ids whose params carried keys we do not know
         self._logged_keys: set[str] = set()  # unknown keys said in the log (once each)
         self.stats = items.stats
         for encoder_id in encoders:  # now, so that no first pull pays for meeting it
@@ -112,9 +121,13 @@ class ConsumerScheduler:
                 self._fall_back(request, feature, str(job.error))
         return not pending and request.request_id not in self._unavailable
 
+    def _note(self, request: Any) -> _Noted:
+        return self._noted.setdefault(request.request_id, _Noted())
+
     def _refuse(self, request: Any, exc: RefusedError) -> None:
-        if request.request_id not in self._refused:
-            self._refused.add(request.request_id)
+        noted = self._note(request)
+        if not noted.refused:
+            noted.refused = True
             self.stats.count("refused_params")
             logger.warning("request %s: %s", request.request_id, exc)
         for feature in request.mm_features:
@@ -128,8 +141,8 @@ class ConsumerScheduler:
             self._fail(request, f"{feature.identifier}: {reason}; load_failure_policy is 'fail'")
         elif feature.data is None:
             self._fail(request, f"{feature.identifier}: {reason}; no media to encode locally")
-        elif (request.request_id, feature.identifier) not in self._fell_back:
-            self._fell_back.add((request.request_id, feature.identifier))
+        elif feature.identifier not in (fell_back := self._note(request).fell_back):
+            fell_back.add(feature.identifier)
             self.stats.count("fallbacks")
 
     def has_item(self, mm_hash: str) -> bool:
@@ -217,19 +230,17 @@ class ConsumerScheduler:
     def request_finished(self, request: Any) -> None:
         """Items pulled for a request that ended without loading them are dropped, unless
         another live request relies on them."""
-        self._refused.discard(request.request_id)
-        self._unmatched.discard(request.request_id)
-        self._unknown.discard(request.request_id)
+        self._noted.pop(request.request_id, None)
         for feature in request.mm_features:
             self._items.forget(feature.identifier, request.request_id)
-            self._fell_back.discard((request.request_id, feature.identifier))
 
     def _note_if_unmatched(self, request: Any, where: dict[str, str]) -> None:
-        if not where or request.request_id in self._unmatched:
+        if not where or any(feature.identifier in where for feature in request.mm_features):
             return
-        if any(feature.identifier in where for feature in request.mm_features):
+        noted = self._note(request)
+        if noted.unmatched:
             return
-        self._unmatched.add(request.request_id)
+        noted.unmatched = True
         self.stats.count("unmatched_params")
         if not self._warned_unmatched:
             self._warned_unmatched = True
@@ -246,9 +257,9 @@ class ConsumerScheduler:
     def _note_unknown_keys(self, request: Any, keys: frozenset[str]) -> None:
         """Keys that neither side knows are followed (a newer vLLM on the encoder adds
         some), counted per request, and each named once in the log."""
-        if not keys or request.request_id in self._unknown:
+        if not keys or (noted := self._note(request)).unknown_keys:
             return
-        self._unknown.add(request.request_id)
+        noted.unknown_keys = True
         self.stats.count("unknown_param_keys")
         for key in sorted(keys - self._logged_keys)[: MAX_LOGGED_KEYS - len(self._logged_keys)]:
             self._logged_keys.add(key)

@@ -99,7 +99,7 @@ class PullOrder:
     num_embeds: list[int]  # per item: the rows the request's placeholder takes (0: unknown)
     valid_until: float  # local monotonic time
     deadline: float
-    pull_id: int  # what the worker keeps the items under (0: an order that names no pull)
+    pull_id: int  # what the worker keeps the items under (from 1: the proto's 0 names none)
     peer: PeerInfo  # the encoder's handshake, as the scheduler met it
 
 
