@@ -10,6 +10,10 @@ p50/p99, pulls a second, the exporter's CPU per export and per pull, its
 threads and RSS at the end, and errors. With --stall, consumer 0 stops reading
 its stream after its fifth event, for the rest of the run: the run reports
 exports that failed and how long after it stopped the encoder cut it off.
+With --pull resolve, the consumers watch without claims and pull each item with
+a Resolve (as PD does when an announcement carries no claim, or none came): with
+--rate, what E spends per resolved pull. With --pull none, they pull nothing (a
+router, or the proxy's directory): the fan-out alone.
 Takes about a minute per N; not part of CI.
 """
 
@@ -47,15 +51,25 @@ def spec(index: int, size: int) -> TensorSpec:
     return TensorSpec(torch.bfloat16, (size // 2048, 1024), seed=index % SEEDS)
 
 
-def _consume(index: int, address: str, items: int, size: int, run_s: float, stall_s: float, out):
-    """One consumer process: follow, pull, check; put its figures on `out`. With
-    `stall_s`, stop reading after STALL_AFTER events for that long."""
+def _consume(
+    index: int,
+    address: str,
+    items: int,
+    size: int,
+    run_s: float,
+    stall_s: float,
+    pull: str,
+    out,
+):
+    """One consumer process: follow, pull (`pull`: "claim", "resolve" or "none") and
+    check; put its figures on `out`. With `stall_s`, stop reading after STALL_AFTER
+    events for that long."""
     consumer_id = f"fanout-{index}"
     resolver = Resolver(consumer_id=consumer_id)
     puller = Puller(Arena(4 * size + (1 << 20)))
     deadline = time.monotonic() + DEFAULT_PULL_TIMEOUT_S
     puller.meet(address, resolver.peer(address, deadline=deadline), deadline)  # as PD at start
-    stream = resolver.client(address).watch(consumer_id, claim=True, readers=1)
+    stream = resolver.client(address).watch(consumer_id, claim=pull == "claim", readers=1)
     result: dict[str, Any] = {"accepted": False, "fanout_ms": [], "pulls": 0, "errors": []}
     stream.wait_open()
     out.put(("open", index))
@@ -72,9 +86,9 @@ def _consume(index: int, address: str, items: int, size: int, run_s: float, stal
                 out.put(("stalled", index, time.monotonic()))
                 time.sleep(stall_s)  # the stream stays open, unread
                 break
-            if event.claim is None:
+            if pull == "claim" and event.claim is None:
                 result["errors"].append("announced without a claim")
-            else:
+            elif pull != "none":
                 _pull(resolver, puller, address, event, size, result)
             if seen == items:
                 break
@@ -88,7 +102,10 @@ def _consume(index: int, address: str, items: int, size: int, run_s: float, stal
 def _pull(resolver, puller, address: str, event, size: int, result: dict[str, Any]) -> None:
     deadline = time.monotonic() + DEFAULT_PULL_TIMEOUT_S
     try:
-        resolution = resolver.checked(address, [event.claim], event.received_at, deadline)
+        if event.claim is None:
+            resolution = resolver.resolve(address, [event.mm_hash], deadline)
+        else:
+            resolution = resolver.checked(address, [event.claim], event.received_at, deadline)
         [item] = puller.read(resolution, deadline)
     except ECNixlError as exc:
         result["errors"].append(f"pull: {type(exc).__name__}")
@@ -135,7 +152,16 @@ def measure(consumers: int, args: argparse.Namespace) -> dict[str, Any]:
         procs = [
             context.Process(
                 target=_consume,
-                args=(i, exporter.address, args.items, args.size, run_s, stall_s * (i == 0), out),
+                args=(
+                    i,
+                    exporter.address,
+                    args.items,
+                    args.size,
+                    run_s,
+                    stall_s * (i == 0),
+                    args.pull,
+                    out,
+                ),
                 daemon=True,
             )
             for i in range(consumers)
@@ -230,6 +256,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pool-mib", type=int, default=64, help="the exporter's pool (64)")
     parser.add_argument(
         "--stall", action="store_true", help="consumer 0 stops reading after its 5th event"
+    )
+    parser.add_argument(
+        "--pull",
+        choices=("claim", "resolve", "none"),
+        default="claim",
+        help="how consumers pull each item: under the claim its announcement carries "
+        "(default), with a Resolve, or not at all (the fan-out alone)",
     )
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the rows here")
 
