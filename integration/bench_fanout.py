@@ -7,7 +7,8 @@ under its claim, the bytes checked on every tenth. The exporter exports
 were refused), fan-out from an event's publication to its receipt (the two
 processes' wall clocks: one host) p50/p99/max, export() inside the exporter
 p50/p99, pulls a second, the exporter's CPU per export and per pull, its
-threads and RSS at the end, and errors. With --stall, consumer 0 stops reading
+threads and RSS at the end, how busy the host's CPUs were (all processes: near
+100%, every latency is queueing), and errors. With --stall, consumer 0 stops reading
 its stream after its fifth event, for the rest of the run: the run reports
 exports that failed and how long after it stopped the encoder cut it off.
 With --pull resolve, the consumers watch without claims and pull each item with
@@ -127,6 +128,14 @@ def _cpu_s(pid: int) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
+def _host_jiffies() -> tuple[int, int]:
+    """(busy, all) CPU time of the whole host since boot, from /proc/stat."""
+    with open("/proc/stat") as stat:
+        fields = [int(n) for n in stat.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle, iowait
+    return sum(fields) - idle, sum(fields)
+
+
 def _status(pid: int) -> dict[str, int]:
     with open(f"/proc/{pid}/status") as status:
         lines = dict(line.split(":", 1) for line in status if ":" in line)
@@ -171,7 +180,7 @@ def measure(consumers: int, args: argparse.Namespace) -> dict[str, Any]:
         messages = [out.get(timeout=START_TIMEOUT_S)]  # until each stream is open (or refused)
         while sum(m[0] == "open" for m in messages) < consumers:
             messages.append(out.get(timeout=START_TIMEOUT_S))
-        cpu_before, started = _cpu_s(exporter.pid), time.monotonic()
+        cpu_before, host_before, started = _cpu_s(exporter.pid), _host_jiffies(), time.monotonic()
         export_ms, failed = [], 0
         watching, stalled_at, cut_off_s = exporter.stats()["watchers"], None, None
         for n in range(args.items):
@@ -194,6 +203,7 @@ def measure(consumers: int, args: argparse.Namespace) -> dict[str, Any]:
         results = [m[2] for m in sorted(m for m in messages if m[0] == "result")]
         elapsed = time.monotonic() - started
         cpu = _cpu_s(exporter.pid) - cpu_before
+        host = [after - before for after, before in zip(_host_jiffies(), host_before, strict=True)]
         status = _status(exporter.pid)
     for proc in procs:
         proc.join(timeout=10)
@@ -211,6 +221,7 @@ def measure(consumers: int, args: argparse.Namespace) -> dict[str, Any]:
         "e_cpu_ms_per_pull": round(cpu * 1000 / max(1, pulls), 2),
         "e_threads": status["threads"],
         "e_rss_mib": status["rss_mib"],
+        "host_cpu_busy_pct": round(100 * host[0] / max(1, host[1])),
         "errors": sorted({e for r in results for e in r["errors"]})[:10],
     }
     if args.stall:
@@ -224,11 +235,12 @@ PERCENTILES = {"p50": 0.5, "p99": 0.99, "max": 1.0}
 def table(rows: list[dict[str, Any]], stall: bool) -> str:
     head = (
         "| consumers | watchers accepted | fan-out ms p50 / p99 / max | export() ms p50 / p99 "
-        "| exports failed | pulls/s | E CPU ms per export / per pull | E threads | E RSS MiB |"
+        "| exports failed | pulls/s | E CPU ms per export / per pull | E threads | E RSS MiB "
+        "| host CPU busy % |"
     )
     lines = [
         head + (" stalled watcher cut off after s |" if stall else ""),
-        "|---" * (9 + stall) + "|",
+        "|---" * (10 + stall) + "|",
     ]
     for r in rows:
         f, e = r["fanout_ms"], r["export_ms"]
@@ -236,7 +248,7 @@ def table(rows: list[dict[str, Any]], stall: bool) -> str:
             f"| {r['consumers']} | {r['watchers_accepted']} | {f['p50']} / {f['p99']} / "
             f"{f['max']} | {e['p50']} / {e['p99']} | {r['exports_failed']} | {r['pulls_per_s']} "
             f"| {r['e_cpu_ms_per_export']} / {r['e_cpu_ms_per_pull']} | {r['e_threads']} "
-            f"| {r['e_rss_mib']} |"
+            f"| {r['e_rss_mib']} | {r['host_cpu_busy_pct']} |"
         )
         cut_off = r.get("stalled_watcher_cut_off_s")
         lines.append(line + (f" {'never' if cut_off is None else cut_off} |" if stall else ""))
