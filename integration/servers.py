@@ -263,10 +263,13 @@ def start_vllm(
     encoder_only: bool = False,
     port: int | None = None,
     tensor_parallel: int = 1,
+    dev_mode: bool = False,
 ) -> Server:
     """An OpenAI server for `MODEL_NAME`, resolved relative to `workdir` (vLLM's
     mm_hash includes the --model string, so E and PD must use the same one).
-    `cpu` binds its OpenMP threads: one core, or one per rank ("0|1")."""
+    `cpu` binds its OpenMP threads: one core, or one per rank ("0|1"). `dev_mode`
+    adds vLLM's /pause and /resume (development mode) and /load (the requests its front end
+    holds): a test can freeze the engine and see requests arrive and leave."""
     port = port or free_port()
     argv = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
@@ -280,9 +283,13 @@ def start_vllm(
         argv += ["--tensor-parallel-size", str(tensor_parallel)]
     if encoder_only:
         argv.append("--mm-encoder-only")
+    if dev_mode:
+        argv.append("--enable-server-load-tracking")
     if ec_transfer_config is not None:
         argv += ["--ec-transfer-config", json.dumps(ec_transfer_config)]
     env = {"VLLM_CPU_OMP_THREADS_BIND": str(cpu), "PYTHONUNBUFFERED": "1"}
+    if dev_mode:
+        env["VLLM_SERVER_DEV_MODE"] = "1"
     return _spawn(name, argv, cwd=workdir, env=env, log_dir=log_dir, port=port)
 
 

@@ -128,6 +128,8 @@ ELSEWHERE = [
      "tests/test_server_lifetime.py::test_a_vllm_instance_dies_with_its_command"),
     ("clients that hang up on requests that are not streamed (PD generated to the end)",
      "tests/test_proxy.py::test_a_client_that_leaves_ends_its_request_at_pd"),
+    ("the same, through the proxy in front of a real vLLM instance",
+     "tests/test_hang_ups.py::test_clients_that_hang_up_have_their_requests_dropped"),
     ("a PD worker socket that never accepts (a full backlog hung the scheduler in connect)",
      "tests/test_worker_link.py::test_a_worker_that_never_accepts_fails_the_order_at_its_deadline"),
 ]  # fmt: skip
