@@ -82,6 +82,7 @@ from aiohttp import web
 from ec_nixl.control.security import add_client_arguments, client_security
 from ec_nixl.errors import ConfigError
 from ec_nixl.proxy.directory import EncoderDirectory
+from ec_nixl.proxy.encoders import Encoders
 from ec_nixl.proxy.media import (
     MediaError,
     Named,
@@ -89,10 +90,9 @@ from ec_nixl.proxy.media import (
     TooManyItems,
     media_positions,
     name_by_content,
-    split_by_item,
     without,
 )
-from ec_nixl.transfer_params import ENCODER_ID, announce_params, consumer_params
+from ec_nixl.transfer_params import ENCODER_ID, announce_params
 
 logger = logging.getLogger("ec_nixl.proxy")
 
@@ -109,15 +109,6 @@ PD_TIMEOUT = aiohttp.ClientTimeout(total=600)
 # aiohttp lets a handler run on when its client hangs up; cancelled instead, it closes its
 # requests to the encoders and PD, and vLLM aborts them rather than generate for no one.
 SERVER_OPTIONS = {"handler_cancellation": True}
-# Encoder requests drop these: they only shape the text generated, and an encoder's one
-# token is thrown away (tools and schemas can be large, and each share would carry them).
-NOT_FOR_ENCODERS = (
-    "max_completion_tokens", "stream_options", "tools", "tool_choice", "parallel_tool_calls",
-    "response_format", "structured_outputs",
-)  # fmt: skip
-
-
-DOWN_FOR_S = 5.0
 PHASE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 2, 5, 10)
 
 
@@ -164,28 +155,17 @@ class EPDProxy:
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         max_body_bytes_in_flight: int = DEFAULT_MAX_BODY_BYTES_IN_FLIGHT,
     ) -> None:
-        self.encoders = encoders
         self.max_media_items = max_media_items
         self.max_body_bytes = max_body_bytes
         self._bodies = BodyBudget(max_body_bytes_in_flight)
-        self._encoder_slots = asyncio.Semaphore(encoder_concurrency)
         self.directory = directory
         self.pds = pds
         self._next_pd = itertools.cycle(pds)
         self.overlap = overlap
-        self._encoder_timeout = aiohttp.ClientTimeout(total=encoder_timeout_s)
-        self._turn = itertools.cycle(encoders)
-        self._down_until = dict.fromkeys(encoders, 0.0)
+        self._health_timeout = aiohttp.ClientTimeout(total=encoder_timeout_s)
         self._session: aiohttp.ClientSession | None = None
         self.registry = prometheus_client.CollectorRegistry()
-        self._encoder_failures = prometheus_client.Counter(
-            "ec_nixl_proxy_encoder_failures", "Encoder requests that failed or timed out",
-            ["encoder"], registry=self.registry,
-        )  # fmt: skip
-        self._local_encodes = prometheus_client.Counter(
-            "ec_nixl_proxy_local_encodes", "Requests PD encoded itself: no encoder answered",
-            registry=self.registry,
-        )  # fmt: skip
+        self._encoders = Encoders(encoders, encoder_timeout_s, encoder_concurrency, self.registry)
         self._encode_seconds = prometheus_client.Histogram(
             "ec_nixl_proxy_encode_seconds", "From a request's arrival to its encoders' answers",
             buckets=PHASE_BUCKETS, registry=self.registry,
@@ -228,54 +208,8 @@ class EPDProxy:
             self.directory.close()
 
     async def encode(self, path: str, body: dict[str, Any], pd: PD) -> list[dict[str, Any] | None]:
-        """Spread the request's images over the encoders, telling them which PD will
-        serve it: each share's `ec_transfer_params` ({} for a share without images),
-        None for a share no encoder answered."""
-        if pd.name:
-            body = {**body, "ec_transfer_params": consumer_params(pd.name)}
-        shares = split_by_item(body) if len(self.encoders) > 1 else [body]
         with self._encode_seconds.time():
-            return await asyncio.gather(*(self._encode_share(path, share) for share in shares))
-
-    def _next_encoder(self) -> str | None:
-        """Round-robin over encoders, skipping one that failed in the last DOWN_FOR_S;
-        None while all did (a stalled encoder would cost every request the timeout)."""
-        now = time.monotonic()
-        for _ in self.encoders:
-            encoder = next(self._turn)
-            if self._down_until[encoder] <= now:
-                return encoder
-        return None
-
-    async def _encode_share(self, path: str, body: dict[str, Any]) -> dict[str, Any] | None:
-        request = {**body, "max_tokens": 1, "stream": False}
-        for key in NOT_FOR_ENCODERS:
-            request.pop(key, None)
-        for _ in self.encoders:
-            encoder = self._next_encoder()
-            if encoder is None:
-                break
-            try:
-                async with (
-                    self._encoder_slots,
-                    self._session.post(
-                        encoder + path, json=request, timeout=self._encoder_timeout
-                    ) as reply,
-                ):
-                    if reply.status == 200:
-                        return (await reply.json()).get("ec_transfer_params") or {}
-                    # The request itself is bad: another encoder would say the same.
-                    logger.warning("encoder %s answered %d", encoder, reply.status)
-                    return None
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                logger.warning(
-                    "encoder %s failed (%r); skipping it for %.0f s", encoder, exc, DOWN_FOR_S
-                )
-                self._down_until[encoder] = time.monotonic() + DOWN_FOR_S
-                self._encoder_failures.labels(encoder).inc()
-        logger.warning("no encoder answered; PD will encode locally")
-        self._local_encodes.inc()
-        return None
+            return await self._encoders.encode(self._session, path, body, pd.name)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """Read the body within the bounds on bodies, then serve the request; the body's
@@ -452,7 +386,7 @@ class EPDProxy:
         try:
             for pd in self.pds:
                 async with self._session.get(
-                    pd.url + "/health", timeout=self._encoder_timeout
+                    pd.url + "/health", timeout=self._health_timeout
                 ) as reply:
                     if reply.status != 200:
                         return web.Response(status=reply.status)
