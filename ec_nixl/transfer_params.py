@@ -11,9 +11,12 @@ Two forms, from the proxy:
   event stream.
 The request an encoder gets may carry `{"consumer_id": "pd0"}`: the PD that will
 serve it, which the encoder then announces the request's items to with a claim
-(PD prefetches them; other PDs do not). An encoder is named by id, never by
-address: the PD side maps ids to the endpoints it was configured with, so a
-client cannot steer it to an arbitrary host. Everything here comes from the
+(PD prefetches them; other PDs do not), and its answer says so beside each
+item's encoder id (`"claimed_for": "pd0"`): a request that reaches that PD
+before the announcement waits a moment for its claim instead of resolving.
+An encoder is named by id, never by address: the PD side maps ids to the
+endpoints it was configured with, so a client cannot steer it to an arbitrary
+host. Everything here comes from the
 client and is checked as hostile input.
 """
 
@@ -28,6 +31,7 @@ from ec_nixl.errors import RefusedError
 
 ENCODER_ID = "encoder_id"
 CONSUMER_ID = "consumer_id"
+CLAIMED_FOR = "claimed_for"
 VLLM_ITEM_LIST = "ec_items"  # vLLM's example EPD proxy adds it to PD's params; unused here
 ANNOUNCED = "*"  # as an item key: every item not named; as an encoder id: whichever announces it
 MAX_ITEMS = 1024
@@ -68,10 +72,15 @@ class Sources:
     # Keys beside an item's encoder id that neither side knows, e.g. from a newer vLLM
     # on the encoder: followed anyway, like unknown protobuf fields, and reported.
     unknown_keys: frozenset[str] = frozenset()
+    # mm_hash -> the PD its encoder announces it to with a claim
+    claimed_for: dict[str, str] = field(default_factory=dict)
 
 
-def make_params(encoder_id: str, mm_hashes: Iterable[str]) -> dict[str, dict[str, str]]:
-    return {mm_hash: {ENCODER_ID: encoder_id} for mm_hash in mm_hashes}
+def make_params(
+    encoder_id: str, mm_hashes: Iterable[str], claimed_for: str = ""
+) -> dict[str, dict[str, str]]:
+    entry = {ENCODER_ID: encoder_id, **({CLAIMED_FOR: claimed_for} if claimed_for else {})}
+    return {mm_hash: dict(entry) for mm_hash in mm_hashes}
 
 
 def announce_params() -> dict[str, dict[str, str]]:
@@ -94,6 +103,7 @@ def parse_params(params: Any, known_encoders: Iterable[str]) -> Sources:
         raise RefusedError(f"ec_transfer_params names {len(params)} items; at most {MAX_ITEMS}")
     known = set(known_encoders)
     items: dict[str, str] = {}
+    claimed_for: dict[str, str] = {}
     unknown: set[str] = set()
     for key, entry in params.items():
         if key == VLLM_ITEM_LIST and isinstance(entry, list):
@@ -112,8 +122,19 @@ def parse_params(params: Any, known_encoders: Iterable[str]) -> Sources:
                 f"which is not configured (known: {', '.join(sorted(known))})"
             )
         items[key] = encoder_id
+        if CLAIMED_FOR in entry:
+            claimed_for[key] = _claimed_for(key, entry[CLAIMED_FOR])
     announced = items.pop(ANNOUNCED, None) is not None
-    return Sources(items, announced, frozenset(unknown))
+    return Sources(items, announced, frozenset(unknown), claimed_for)
+
+
+def _claimed_for(key: str, consumer: Any) -> str:
+    if not isinstance(consumer, str) or not consumer or consumer_id_problem(consumer):
+        raise RefusedError(
+            f"ec_transfer_params[{key[:64]!r}][{CLAIMED_FOR!r}] must be a consumer id, "
+            f"got {str(consumer)[:64]!r}"
+        )
+    return consumer
 
 
 def _encoder_id(key: str, entry: Any, unknown: set[str]) -> str:
@@ -129,7 +150,7 @@ def _encoder_id(key: str, entry: Any, unknown: set[str]) -> str:
             f"ec_transfer_params[{key[:64]!r}] has {len(entry)} keys; at most {MAX_ENTRY_KEYS}"
         )
     for name, value in entry.items():
-        if name == ENCODER_ID:
+        if name in (ENCODER_ID, CLAIMED_FOR):
             continue
         if not isinstance(name, str) or not 0 < len(name) <= MAX_ID_LENGTH:
             raise RefusedError(f"ec_transfer_params[{key[:64]!r}]: bad key {str(name)[:64]!r}")

@@ -181,6 +181,41 @@ def test_an_item_announced_with_a_claim_for_this_pd_is_pulled_before_its_request
     assert announced._items.job("h-routed-elsewhere") is None
 
 
+def test_a_request_that_outruns_its_claimed_items_announcement_waits_for_the_claim(
+    announced, producer, receiver, other_rank
+):
+    """The encoder's answer says it announces the item to this PD with a claim, and the
+    request got here first (on a busy host the announcement can lag the answer): the
+    pull waits for the announcement and READs under its claim, no resolve. (The rig's
+    watcher goes by test-watch, its scheduler by its own id: in PD they are one.)"""
+    time.sleep(0.3)  # the watcher's stream is open: a claim comes with live exports only
+    params = make_params("enc0", ["h-outran"], claimed_for=announced._items.consumer_id)
+    req = request("outran", ["h-outran"], params)
+    assert not announced.ensure_available(req, 0)
+    assert announced._items.job("h-outran").awaiting  # for the claim
+    producer.export("h-outran", item(seed=22), target="test-watch")
+    settle(announced, req)
+    assert "h-outran" in held(receiver[0]) and "h-outran" in held(other_rank[0])
+    data = announced.stats.take()
+    assert data["counters"]["claimed_pulls"] == 1
+    assert "resolve_seconds" not in data["observations"]
+
+
+def test_a_claim_that_does_not_come_is_waited_for_a_moment_then_the_item_resolved(
+    scheduler, producer, receiver
+):
+    """No event stream (down, or reconnecting): after CLAIM_WAIT_S the pull resolves."""
+    producer.export("h-claim-lost", item(seed=23))
+    params = make_params("enc0", ["h-claim-lost"], claimed_for=scheduler._items.consumer_id)
+    req = request("claim-lost", ["h-claim-lost"], params)
+    assert not scheduler.ensure_available(req, 0)
+    assert scheduler._items.job("h-claim-lost").awaiting
+    settle(scheduler, req)
+    assert "h-claim-lost" in held(receiver[0])
+    data = scheduler.stats.take()
+    assert "claimed_pulls" not in data["counters"] and data["observations"]["resolve_seconds"]
+
+
 def test_with_prefetch_an_exported_item_is_pulled_before_its_request_comes(
     prefetching, producer, receiver, other_rank
 ):

@@ -103,6 +103,8 @@ def test_an_item_in_the_local_encoder_cache_is_not_pulled_again_until_evicted(sc
         {"h-x": {"encoder_id": "enc0", "item_indices": [0, 0]}},  # a repeated index
         {"h-x": {"encoder_id": "enc0", "item_indices": [-1]}},
         {"h-x": {"encoder_id": "enc0", "metadata": ["grid"]}},
+        {"h-x": {"encoder_id": "enc0", "claimed_for": "../pd"}},
+        {"h-x": {"encoder_id": "enc0", "claimed_for": 7}},
         {"h-x": {"encoder_id": "enc0", **{f"k{i}": i for i in range(16)}}},
     ],
 )

@@ -159,7 +159,7 @@ def test_only_a_ready_pull_is_loaded_and_every_state_but_an_ended_one_may_be_dro
 def test_a_pull_that_ends_after_it_ran_has_every_rank_drop_its_copies_once(ranked):
     """Failed, then forgotten by its request: one drop per rank, naming the pull."""
     table, ranks = ranked
-    job = table.start("h-ran", "enc0", 8, "asker")
+    job = table.start("h-ran", "enc0", 8, "asker", claimed=False)
     assert wait_until(lambda: job.state is PullState.FAILED, 5)
     table.forget("h-ran", "asker")
     assert job.state is PullState.DROPPED and table._items == {}

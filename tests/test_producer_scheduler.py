@@ -47,6 +47,14 @@ def test_the_encoder_claims_a_requests_items_for_the_pd_the_proxy_names():
     assert uses == {"h-r1": "pd-a", "h-r2": "pd-a", "h-p": ""}
 
 
+def test_the_encoders_answer_names_the_pd_it_announces_the_items_to_with_a_claim():
+    """So that a request that reaches that PD before the announcement waits for it."""
+    encoder = ProducerScheduler("enc0")
+    routed = request("routed-answer", ["h-r"], consumer_params("pd-a"))
+    encoder.note(routed)
+    assert encoder.finished(routed) == {"h-r": {"encoder_id": "enc0", "claimed_for": "pd-a"}}
+
+
 @pytest.mark.parametrize(
     "params",
     [

@@ -132,6 +132,8 @@ ELSEWHERE = [
      "tests/test_hang_ups.py::test_clients_that_hang_up_have_their_requests_dropped"),
     ("a PD worker socket that never accepts (a full backlog hung the scheduler in connect)",
      "tests/test_worker_link.py::test_a_worker_that_never_accepts_fails_the_order_at_its_deadline"),
+    ("a request that reaches PD before its claimed item's announcement (a busy host)",
+     "tests/test_announcements.py::test_a_request_that_outruns_its_claimed_items_announcement_waits_for_the_claim"),
 ]  # fmt: skip
 
 

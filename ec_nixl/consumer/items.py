@@ -50,6 +50,10 @@ logger = logging.getLogger(__name__)
 MAX_CONCURRENT_PULLS = 16
 # A prefetched item whose request has not come by then is not coming to this instance.
 PREFETCH_TTL_S = 30.0
+# How long a request that came before its item's claim (the encoder said it announces the
+# item to this PD with one) waits for that announcement before the pull resolves instead:
+# the announcement left the encoder before its answer did, but may be held up on a busy host.
+CLAIM_WAIT_S = 0.5
 
 
 @dataclass
@@ -92,14 +96,23 @@ class ItemTable:
         self._landed = threading.Event()  # a pull ended: a request waiting for it may go on
         self._closing = threading.Event()
 
-    def start(self, mm_hash: str, encoder_id: str, num_embeds: int, request_id: str) -> PullJob:
+    @property
+    def consumer_id(self) -> str:
+        return self._runner.resolver.consumer_id
+
+    def start(
+        self, mm_hash: str, encoder_id: str, num_embeds: int, request_id: str, claimed: bool
+    ) -> PullJob:
         """Start pulling `mm_hash` from `encoder_id` for a request, unless a job for it
-        exists; a prefetched item is adopted (and its rows checked once pulled)."""
+        exists; a prefetched item is adopted (and its rows checked once pulled). With
+        `claimed` (the encoder announces the item to this PD with a claim), the pull waits
+        up to CLAIM_WAIT_S for that announcement (`announced` starts it), then resolves."""
         with self._lock:
             item = self._item(mm_hash)
             job = item.job = item.job or PullJob(mm_hash, None, num_embeds)
             pulled = self._add_user_locked(job, num_embeds, request_id)  # before it can fail
-            if job.awaiting:
+            waiting = claimed and time.monotonic() - job.started_at < CLAIM_WAIT_S
+            if job.awaiting and not waiting:
                 self._submit_locked(job, encoder_id)
         if pulled and self._rows_fit(job):
             self.stats.count("prefetch_hits")

@@ -114,7 +114,8 @@ class ConsumerScheduler:
             if encoder_id is None:
                 job = self._items.expect(mm_hash, num_embeds, request_id)
             else:
-                job = self._items.start(mm_hash, encoder_id, num_embeds, request_id)
+                claimed = sources.claimed_for.get(mm_hash) == self._items.consumer_id
+                job = self._items.start(mm_hash, encoder_id, num_embeds, request_id, claimed)
             if job.state in WAITING:
                 pending = True
             elif job.state is PullState.FAILED:

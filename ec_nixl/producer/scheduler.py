@@ -52,12 +52,13 @@ class ProducerScheduler:
         }
 
     def finished(self, request: Any) -> dict[str, dict[str, Any]] | None:
-        """What the encoder's response tells the proxy: where each item of the request is."""
-        self._consumers.pop(request.request_id, None)
+        """What the encoder's response tells the proxy: where each item of the request is,
+        and the PD it was announced to with a claim, if the request named one."""
+        consumer = self._consumers.pop(request.request_id, "")
         hashes = [feature.identifier for feature in request.mm_features]
         if not hashes:
             return None
-        params = make_params(self.encoder_id, hashes)
+        params = make_params(self.encoder_id, hashes, claimed_for=consumer)
         for mm_hash, entry in self._describe(request.mm_features).items():
             params[mm_hash] = {**entry, **params[mm_hash]}
         return params
