@@ -201,6 +201,22 @@ def test_a_request_that_outruns_its_claimed_items_announcement_waits_for_the_cla
     assert "resolve_seconds" not in data["observations"]
 
 
+def test_a_claimed_item_announced_without_its_claim_is_resolved_at_once(
+    announced, producer, receiver
+):
+    """The encoder could not lease the item for this PD (a bound, a full pool): its
+    announcement came without a claim, and no claim follows it."""
+    time.sleep(0.3)  # the watcher's stream is open
+    producer.export("h-unclaimed", item(seed=24))  # announced to all, no claim
+    assert wait_until(lambda: announced._items.known("h-unclaimed"))
+    params = make_params("enc0", ["h-unclaimed"], claimed_for=announced._items.consumer_id)
+    req = request("unclaimed", ["h-unclaimed"], params)
+    announced.ensure_available(req, 0)
+    assert not announced._items.job("h-unclaimed").awaiting  # resolving, not waiting
+    settle(announced, req)
+    assert "h-unclaimed" in held(receiver[0])
+
+
 def test_a_claim_that_does_not_come_is_waited_for_a_moment_then_the_item_resolved(
     scheduler, producer, receiver
 ):

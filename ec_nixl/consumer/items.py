@@ -106,12 +106,15 @@ class ItemTable:
         """Start pulling `mm_hash` from `encoder_id` for a request, unless a job for it
         exists; a prefetched item is adopted (and its rows checked once pulled). With
         `claimed` (the encoder announces the item to this PD with a claim), the pull waits
-        up to CLAIM_WAIT_S for that announcement (`announced` starts it), then resolves."""
+        up to CLAIM_WAIT_S for that announcement (`announced` starts it), then resolves;
+        not if the item was announced already (its claim, if any, was not ours to keep)."""
         with self._lock:
             item = self._item(mm_hash)
             job = item.job = item.job or PullJob(mm_hash, None, num_embeds)
             pulled = self._add_user_locked(job, num_embeds, request_id)  # before it can fail
-            waiting = claimed and time.monotonic() - job.started_at < CLAIM_WAIT_S
+            waiting = (
+                claimed and item.holder is None and time.monotonic() - job.started_at < CLAIM_WAIT_S
+            )
             if job.awaiting and not waiting:
                 self._submit_locked(job, encoder_id)
         if pulled and self._rows_fit(job):
